@@ -1,0 +1,200 @@
+"""Load a DiffusionGemma checkpoint directory in Hugging Face format.
+
+Reads `config.json`, single or sharded safetensors (`model.safetensors` or
+`model.safetensors.index.json`), `generation_config.json` (optional: the reference defaults apply)
+and, for serving, the tokenizer and `chat_template.jinja` through transformers' tokenizer classes.
+
+The model is built on the meta device and each tensor is read from the memory-mapped file, cast and
+placed one at a time, so at most one tensor exists twice at any moment. Vision weights are skipped.
+Any missing file, missing or mis-shaped tensor, or unsupported architecture raises `CheckpointError`
+naming it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import Tensor, nn
+
+from engine.config import ConfigError, DiffusionDefaults, ModelConfig
+from engine.model.diffusion_gemma import DiffusionGemma
+
+CONFIG_FILE = "config.json"
+GENERATION_FILE = "generation_config.json"
+SINGLE_WEIGHTS = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
+
+_ENCODER_SCALAR = re.compile(r"^model\.encoder\.language_model\.layers\.(\d+)\.layer_scalar$")
+_SKIPPED_PREFIXES = (
+    "model.encoder.vision_tower.",
+    "model.encoder.embed_vision.",
+    "model.encoder.language_model.",  # tied to the decoder's weights (scalars handled above)
+    "lm_head.",  # tied to the embedding
+)
+
+
+class CheckpointError(RuntimeError):
+    """The checkpoint directory cannot be served; the message names the file or tensor at fault."""
+
+
+@dataclass
+class Checkpoint:
+    """Everything the engine needs from a checkpoint directory."""
+
+    model: DiffusionGemma
+    config: ModelConfig
+    defaults: DiffusionDefaults
+    tokenizer: Any | None
+    path: Path
+
+
+def load_checkpoint(
+    path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    with_tokenizer: bool = True,
+) -> Checkpoint:
+    """Load model, configuration, diffusion defaults and (optionally) the tokenizer."""
+    root = _require_dir(path)
+    config = read_model_config(root)
+    model = load_weights(root, config, dtype, torch.device(device))
+    tokenizer = load_tokenizer(root) if with_tokenizer else None
+    return Checkpoint(model, config, read_defaults(root, config), tokenizer, root)
+
+
+def _require_dir(path: str | Path) -> Path:
+    root = Path(path)
+    if not root.is_dir():
+        raise CheckpointError(f"checkpoint directory {root} does not exist")
+    return root
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise CheckpointError(f"{path.name} is missing from {path.parent}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object")
+    return data
+
+
+def read_model_config(root: Path) -> ModelConfig:
+    try:
+        return ModelConfig.from_hf(_read_json(root / CONFIG_FILE))
+    except ConfigError as err:
+        raise CheckpointError(f"{root / CONFIG_FILE}: {err}") from err
+
+
+def read_defaults(root: Path, config: ModelConfig) -> DiffusionDefaults:
+    path = root / GENERATION_FILE
+    return DiffusionDefaults.from_hf(_read_json(path) if path.is_file() else {}, config)
+
+
+def load_tokenizer(root: Path) -> Any:
+    """The checkpoint's tokenizer (with `chat_template.jinja` when present), loaded offline."""
+    if not (root / "tokenizer.json").is_file() and not (root / "tokenizer.model").is_file():
+        raise CheckpointError(f"tokenizer.json is missing from {root}")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(root), local_files_only=True)
+
+
+def weight_files(root: Path) -> dict[str, Path]:
+    """Checkpoint tensor name -> the safetensors file holding it."""
+    if (root / WEIGHTS_INDEX).is_file():
+        weight_map = _read_json(root / WEIGHTS_INDEX).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{WEIGHTS_INDEX} has no weight_map")
+        files = {name: root / shard for name, shard in weight_map.items()}
+        for shard in sorted(set(files.values())):
+            if not shard.is_file():
+                raise CheckpointError(f"shard {shard.name} listed in {WEIGHTS_INDEX} is missing from {root}")
+        return files
+    if (root / SINGLE_WEIGHTS).is_file():
+        with safe_open(str(root / SINGLE_WEIGHTS), framework="pt") as f:
+            return {name: root / SINGLE_WEIGHTS for name in f.keys()}  # noqa: SIM118
+    raise CheckpointError(f"no weights in {root}: expected {SINGLE_WEIGHTS} or {WEIGHTS_INDEX}")
+
+
+def our_name(checkpoint_name: str) -> str | None:
+    """Map a checkpoint tensor name to our parameter name; None for tensors we do not use.
+
+    `model.decoder.layers.3.mlp.up_proj.weight` -> `layers.3.mlp.up_proj.weight`;
+    `model.encoder.language_model.layers.3.layer_scalar` -> `layers.3.encoder_layer_scalar`.
+    """
+    if match := _ENCODER_SCALAR.match(checkpoint_name):
+        return f"layers.{match.group(1)}.encoder_layer_scalar"
+    if checkpoint_name.startswith(_SKIPPED_PREFIXES):
+        return None
+    if checkpoint_name.startswith("model.decoder."):
+        return checkpoint_name.removeprefix("model.decoder.")
+    return None
+
+
+def _read_tensors(files: dict[str, Path]) -> Iterator[tuple[str, Tensor]]:
+    """Yield (our name, tensor) one at a time, opening each shard once."""
+    by_file: dict[Path, list[str]] = {}
+    for name, file in files.items():
+        by_file.setdefault(file, []).append(name)
+    for file, names in sorted(by_file.items()):
+        with safe_open(str(file), framework="pt") as f:
+            for name in sorted(names):
+                target = our_name(name)
+                if target is not None:
+                    yield target, f.get_tensor(name)
+
+
+def load_weights(root: Path, config: ModelConfig, dtype: torch.dtype, device: torch.device) -> DiffusionGemma:
+    """Build the model on the meta device and fill it tensor by tensor from the checkpoint."""
+    with torch.device("meta"):
+        model = DiffusionGemma(config)
+    expected = dict(model.named_parameters()) | dict(model.named_buffers())
+    loaded: set[str] = set()
+    for name, tensor in _read_tensors(weight_files(root)):
+        if name not in expected:
+            continue
+        want = tuple(expected[name].shape)
+        if tuple(tensor.shape) != want:
+            raise CheckpointError(
+                f"tensor {_checkpoint_name(name)} has shape {tuple(tensor.shape)}; expected {want}"
+            )
+        _assign(model, name, tensor.to(device=device, dtype=dtype))
+        loaded.add(name)
+    _check_complete(model, loaded)
+    model.reset_rope_buffers(device)
+    return model.eval().requires_grad_(False)
+
+
+def _assign(model: nn.Module, name: str, tensor: Tensor) -> None:
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if leaf in module._parameters:
+        module._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+    else:
+        module._buffers[leaf] = tensor
+
+
+def _check_complete(model: DiffusionGemma, loaded: set[str]) -> None:
+    persistent = set(model.state_dict().keys())
+    missing = sorted(persistent - loaded)
+    if missing:
+        shown = ", ".join(_checkpoint_name(n) for n in missing[:5])
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise CheckpointError(f"checkpoint is missing tensor {shown}{more}")
+
+
+def _checkpoint_name(name: str) -> str:
+    """Our parameter name back to the checkpoint's, for error messages."""
+    if name.endswith(".encoder_layer_scalar"):
+        return "model.encoder.language_model." + name.replace("encoder_layer_scalar", "layer_scalar")
+    return "model.decoder." + name

@@ -1,0 +1,86 @@
+"""Per-request parameters (no torch).
+
+`SamplingParams` holds what a client may set; any field left `None` takes the checkpoint's
+`DiffusionDefaults` through `resolve()`, which returns a fully specified copy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+from engine.config import DiffusionDefaults
+
+FREE = -1
+"""Marks a position of `SamplingParams.pinned_canvas` that the sampler is free to change."""
+
+
+class InvalidParams(ValueError):
+    """A client-supplied parameter is out of range; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """What one request asks of the sampler.
+
+    `max_tokens` keeps OpenAI's meaning: the output is cut at that many tokens even though the
+    model always fills whole canvases. `pinned_canvas` (infilling) is a seed for the first canvas:
+    one entry per canvas position, a token id to pin there or `FREE`; pinned tokens are never
+    re-noised and always appear in the committed canvas.
+    """
+
+    max_tokens: int | None = None
+    max_denoising_steps: int | None = None
+    entropy_bound: float | None = None
+    t_min: float | None = None
+    t_max: float | None = None
+    stability_threshold: int | None = None
+    confidence_threshold: float | None = None
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] | None = None
+    pinned_canvas: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        _check_min("max_tokens", self.max_tokens, 1)
+        _check_min("max_denoising_steps", self.max_denoising_steps, 1)
+        _check_min("stability_threshold", self.stability_threshold, 0)
+        _check_positive("entropy_bound", self.entropy_bound)
+        _check_positive("confidence_threshold", self.confidence_threshold)
+        _check_positive("t_min", self.t_min)
+        _check_positive("t_max", self.t_max)
+        if self.t_min is not None and self.t_max is not None and self.t_max < self.t_min:
+            raise InvalidParams(f"t_max={self.t_max} is below t_min={self.t_min}: make t_max >= t_min")
+
+    def resolve(self, defaults: DiffusionDefaults) -> SamplingParams:
+        """A copy with every unset field taken from `defaults`."""
+        filled = {
+            f.name: getattr(defaults, f.name)
+            for f in fields(self)
+            if getattr(self, f.name) is None and hasattr(defaults, f.name)
+        }
+        if self.max_tokens is None:
+            filled["max_tokens"] = defaults.max_new_tokens
+        if self.stop_token_ids is None:
+            filled["stop_token_ids"] = defaults.eos_token_ids
+        return replace(self, **filled)
+
+    def check_canvas(self, canvas_length: int, vocab_size: int) -> None:
+        """Raise `InvalidParams` unless `pinned_canvas` fits a canvas of this model."""
+        if self.pinned_canvas is None:
+            return
+        if len(self.pinned_canvas) != canvas_length:
+            raise InvalidParams(
+                f"pinned_canvas has {len(self.pinned_canvas)} positions; the canvas has {canvas_length}"
+            )
+        bad = [t for t in self.pinned_canvas if t != FREE and not 0 <= t < vocab_size]
+        if bad:
+            raise InvalidParams(f"pinned_canvas token {bad[0]} is outside the vocabulary [0, {vocab_size})")
+
+
+def _check_min(name: str, value: int | None, minimum: int) -> None:
+    if value is not None and value < minimum:
+        raise InvalidParams(f"{name}={value} must be >= {minimum}")
+
+
+def _check_positive(name: str, value: float | None) -> None:
+    if value is not None and not value > 0:
+        raise InvalidParams(f"{name}={value} must be > 0")

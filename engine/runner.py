@@ -1,0 +1,143 @@
+"""ModelRunner: turns one step's work list into a flat batch, runs the model and the sampler.
+
+The runner owns the tensors (K/V caches, canvases, generators); it knows requests only by id and
+never allocates cache blocks: block tables arrive with the work, decided by the caller (the offline
+`generate` loop now, the scheduler later).
+
+Ordering invariant: in every layer, causal work runs before denoise work, so a request's denoise may
+read K/V that a causal work of the same step wrote (its prompt's last chunk or the commit of its
+previous canvas). This saves one forward per block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from engine.model.attention import LayerCache, Segment
+from engine.model.diffusion_gemma import DiffusionGemma, ForwardBatch
+from engine.sampler import CanvasState, LMHead, StepParams, StepResult, denoise_step, init_canvas
+
+
+@dataclass(frozen=True)
+class CausalWork:
+    """Encoder pass over `token_ids` at positions [start_pos, start_pos + len): writes the cache."""
+
+    request_id: str
+    token_ids: tuple[int, ...]
+    start_pos: int
+    block_tables: dict[str, list[int]]
+
+
+@dataclass(frozen=True)
+class DenoiseWork:
+    """One denoise step of the request's current canvas at positions [start_pos, start_pos + C)."""
+
+    request_id: str
+    start_pos: int
+    block_tables: dict[str, list[int]]
+    params: StepParams
+
+
+@dataclass(frozen=True)
+class RunnerInput:
+    causal: list[CausalWork] = field(default_factory=list)
+    denoise: list[DenoiseWork] = field(default_factory=list)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.causal and not self.denoise
+
+
+@dataclass(frozen=True)
+class RunnerOutput:
+    """One sampler result per denoise work, by request id."""
+
+    results: dict[str, StepResult]
+
+
+def block_seed(seed: int, block_index: int) -> int:
+    """The generator seed of one canvas: a request's blocks draw independent, reproducible streams.
+
+    Seeding per block (not once per request) lets a preempted request recompute from any block and
+    draw exactly the tokens it would have drawn.
+    """
+    return (seed * 0x9E3779B1 + block_index * 0x85EBCA77 + 0x27D4EB2F) % (2**63 - 1)
+
+
+class ModelRunner:
+    """Executes `RunnerInput`s on one model and one set of paged caches."""
+
+    def __init__(self, model: DiffusionGemma, caches: list[LayerCache]) -> None:
+        self.model = model
+        self.caches = caches
+        weight = model.embed_tokens.weight
+        self.device = weight.device
+        self.head = LMHead(weight, model.config.final_logit_softcapping, model.embed_scale)
+        self.canvases: dict[str, CanvasState] = {}
+
+    def start_canvas(
+        self,
+        request_id: str,
+        seed: int,
+        block_index: int,
+        stability_threshold: int,
+        pinned_canvas: tuple[int, ...] | None = None,
+    ) -> None:
+        """Draw a fresh uniform canvas for the request's block `block_index`."""
+        generator = torch.Generator(device=self.device).manual_seed(block_seed(seed, block_index))
+        config = self.model.config
+        self.canvases[request_id] = init_canvas(
+            config.canvas_length,
+            config.vocab_size,
+            stability_threshold,
+            generator,
+            pinned_canvas,
+            self.device,
+        )
+
+    def canvas(self, request_id: str) -> CanvasState:
+        return self.canvases[request_id]
+
+    def drop_canvas(self, request_id: str) -> None:
+        self.canvases.pop(request_id, None)
+
+    @torch.inference_mode()
+    def execute(self, work: RunnerInput) -> RunnerOutput:
+        """Run one forward over all work, then one sampler step for every denoised canvas."""
+        hidden = self.model(self._build_batch(work), self.caches)  # (num_denoise * C, H)
+        if not work.denoise:
+            return RunnerOutput({})
+        states = [self.canvases[w.request_id] for w in work.denoise]
+        results = denoise_step(hidden, self.head, states, [w.params for w in work.denoise])
+        return RunnerOutput({w.request_id: r for w, r in zip(work.denoise, results, strict=True)})
+
+    def _build_batch(self, work: RunnerInput) -> ForwardBatch:
+        tokens: list[Tensor] = []
+        positions: list[Tensor] = []
+        segments: list[Segment] = []
+        for c in work.causal:
+            tokens.append(torch.tensor(c.token_ids, dtype=torch.long))
+            segments.append(Segment(len(c.token_ids), c.start_pos, True, c.block_tables))
+        for d in work.denoise:
+            tokens.append(self.canvases[d.request_id].tokens)
+            segments.append(Segment(self.model.config.canvas_length, d.start_pos, False, d.block_tables))
+        for s in segments:
+            positions.append(torch.arange(s.start_pos, s.end_pos))
+        return ForwardBatch(
+            input_ids=torch.cat([t.to(self.device) for t in tokens]),
+            positions=torch.cat(positions).to(self.device),
+            segments=segments,
+            soft_embeds=self._soft_embeds(work.denoise),
+        )
+
+    def _soft_embeds(self, denoise: list[DenoiseWork]) -> Tensor | None:
+        """Self-conditioning inputs in denoise order; zeros for canvases on their first step."""
+        states = [self.canvases[d.request_id] for d in denoise]
+        if all(s.self_cond is None for s in states):
+            return None
+        shape = (self.model.config.canvas_length, self.model.config.hidden_size)
+        zeros = torch.zeros(shape, dtype=self.head.weight.dtype, device=self.device)
+        return torch.cat([zeros if s.self_cond is None else s.self_cond for s in states])

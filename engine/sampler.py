@@ -1,0 +1,324 @@
+"""Entropy-bound sampler: temperature, acceptance, renoise, stop rule, self-conditioning.
+
+Pure tensor functions that reproduce transformers' DiffusionGemma reference
+(`LinearTemperatureScheduleLogitsProcessor`, `EntropyBoundSampler`, `StableAndConfidentStoppingCriteria`,
+`DiffusionGemmaGenerationMixin._denoising_step` and the soft embeddings of
+`DiffusionGemmaDecoderModel.forward`), batched over many canvases that each carry their own parameters
+and their own `torch.Generator`.
+
+Memory is bounded: `denoise_step` takes the decoder's final-normed hidden states, not logits, and runs the
+tied LM head one canvas at a time, so only a few `[C, V]` fp32 temporaries are alive at once however many
+canvases are batched. Everything a canvas keeps between steps is `[C]`, `[k, C]` or `[C, H]`.
+
+Per canvas and step (the reference's order):
+
+1. processed = softcap(hidden @ W.T in fp32) / T(step)
+2. entropy = Categorical(logits=processed).entropy(); argmax = processed.argmax()
+3. sample ~ softmax(processed), drawn with the canvas's generator (exponential race, see `sample_tokens`)
+4. accept the lowest-entropy prefix whose entropy sum minus its maximum is <= entropy_bound
+5. next tokens: accepted positions take the sample, every other position fresh uniform noise
+6. stop when (argmax equals each of the last k argmaxes and mean entropy < confidence_threshold),
+   or when max_steps steps are done
+7. self_cond = softmax(processed in the embedding dtype) @ W * embed_scale, for the next decoder pass
+
+Infilling: positions pinned by `SamplingParams.pinned_canvas` count as entropy 0 for acceptance (they
+use none of the entropy budget), are never re-noised, show their pinned token in `argmax` (confidence 1),
+and are left out of the stop rule's mean entropy. Their soft embedding is still the model's prediction,
+exactly as the reference computes it for any canvas.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TypeVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from engine.request import FREE, SamplingParams
+
+_TINY = torch.finfo(torch.float32).tiny
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True)
+class LMHead:
+    """The tied LM head: logits = softcap((hidden @ weight.T).float()); `weight` is also the embedding table.
+
+    `embed_scale` is 0-d in `weight.dtype` (the reference's `embed_scale.to(weight.dtype)`, i.e. sqrt(H)
+    rounded to fp32, then to the weight dtype); it scales the soft embeddings.
+    """
+
+    weight: Tensor
+    """[V, H], model dtype."""
+    softcap: float | None
+    """`final_logit_softcapping`; None disables it."""
+    embed_scale: Tensor
+
+    def __post_init__(self) -> None:
+        assert self.weight.dim() == 2 and self.embed_scale.dim() == 0, "weight is [V, H]; embed_scale is 0-d"
+
+    @classmethod
+    def tied(cls, weight: Tensor, softcap: float | None) -> LMHead:
+        """The head the reference builds: embed_scale = torch.tensor(sqrt(H)) cast to the weight dtype."""
+        scale = torch.tensor(weight.shape[1] ** 0.5).to(device=weight.device, dtype=weight.dtype)
+        return cls(weight=weight, softcap=softcap, embed_scale=scale)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.weight.shape[0])
+
+
+@dataclass(frozen=True)
+class StepParams:
+    """One canvas's sampler parameters (a resolved `SamplingParams`)."""
+
+    max_steps: int
+    t_min: float
+    t_max: float
+    entropy_bound: float
+    stability_threshold: int
+    confidence_threshold: float
+
+    @classmethod
+    def from_sampling(cls, params: SamplingParams) -> StepParams:
+        """Take the sampler fields of a `SamplingParams` that went through `resolve()`."""
+        return cls(
+            max_steps=_resolved(params.max_denoising_steps, "max_denoising_steps"),
+            t_min=_resolved(params.t_min, "t_min"),
+            t_max=_resolved(params.t_max, "t_max"),
+            entropy_bound=_resolved(params.entropy_bound, "entropy_bound"),
+            stability_threshold=_resolved(params.stability_threshold, "stability_threshold"),
+            confidence_threshold=_resolved(params.confidence_threshold, "confidence_threshold"),
+        )
+
+
+def _resolved(value: _T | None, name: str) -> _T:
+    if value is None:
+        raise ValueError(f"SamplingParams.{name} is unset: call SamplingParams.resolve(defaults) first")
+    return value
+
+
+@dataclass
+class CanvasState:
+    """One request's canvas between denoise steps; `denoise_step` updates it in place.
+
+    Invariants: `tokens` holds the pinned value at every pinned position; `history` has
+    `stability_threshold` rows (oldest first) and starts at -1; `self_cond` is None only before the first
+    step; all tensors live on the generator's device.
+    """
+
+    tokens: Tensor
+    """[C] long: the (noisy) canvas fed to the next decoder pass."""
+    pinned: Tensor | None
+    """[C] bool, or None when nothing is pinned."""
+    history: Tensor
+    """[k, C] long: argmax canvases of the last k steps."""
+    self_cond: Tensor | None
+    """[C, H] model dtype: soft embedding for the next decoder pass."""
+    argmax: Tensor
+    """[C] long: the latest argmax canvas, what gets committed."""
+    step: int
+    """Denoise steps done."""
+    generator: torch.Generator
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one denoise step says about one canvas (tensors stay on the device)."""
+
+    argmax: Tensor
+    """[C] long."""
+    num_accepted: int
+    """Free (unpinned) positions that took the sample this step."""
+    mean_entropy: float
+    """Mean entropy of softmax(processed) over free positions (0 if all are pinned)."""
+    confidence: Tensor
+    """[C] float16: probability of the argmax token (1 at pinned positions), for live display."""
+    finished: bool
+    """Stable and confident, or `max_steps` steps done."""
+
+
+def temperature(step: int, max_steps: int, t_min: float, t_max: float, device: torch.device) -> Tensor:
+    """The schedule's temperature before step `step` (0-based steps done), as a 0-d fp32 tensor on `device`.
+
+    The reference counts steps remaining, n = max_steps - step, and computes
+    t_min + (t_max - t_min) * n / max_steps in fp32 on the canvas's device with an int32 `n`; we repeat
+    those ops on `device` so the quotient is bit-identical there (CUDA and CPU round n / max_steps
+    differently). Example: max_steps 4, t 0.4..0.8 -> steps 0..3 give 0.8, 0.7, 0.6, 0.5.
+    """
+    remaining = torch.full((), max_steps - step, dtype=torch.int32, device=device)
+    return t_min + (t_max - t_min) * (remaining / max_steps)
+
+
+def logits_for(hidden_tile: Tensor, head: LMHead) -> Tensor:
+    """Softcapped fp32 logits of one tile, in the reference's order of ops: [C, H] -> [C, V] fp32."""
+    logits = F.linear(hidden_tile, head.weight).to(torch.float32)  # [C, V]
+    if head.softcap is not None:
+        logits = logits.div_(head.softcap).tanh_().mul_(head.softcap)
+    return logits
+
+
+def token_entropy(processed: Tensor) -> tuple[Tensor, Tensor]:
+    """Entropy and max probability of softmax(processed): [C, V] fp32 -> ([C], [C]).
+
+    Computed as `torch.distributions.Categorical(logits=processed).entropy()` does, so acceptance matches
+    the reference bit for bit. The max probability is that of the argmax token (softmax is monotone).
+    """
+    logp = processed - processed.logsumexp(dim=-1, keepdim=True)  # [C, V]
+    probs = logp.softmax(dim=-1)  # [C, V]
+    confidence = probs.amax(dim=-1)  # [C]
+    entropy = -logp.clamp_(min=torch.finfo(logp.dtype).min).mul_(probs).sum(-1)  # [C]
+    return entropy, confidence
+
+
+def sample_tokens(processed: Tensor, generator: torch.Generator) -> Tensor:
+    """One draw per row from softmax(processed): [C, V] fp32 -> [C] long.
+
+    Exponential race: argmax(p / q) with q ~ Exp(1) i.i.d. picks index i with probability p_i, like
+    `torch.multinomial`, but draws a fixed [C, V] block of noise from `generator`. q is clamped above 0 so a
+    zero draw cannot turn 0 / 0 into a NaN that argmax would pick.
+    """
+    probs = processed.softmax(dim=-1, dtype=torch.float32)  # [C, V]
+    race = torch.empty_like(probs).exponential_(generator=generator).clamp_(min=_TINY)  # [C, V]
+    return probs.div_(race).argmax(dim=-1)
+
+
+def accept_mask(entropy: Tensor, entropy_bound: float) -> Tensor:
+    """Accept the k lowest-entropy positions with sum - max of their entropies <= bound: [C] -> [C] bool.
+
+    At least one position is always accepted. Example: bound 0.1, entropies [0.2, 0.05, 0.04, 0.3] ->
+    sorted [0.04, 0.05, 0.2, 0.3], sums before each [0, 0.04, 0.09, 0.29] -> positions {0, 1, 2}.
+    """
+    sorted_entropy, order = torch.sort(entropy, dim=-1, descending=False)  # [C], [C]
+    keep = sorted_entropy.cumsum(dim=-1) - sorted_entropy <= entropy_bound  # [C]
+    return torch.zeros_like(keep).scatter(-1, order, keep)
+
+
+def renoise(
+    tokens: Tensor,
+    sample: Tensor,
+    accepted: Tensor,
+    pinned: Tensor | None,
+    vocab_size: int,
+    generator: torch.Generator,
+) -> Tensor:
+    """The next canvas: accepted free positions take `sample`, other free ones uniform noise over the vocab.
+
+    Pinned positions keep `tokens`. The noise is drawn for all C positions (a fixed draw order).
+    Shapes: all [C]; `accepted` and `pinned` bool.
+    """
+    noise = torch.randint(0, vocab_size, tokens.shape, generator=generator, device=tokens.device)  # [C]
+    free = torch.ones_like(accepted) if pinned is None else ~pinned  # [C]
+    next_tokens = torch.where(accepted & free, sample, tokens)  # [C]
+    return torch.where(~accepted & free, noise, next_tokens)
+
+
+def soft_embedding(processed: Tensor, head: LMHead) -> Tensor:
+    """Self-conditioning input for the next pass: [C, V] fp32 -> [C, H] in the weight dtype.
+
+    The reference stores `processed.to(embedding dtype)` as self-conditioning logits and the decoder
+    embeds them as softmax(logits, fp32).to(dtype) @ W * embed_scale.
+    """
+    dtype = head.weight.dtype
+    probs = processed.to(dtype).softmax(dim=-1, dtype=torch.float32).to(dtype)  # [C, V]
+    return torch.matmul(probs, head.weight) * head.embed_scale.to(dtype)  # [C, H]
+
+
+def init_canvas(
+    canvas_length: int,
+    vocab_size: int,
+    stability_threshold: int,
+    generator: torch.Generator,
+    pinned_canvas: tuple[int, ...] | None = None,
+    device: torch.device | None = None,
+) -> CanvasState:
+    """A fresh canvas: uniform tokens over the full vocab from `generator`, pinned positions set.
+
+    `pinned_canvas` has one entry per position, a token id or `FREE` (checked by
+    `SamplingParams.check_canvas`). `device` defaults to the generator's.
+    """
+    device = generator.device if device is None else device
+    tokens = torch.randint(0, vocab_size, (canvas_length,), generator=generator, device=device)  # [C]
+    pinned = None
+    if pinned_canvas is not None and any(t != FREE for t in pinned_canvas):
+        assert len(pinned_canvas) == canvas_length, "pinned_canvas must have one entry per position"
+        values = torch.tensor(pinned_canvas, dtype=torch.long, device=device)  # [C]
+        pinned = values != FREE
+        tokens = torch.where(pinned, values, tokens)
+    history = torch.full((stability_threshold, canvas_length), -1, dtype=torch.long, device=device)  # [k, C]
+    return CanvasState(tokens, pinned, history, None, tokens.clone(), 0, generator)
+
+
+def denoise_step(
+    hidden: Tensor, head: LMHead, states: list[CanvasState], params: list[StepParams]
+) -> list[StepResult]:
+    """One denoise step for every canvas: hidden [N * C, H] (canvas i is rows i*C .. i*C + C - 1).
+
+    Updates each state in place (tokens, history, self_cond, argmax, step) and returns one result per
+    canvas. Canvases run one at a time, so a canvas's result does not depend on what it is batched with;
+    the host syncs once, at the end, for the scalar results.
+    """
+    assert len(states) == len(params) and hidden.shape[0] % max(len(states), 1) == 0
+    canvas_length = hidden.shape[0] // max(len(states), 1)
+    with torch.no_grad():
+        pending = [
+            _step_canvas(hidden[i * canvas_length : (i + 1) * canvas_length], head, state, p)
+            for i, (state, p) in enumerate(zip(states, params, strict=True))
+        ]
+        if not pending:
+            return []
+        scalars = torch.stack([s for _, _, s in pending]).tolist()  # [N, 3]: accepted, entropy, stop
+    return [
+        StepResult(argmax, int(n), entropy, confidence, bool(stop) or state.step >= p.max_steps)
+        for (argmax, confidence, _), (n, entropy, stop), state, p in zip(
+            pending, scalars, states, params, strict=True
+        )
+    ]
+
+
+def _step_canvas(
+    hidden_tile: Tensor, head: LMHead, state: CanvasState, params: StepParams
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Step one canvas in place; returns (argmax [C], confidence [C] fp16, [accepted, mean entropy, stop])."""
+    assert state.step < params.max_steps, "a finished canvas must not be stepped again"
+    assert state.history.shape[0] == params.stability_threshold, "history rows != stability_threshold"
+    temp = temperature(state.step, params.max_steps, params.t_min, params.t_max, hidden_tile.device)
+    processed = logits_for(hidden_tile, head).div_(temp)  # [C, V]
+    entropy, confidence = token_entropy(processed)  # [C], [C]
+    argmax = processed.argmax(dim=-1)  # [C]
+    sample = sample_tokens(processed, state.generator)  # [C]
+    free = None if state.pinned is None else ~state.pinned
+    if state.pinned is not None:
+        entropy = entropy.masked_fill(state.pinned, 0.0)
+        argmax = torch.where(state.pinned, state.tokens, argmax)
+        confidence = confidence.masked_fill(state.pinned, 1.0)
+    accepted = accept_mask(entropy, params.entropy_bound)  # [C]
+    state.tokens = renoise(state.tokens, sample, accepted, state.pinned, head.vocab_size, state.generator)
+    stable = _push_history(state, argmax)
+    mean_entropy = _mean_entropy(entropy, free)
+    stop = stable & (mean_entropy < params.confidence_threshold)
+    num_accepted = (accepted if free is None else accepted & free).sum()
+    state.self_cond = soft_embedding(processed, head)
+    state.argmax = argmax
+    state.step += 1
+    scalars = torch.stack([num_accepted.float(), mean_entropy.float(), stop.float()])  # [3]
+    return argmax, confidence.to(torch.float16), scalars
+
+
+def _push_history(state: CanvasState, argmax: Tensor) -> Tensor:
+    """0-d bool: `argmax` equals every row of the history (True when it has none); then push it."""
+    if state.history.shape[0] == 0:
+        return torch.ones((), dtype=torch.bool, device=argmax.device)
+    stable = (state.history == argmax[None, :]).all()
+    state.history = torch.roll(state.history, shifts=-1, dims=0)  # [k, C], oldest row now last
+    state.history[-1] = argmax
+    return stable
+
+
+def _mean_entropy(entropy: Tensor, free: Tensor | None) -> Tensor:
+    """0-d: mean entropy over free positions ([C] each); the reference's plain mean when nothing is pinned."""
+    if free is None:
+        return entropy.mean()
+    return (entropy * free).sum() / free.sum().clamp(min=1)

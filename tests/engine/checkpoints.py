@@ -1,0 +1,94 @@
+"""Tiny random DiffusionGemma checkpoints saved by transformers itself, for parity tests.
+
+Every 1-D weight is moved away from 1 and the encoder and decoder `layer_scalar`s differ, so that
+bugs like a `(1 + w)` norm or the wrong mode's scalar change the logits.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
+
+VOCAB = 128
+CANVAS = 16
+WINDOW = 8
+
+TEXT: dict[str, Any] = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    global_head_dim=32,
+    num_global_key_value_heads=1,
+    layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+    sliding_window=WINDOW,
+    num_experts=4,
+    top_k_experts=2,
+    moe_intermediate_size=24,
+    final_logit_softcapping=30.0,
+    max_position_embeddings=512,
+    use_bidirectional_attention="vision",
+    initializer_range=0.05,
+)
+VISION: dict[str, Any] = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    head_dim=16,
+    patch_size=4,
+    pooling_kernel_size=2,
+    position_embedding_size=64,
+)
+
+
+def reference_config(**text_overrides: Any) -> DiffusionGemmaConfig:
+    return DiffusionGemmaConfig(
+        text_config=TEXT | text_overrides,
+        vision_config=VISION,
+        canvas_length=CANVAS,
+        image_token_id=120,
+        boi_token_id=121,
+        eoi_token_id=122,
+    )
+
+
+def _perturb(model: DiffusionGemmaForBlockDiffusion, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.ndim == 1:
+                param.copy_(1.0 + 0.5 * torch.randn(param.shape, generator=gen))
+            elif "vision" not in name:
+                param.mul_(1.0 + 0.1 * torch.randn(param.shape, generator=gen))
+        for i, layer in enumerate(model.model.decoder.layers):
+            layer.layer_scalar.fill_(0.6 + 0.1 * i)
+        for i, layer in enumerate(model.model.encoder.language_model.layers):
+            layer.layer_scalar.fill_(1.4 - 0.1 * i)
+
+
+def save_reference(
+    path: Path, seed: int = 0, max_shard_size: str | None = None, **text_overrides: Any
+) -> DiffusionGemmaForBlockDiffusion:
+    """Save a perturbed random model at `path` and return the reference reloaded from disk (fp32, eval)."""
+    torch.manual_seed(seed)
+    model = DiffusionGemmaForBlockDiffusion(reference_config(**text_overrides)).eval()
+    _perturb(model, seed)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(path, **kwargs)
+    reloaded = DiffusionGemmaForBlockDiffusion.from_pretrained(path, dtype=torch.float32).eval()
+    return reloaded
+
+
+def rewrite_json(path: Path, edit: Any) -> None:
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
