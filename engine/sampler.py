@@ -289,11 +289,9 @@ def _step_canvas(
     entropy, confidence = token_entropy(processed)  # [C], [C]
     argmax = processed.argmax(dim=-1)  # [C]
     sample = sample_tokens(processed, state.generator)  # [C]
-    free = None if state.pinned is None else ~state.pinned
     if state.pinned is not None:
-        entropy = entropy.masked_fill(state.pinned, 0.0)
-        argmax = torch.where(state.pinned, state.tokens, argmax)
-        confidence = confidence.masked_fill(state.pinned, 1.0)
+        entropy, argmax, confidence = _apply_pins(state.pinned, state.tokens, entropy, argmax, confidence)
+    free = None if state.pinned is None else ~state.pinned
     accepted = accept_mask(entropy, params.entropy_bound)  # [C]
     state.tokens = renoise(state.tokens, sample, accepted, state.pinned, head.vocab_size, state.generator)
     stable = _push_history(state, argmax)
@@ -305,6 +303,17 @@ def _step_canvas(
     state.step += 1
     scalars = torch.stack([num_accepted.float(), mean_entropy.float(), stop.float()])  # [3]
     return argmax, confidence.to(torch.float16), scalars
+
+
+def _apply_pins(
+    pinned: Tensor, tokens: Tensor, entropy: Tensor, argmax: Tensor, confidence: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """At pinned positions: entropy 0 (no share of the budget), the pinned token, confidence 1. All [C]."""
+    return (
+        entropy.masked_fill(pinned, 0.0),
+        torch.where(pinned, tokens, argmax),
+        confidence.masked_fill(pinned, 1.0),
+    )
 
 
 def _push_history(state: CanvasState, argmax: Tensor) -> Tensor:

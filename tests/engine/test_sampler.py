@@ -26,6 +26,7 @@ from engine.sampler import (
     CanvasState,
     LMHead,
     StepParams,
+    StepResult,
     accept_mask,
     denoise_step,
     init_canvas,
@@ -283,7 +284,7 @@ def test_self_cond_matches_reference_soft_embeddings(dtype: torch.dtype) -> None
 
 def _run(
     states: list[CanvasState], params: list[StepParams], head: LMHead, hiddens: list[Tensor]
-) -> list[list]:
+) -> list[list[StepResult]]:
     return [denoise_step(hidden, head, states, params) for hidden in hiddens]
 
 
