@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint format bench serve clean
+.PHONY: setup test lint format bench clean
 
 setup: $(STAMP)
 
@@ -29,9 +29,6 @@ format: setup
 
 bench: setup
 	$(PY) bench/forward.py
-
-serve: setup
-	$(VENV)/bin/canvas-serve serve
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -160,7 +160,7 @@ class OfflineGenerator:
             )
             for j in jobs
         )
-        blocks = {kind: max(num, 1) for kind in set(config.layer_kinds)}
+        blocks: dict[str, int] = {kind: max(num, 1) for kind in set(config.layer_kinds)}
         weight = self.model.embed_tokens.weight
         caches = allocate_layer_caches(config, blocks, self.block_size, weight.dtype, weight.device)
         return KVCacheManager(cache_groups(config, blocks), self.block_size), ModelRunner(self.model, caches)
