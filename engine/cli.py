@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run_generate(args: argparse.Namespace) -> int:
     checkpoint = load_checkpoint(args.model, dtype=DTYPES[args.dtype], device=args.device)
     tokenizer = checkpoint.tokenizer
+    assert tokenizer is not None  # load_checkpoint raises when the tokenizer files are missing
     if args.chat:
         messages = [{"role": "user", "content": args.prompt}]
         prompt = list(

@@ -59,21 +59,6 @@ def end_block(canvas: list[int], num_output: int, max_tokens: int, stop_ids: tup
     return BlockEnd(canvas, None)
 
 
-def step_params(params: SamplingParams) -> StepParams:
-    """The sampler's per-canvas view of fully resolved request params."""
-    assert params.max_denoising_steps is not None and params.entropy_bound is not None
-    assert params.t_min is not None and params.t_max is not None
-    assert params.stability_threshold is not None and params.confidence_threshold is not None
-    return StepParams(
-        max_steps=params.max_denoising_steps,
-        t_min=params.t_min,
-        t_max=params.t_max,
-        entropy_bound=params.entropy_bound,
-        stability_threshold=params.stability_threshold,
-        confidence_threshold=params.confidence_threshold,
-    )
-
-
 @dataclass
 class _Job:
     """One request's progress through prefill, denoising and commits."""
@@ -172,12 +157,7 @@ class OfflineGenerator:
         for job in jobs:
             if job.pending:
                 work.causal.append(self._causal_work(job, kv))
-            if job.request_id not in runner.canvases:
-                stability = job.params.stability_threshold or 0
-                pinned = job.params.pinned_canvas if job.block == 0 else None
-                runner.start_canvas(job.request_id, job.seed, job.block, stability, pinned)
-            tables = {g: kv.block_table(job.request_id, g) for g in kv.group_names}
-            work.denoise.append(DenoiseWork(job.request_id, job.num_cached, tables, step_params(job.params)))
+            work.denoise.append(self._denoise_work(job, kv, runner))
         output = runner.execute(work)
         for job in jobs:
             kv.release_out_of_window(job.request_id, job.num_cached)
@@ -194,6 +174,15 @@ class OfflineGenerator:
         job.num_cached += len(job.pending)
         job.pending = []
         return work
+
+    @staticmethod
+    def _denoise_work(job: _Job, kv: KVCacheManager, runner: ModelRunner) -> DenoiseWork:
+        if job.request_id not in runner.canvases:
+            stability = job.params.stability_threshold or 0
+            pinned = job.params.pinned_canvas if job.block == 0 else None
+            runner.start_canvas(job.request_id, job.seed, job.block, stability, pinned)
+        tables = {g: kv.block_table(job.request_id, g) for g in kv.group_names}
+        return DenoiseWork(job.request_id, job.num_cached, tables, StepParams.from_sampling(job.params))
 
     def _end_block(self, job: _Job, runner: ModelRunner, kv: KVCacheManager) -> None:
         state = runner.canvas(job.request_id)
