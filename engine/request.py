@@ -7,8 +7,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
+from typing import TypeVar
 
 from engine.config import DiffusionDefaults
+
+_T = TypeVar("_T")
 
 FREE = -1
 """Marks a position of `SamplingParams.pinned_canvas` that the sampler is free to change."""
@@ -84,3 +87,33 @@ def _check_min(name: str, value: int | None, minimum: int) -> None:
 def _check_positive(name: str, value: float | None) -> None:
     if value is not None and not value > 0:
         raise InvalidParams(f"{name}={value} must be > 0")
+
+
+@dataclass(frozen=True)
+class StepParams:
+    """One canvas's sampler parameters (a resolved `SamplingParams`)."""
+
+    max_steps: int
+    t_min: float
+    t_max: float
+    entropy_bound: float
+    stability_threshold: int
+    confidence_threshold: float
+
+    @classmethod
+    def from_sampling(cls, params: SamplingParams) -> StepParams:
+        """Take the sampler fields of a `SamplingParams` that went through `resolve()`."""
+        return cls(
+            max_steps=_resolved(params.max_denoising_steps, "max_denoising_steps"),
+            t_min=_resolved(params.t_min, "t_min"),
+            t_max=_resolved(params.t_max, "t_max"),
+            entropy_bound=_resolved(params.entropy_bound, "entropy_bound"),
+            stability_threshold=_resolved(params.stability_threshold, "stability_threshold"),
+            confidence_threshold=_resolved(params.confidence_threshold, "confidence_threshold"),
+        )
+
+
+def _resolved(value: _T | None, name: str) -> _T:
+    if value is None:
+        raise ValueError(f"SamplingParams.{name} is unset: call SamplingParams.resolve(defaults) first")
+    return value

@@ -30,16 +30,15 @@ exactly as the reference computes it for any canvas.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from engine.request import FREE, SamplingParams
+from engine.request import FREE
+from engine.request import StepParams as StepParams  # re-exported: the sampler's parameter type
 
 _TINY = torch.finfo(torch.float32).tiny
-_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -68,36 +67,6 @@ class LMHead:
     @property
     def vocab_size(self) -> int:
         return int(self.weight.shape[0])
-
-
-@dataclass(frozen=True)
-class StepParams:
-    """One canvas's sampler parameters (a resolved `SamplingParams`)."""
-
-    max_steps: int
-    t_min: float
-    t_max: float
-    entropy_bound: float
-    stability_threshold: int
-    confidence_threshold: float
-
-    @classmethod
-    def from_sampling(cls, params: SamplingParams) -> StepParams:
-        """Take the sampler fields of a `SamplingParams` that went through `resolve()`."""
-        return cls(
-            max_steps=_resolved(params.max_denoising_steps, "max_denoising_steps"),
-            t_min=_resolved(params.t_min, "t_min"),
-            t_max=_resolved(params.t_max, "t_max"),
-            entropy_bound=_resolved(params.entropy_bound, "entropy_bound"),
-            stability_threshold=_resolved(params.stability_threshold, "stability_threshold"),
-            confidence_threshold=_resolved(params.confidence_threshold, "confidence_threshold"),
-        )
-
-
-def _resolved(value: _T | None, name: str) -> _T:
-    if value is None:
-        raise ValueError(f"SamplingParams.{name} is unset: call SamplingParams.resolve(defaults) first")
-    return value
 
 
 @dataclass
