@@ -117,6 +117,8 @@ class ModelConfig:
         text = config.get("text_config")
         if not isinstance(text, dict):
             raise ConfigError("config.json has no text_config")
+        if text.get("use_bidirectional_attention") == "all":
+            raise ConfigError("use_bidirectional_attention='all' (a bidirectional encoder) is not supported")
         eos = text.get("eos_token_id", config.get("eos_token_id", 1))
         return cls(
             vocab_size=_require(text, "vocab_size"),

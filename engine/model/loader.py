@@ -5,7 +5,10 @@ Reads `config.json`, single or sharded safetensors (`model.safetensors` or
 and, for serving, the tokenizer and `chat_template.jinja` through transformers' tokenizer classes.
 
 The model is built on the meta device and each tensor is read from the memory-mapped file, cast and
-placed one at a time, so at most one tensor exists twice at any moment. Vision weights are skipped.
+placed one at a time, so at most one tensor exists twice at any moment. When the file's dtype and
+device already match (fp32 on the CPU), parameters stay views of the private file mapping: replace a
+served checkpoint by writing a new file and renaming it, never by rewriting it in place. Vision
+weights are skipped.
 Any missing file, missing or mis-shaped tensor, or unsupported architecture raises `CheckpointError`
 naming it.
 """
@@ -151,7 +154,16 @@ def _read_tensors(files: dict[str, Path]) -> Iterator[tuple[str, Tensor]]:
             for name in sorted(names):
                 target = our_name(name)
                 if target is not None:
-                    yield target, f.get_tensor(name)
+                    yield target, _get_tensor(f, name, file)
+
+
+def _get_tensor(handle: Any, name: str, file: Path) -> Tensor:
+    try:
+        return handle.get_tensor(name)
+    except Exception as err:  # safetensors raises its own error type for a name it does not hold
+        raise CheckpointError(
+            f"tensor {name} is listed for {file.name} but cannot be read from it: {err}"
+        ) from err
 
 
 def load_weights(root: Path, config: ModelConfig, dtype: torch.dtype, device: torch.device) -> DiffusionGemma:
