@@ -6,8 +6,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
-from typing import TypeVar
+import enum
+from dataclasses import dataclass, field, fields, replace
+from typing import Literal, TypeVar
 
 from engine.config import DiffusionDefaults
 
@@ -117,3 +118,103 @@ def _resolved(value: _T | None, name: str) -> _T:
     if value is None:
         raise ValueError(f"SamplingParams.{name} is unset: call SamplingParams.resolve(defaults) first")
     return value
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"
+    FINISHED = "finished"
+
+
+FinishReason = Literal["stop", "length", "abort", "error"]
+
+
+@dataclass
+class Request:
+    """One request's state in the scheduler (no tensors; the runner keeps those by `request_id`).
+
+    The cache must hold `cache_token_ids` = prompt + every committed canvas, in order. Positions
+    [0, num_computed_tokens) are in the cache; the rest are causal work still to schedule (a prompt
+    not yet prefilled, a canvas waiting for its commit, or everything after a preemption). Once they
+    are all in, the request denoises block `block_index` at positions [num_computed_tokens, +C).
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    """Resolved: every field set."""
+    seed: int
+    arrival_time: float
+    want_canvas: bool = False
+    status: RequestStatus = RequestStatus.WAITING
+    committed_token_ids: list[int] = field(default_factory=list)
+    """Every token of every committed canvas (the cache's content after the prompt)."""
+    output_token_ids: list[int] = field(default_factory=list)
+    """What the client receives: committed canvases cut at the first stop id and at max_tokens."""
+    num_computed_tokens: int = 0
+    block_index: int = 0
+    canvas_started: bool = False
+    denoise_steps: int = 0
+    """Denoise steps over the whole request (preempted work counts again)."""
+    steps_per_block: list[int] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    scheduled_time: float | None = None
+    """When the request was last admitted to run (monotonic clock)."""
+    first_token_time: float | None = None
+    num_preemptions: int = 0
+
+    @property
+    def cache_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.committed_token_ids
+
+    @property
+    def num_pending_causal(self) -> int:
+        """Tokens that must be written into the cache before the next denoise step."""
+        return len(self.prompt_token_ids) + len(self.committed_token_ids) - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+
+@dataclass(frozen=True)
+class CanvasSnapshot:
+    """A live view of a canvas after one denoise step (for streaming)."""
+
+    block_index: int
+    step: int
+    token_ids: list[int]
+    confidence: list[float]
+    num_accepted: int
+    mean_entropy: float
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    denoise_steps: int
+    canvases: int
+    steps_per_canvas: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """One event of a request's stream: new committed tokens, a canvas snapshot, or its end.
+
+    `new_text` is filled by the engine's detokenizer (empty from the scheduler). `usage` comes with the
+    finishing event.
+    """
+
+    request_id: str
+    new_token_ids: list[int] = field(default_factory=list)
+    new_text: str = ""
+    canvas: CanvasSnapshot | None = None
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None

@@ -1,8 +1,7 @@
-"""ModelRunner: turns one step's work list into a flat batch, runs the model and the sampler.
+"""ModelRunner: turns one `SchedulerOutput` into a flat batch, runs the model and the sampler.
 
 The runner owns the tensors (K/V caches, canvases, generators); it knows requests only by id and
-never allocates cache blocks: block tables arrive with the work, decided by the caller (the offline
-`generate` loop now, the scheduler later).
+never allocates cache blocks: block tables arrive with the work, decided by the scheduler.
 
 Ordering invariant: in every layer, causal work runs before denoise work, so a request's denoise may
 read K/V that a causal work of the same step wrote (its prompt's last chunk or the commit of its
@@ -11,51 +10,13 @@ previous canvas). This saves one forward per block.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 from torch import Tensor
 
 from engine.model.attention import LayerCache, Segment
 from engine.model.diffusion_gemma import DiffusionGemma, ForwardBatch
-from engine.sampler import CanvasState, LMHead, StepParams, StepResult, denoise_step, init_canvas
-
-
-@dataclass(frozen=True)
-class CausalWork:
-    """Encoder pass over `token_ids` at positions [start_pos, start_pos + len): writes the cache."""
-
-    request_id: str
-    token_ids: tuple[int, ...]
-    start_pos: int
-    block_tables: dict[str, list[int]]
-
-
-@dataclass(frozen=True)
-class DenoiseWork:
-    """One denoise step of the request's current canvas at positions [start_pos, start_pos + C)."""
-
-    request_id: str
-    start_pos: int
-    block_tables: dict[str, list[int]]
-    params: StepParams
-
-
-@dataclass(frozen=True)
-class RunnerInput:
-    causal: list[CausalWork] = field(default_factory=list)
-    denoise: list[DenoiseWork] = field(default_factory=list)
-
-    @property
-    def is_empty(self) -> bool:
-        return not self.causal and not self.denoise
-
-
-@dataclass(frozen=True)
-class RunnerOutput:
-    """One sampler result per denoise work, by request id."""
-
-    results: dict[str, StepResult]
+from engine.outputs import DenoiseOutcome, DenoiseWork, NewCanvas, RunnerOutput, SchedulerOutput
+from engine.sampler import CanvasState, LMHead, StepResult, denoise_step, init_canvas
 
 
 def block_seed(seed: int, block_index: int) -> int:
@@ -68,7 +29,7 @@ def block_seed(seed: int, block_index: int) -> int:
 
 
 class ModelRunner:
-    """Executes `RunnerInput`s on one model and one set of paged caches."""
+    """Executes `SchedulerOutput`s on one model and one set of paged caches."""
 
     def __init__(self, model: DiffusionGemma, caches: list[LayerCache]) -> None:
         self.model = model
@@ -78,23 +39,16 @@ class ModelRunner:
         self.head = LMHead(weight, model.config.final_logit_softcapping, model.embed_scale)
         self.canvases: dict[str, CanvasState] = {}
 
-    def start_canvas(
-        self,
-        request_id: str,
-        seed: int,
-        block_index: int,
-        stability_threshold: int,
-        pinned_canvas: tuple[int, ...] | None = None,
-    ) -> None:
-        """Draw a fresh uniform canvas for the request's block `block_index`."""
-        generator = torch.Generator(device=self.device).manual_seed(block_seed(seed, block_index))
+    def start_canvas(self, request_id: str, spec: NewCanvas) -> None:
+        """Draw a fresh uniform canvas for the request's block `spec.block_index`."""
+        generator = torch.Generator(device=self.device).manual_seed(block_seed(spec.seed, spec.block_index))
         config = self.model.config
         self.canvases[request_id] = init_canvas(
             config.canvas_length,
             config.vocab_size,
-            stability_threshold,
+            spec.stability_threshold,
             generator,
-            pinned_canvas,
+            spec.pinned_canvas,
             self.device,
         )
 
@@ -105,16 +59,25 @@ class ModelRunner:
         self.canvases.pop(request_id, None)
 
     @torch.inference_mode()
-    def execute(self, work: RunnerInput) -> RunnerOutput:
+    def execute(self, work: SchedulerOutput) -> RunnerOutput:
         """Run one forward over all work, then one sampler step for every denoised canvas."""
+        for request_id in work.dropped_request_ids:
+            self.drop_canvas(request_id)
+        for d in work.denoise:
+            if d.new_canvas is not None:
+                self.start_canvas(d.request_id, d.new_canvas)
+        if work.is_empty:
+            return RunnerOutput()
         hidden = self.model(self._build_batch(work), self.caches)  # (num_denoise * C, H)
         if not work.denoise:
-            return RunnerOutput({})
+            return RunnerOutput()
         states = [self.canvases[w.request_id] for w in work.denoise]
         results = denoise_step(hidden, self.head, states, [w.params for w in work.denoise])
-        return RunnerOutput({w.request_id: r for w, r in zip(work.denoise, results, strict=True)})
+        return RunnerOutput(
+            {w.request_id: _outcome(w, r) for w, r in zip(work.denoise, results, strict=True)}
+        )
 
-    def _build_batch(self, work: RunnerInput) -> ForwardBatch:
+    def _build_batch(self, work: SchedulerOutput) -> ForwardBatch:
         tokens: list[Tensor] = []
         positions: list[Tensor] = []
         segments: list[Segment] = []
@@ -141,3 +104,16 @@ class ModelRunner:
         shape = (self.model.config.canvas_length, self.model.config.hidden_size)
         zeros = torch.zeros(shape, dtype=self.head.weight.dtype, device=self.device)
         return torch.cat([zeros if s.self_cond is None else s.self_cond for s in states])
+
+
+def _outcome(work: DenoiseWork, result: StepResult) -> DenoiseOutcome:
+    """Plain-Python view of a step; the canvas itself only when finished or asked for."""
+    show = result.finished or work.want_canvas
+    return DenoiseOutcome(
+        step=result.step,
+        finished=result.finished,
+        num_accepted=result.num_accepted,
+        mean_entropy=result.mean_entropy,
+        argmax=[int(t) for t in result.argmax.tolist()] if show else None,
+        confidence=[round(float(c), 3) for c in result.confidence.tolist()] if work.want_canvas else None,
+    )

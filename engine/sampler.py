@@ -107,6 +107,8 @@ class StepResult:
     """[C] float16: probability of the argmax token (1 at pinned positions), for live display."""
     finished: bool
     """Stable and confident, or `max_steps` steps done."""
+    step: int
+    """Denoise steps done on this canvas, this one included."""
 
 
 def temperature(step: int, max_steps: int, t_min: float, t_max: float, device: torch.device) -> Tensor:
@@ -240,7 +242,7 @@ def denoise_step(
             return []
         scalars = torch.stack([s for _, _, s in pending]).tolist()  # [N, 3]: accepted, entropy, stop
     return [
-        StepResult(argmax, int(n), entropy, confidence, bool(stop) or state.step >= p.max_steps)
+        StepResult(argmax, int(n), entropy, confidence, bool(stop) or state.step >= p.max_steps, state.step)
         for (argmax, confidence, _), (n, entropy, stop), state, p in zip(
             pending, scalars, states, params, strict=True
         )

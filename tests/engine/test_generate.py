@@ -21,7 +21,8 @@ from transformers import DiffusionGemmaForBlockDiffusion
 
 from engine import sampler
 from engine.config import DiffusionDefaults
-from engine.generate import end_block, generate
+from engine.block_end import end_block
+from engine.generate import generate
 from engine.model.loader import load_checkpoint
 from engine.request import FREE, InvalidParams, SamplingParams
 from tests.engine.checkpoints import CANVAS, VOCAB, save_reference, save_tokenizer
@@ -156,7 +157,7 @@ def test_adaptive_stop_matches_the_reference(
             ckpt.defaults,
             [PROMPT],
             free,
-            callback=lambda i, b, r: entropies.append(r.mean_entropy),
+            callback=lambda i, snap: entropies.append(snap.mean_entropy),
         )
     lowest = min(range(12), key=lambda i: entropies[i])
     assert lowest < 11, "entropy keeps falling to the last step: pick another seed"
@@ -244,11 +245,11 @@ def test_text_callback_and_pinned_positions(checkpoint: tuple[Path, DiffusionGem
         ckpt.defaults,
         [prompt],
         params,
-        callback=lambda i, b, r: seen.append((i, b)),
+        callback=lambda i, snap: seen.append((i, snap.block_index)),
         tokenizer=ckpt.tokenizer,
     )
     assert result.token_ids[3] == 40 and result.token_ids[8] == 41
-    assert result.text == ckpt.tokenizer.decode(result.token_ids)
+    assert result.text == ckpt.tokenizer.decode(result.token_ids, skip_special_tokens=True)
     assert seen == [(0, 0)] * result.steps_per_block[0]
 
 

@@ -1,0 +1,98 @@
+"""The contracts between scheduler and runner (no torch): what to run, and what came of it.
+
+`Scheduler.schedule()` -> `SchedulerOutput` -> `ModelRunner.execute()` -> `RunnerOutput` ->
+`Scheduler.update()`. Everything here is plain Python so that the scheduler can be tested with
+hand-built runner outputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from engine.request import StepParams
+
+
+@dataclass(frozen=True)
+class CausalWork:
+    """Encoder pass over `token_ids` at positions [start_pos, start_pos + len): writes the cache.
+
+    A prompt chunk or (part of) a committed canvas.
+    """
+
+    request_id: str
+    token_ids: tuple[int, ...]
+    start_pos: int
+    block_tables: dict[str, list[int]]
+
+
+@dataclass(frozen=True)
+class NewCanvas:
+    """Draw a fresh canvas for block `block_index` of a request before its denoise pass.
+
+    The runner seeds the canvas's generator from (seed, block_index), so a request that is preempted
+    and recomputed draws exactly the same canvas again.
+    """
+
+    seed: int
+    block_index: int
+    stability_threshold: int
+    pinned_canvas: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class DenoiseWork:
+    """One denoise step of the request's canvas at positions [start_pos, start_pos + C).
+
+    `new_canvas` is set on the first step of a block. `want_canvas` asks the runner to report the
+    argmax canvas and confidences after the step (for live streaming), not only when it finishes.
+    """
+
+    request_id: str
+    start_pos: int
+    block_tables: dict[str, list[int]]
+    params: StepParams
+    new_canvas: NewCanvas | None = None
+    want_canvas: bool = False
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    """One step: causal work first, then denoise work (a denoise may read what a causal work of the
+    same step wrote). `dropped_request_ids` are requests the runner must forget (finished, aborted or
+    preempted since the last step)."""
+
+    causal: list[CausalWork] = field(default_factory=list)
+    denoise: list[DenoiseWork] = field(default_factory=list)
+    dropped_request_ids: list[str] = field(default_factory=list)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.causal and not self.denoise
+
+    @property
+    def num_causal_tokens(self) -> int:
+        return sum(len(c.token_ids) for c in self.causal)
+
+
+@dataclass(frozen=True)
+class DenoiseOutcome:
+    """What one denoise step did to one canvas.
+
+    `argmax` (the canvas's current argmax tokens) and `confidence` (probability of each argmax token)
+    are filled when the canvas finished or when the work asked for them; otherwise None, which keeps
+    device-to-host traffic to a few scalars per canvas.
+    """
+
+    step: int
+    finished: bool
+    num_accepted: int
+    mean_entropy: float
+    argmax: list[int] | None = None
+    confidence: list[float] | None = None
+
+
+@dataclass(frozen=True)
+class RunnerOutput:
+    """One outcome per denoise work, by request id."""
+
+    outcomes: dict[str, DenoiseOutcome] = field(default_factory=dict)

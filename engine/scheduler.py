@@ -1,0 +1,354 @@
+"""Continuous-batching scheduler for block diffusion (no torch).
+
+Every step packs, under a token budget, into one forward:
+1. a denoise pass (C tokens) for every running canvas whose K/V prefix is complete;
+2. causal work of running requests: commits of converged canvases and prompt chunks, each followed by
+   its request's denoise pass in the same step when it completes the prefix (the runner runs causal
+   work first in every layer, so that pass reads what the commit just wrote);
+3. newly admitted requests, first come first served, starting with their first prompt chunk.
+
+Long prompts are chunked to the leftover budget, so they never stall running canvases. Each canvas
+converges, commits and finishes on its own schedule. When cache blocks run out, the newest running
+request is preempted: its blocks are freed and it is recomputed later from its prompt and committed
+canvases (its canvases are seeded per block, so it draws the same tokens again).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from engine.block_end import end_block
+from engine.kv_cache import KVCacheManager, num_blocks_for
+from engine.outputs import CausalWork, DenoiseOutcome, DenoiseWork, NewCanvas, RunnerOutput, SchedulerOutput
+from engine.request import (
+    CanvasSnapshot,
+    FinishReason,
+    InvalidParams,
+    Request,
+    RequestOutput,
+    RequestStatus,
+    SamplingParams,
+    StepParams,
+    Usage,
+)
+
+
+class QueueFull(RuntimeError):
+    """The waiting queue is at its bound; the client should retry later."""
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Limits of one engine."""
+
+    canvas_length: int
+    """Tokens per canvas (the model's `canvas_length`)."""
+    max_model_len: int
+    """Positions a request may use: prompt plus every canvas it may fill."""
+    max_num_seqs: int = 16
+    """Running requests (canvases in flight) at most."""
+    max_num_batched_tokens: int = 4096
+    """Tokens per forward: prefill chunks, commits and C per denoised canvas."""
+    max_waiting: int = 1024
+    """Waiting requests at most; beyond it `add_request` raises `QueueFull`."""
+
+    def __post_init__(self) -> None:
+        if self.max_num_batched_tokens < self.canvas_length:
+            raise ValueError(
+                f"max_num_batched_tokens={self.max_num_batched_tokens} cannot hold one canvas of "
+                f"{self.canvas_length} tokens: raise it"
+            )
+        if self.max_num_seqs < 1 or self.max_waiting < 0:
+            raise ValueError("max_num_seqs must be >= 1 and max_waiting >= 0")
+
+
+@dataclass
+class StepComposition:
+    """What one scheduled step holds (for metrics)."""
+
+    num_prefill_tokens: int = 0
+    num_commit_tokens: int = 0
+    num_denoise_canvases: int = 0
+    num_preempted: int = 0
+
+
+@dataclass
+class _Plan:
+    """The step being built: work lists and the budget left."""
+
+    budget: int
+    causal: list[CausalWork] = field(default_factory=list)
+    denoise: list[DenoiseWork] = field(default_factory=list)
+    composition: StepComposition = field(default_factory=StepComposition)
+
+
+class Scheduler:
+    """Owns the requests and the KV block manager; never sees a tensor.
+
+    Invariants: a request is in exactly one of `waiting` (WAITING or PREEMPTED) and `running`
+    (RUNNING); a running request holds cache blocks for [0, num_computed_tokens); a finished or
+    aborted request holds none and is reported once in the next `SchedulerOutput.dropped_request_ids`.
+    """
+
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
+        self.config = config
+        self.kv = kv
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self._step_params: dict[str, StepParams] = {}
+        self._dropped: list[str] = []
+        self.newly_finished: list[Request] = []
+        """Requests finished since the engine last drained this list (for statistics)."""
+        self.last_step = StepComposition()
+        self.num_preemptions = 0
+
+    # -- admission and abort ---------------------------------------------------------------------
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        want_canvas: bool = False,
+        arrival_time: float | None = None,
+    ) -> Request:
+        """Queue a request. `params` must be resolved. Raises `InvalidParams` or `QueueFull`."""
+        if request_id in self.requests:
+            raise InvalidParams(f"request id {request_id!r} is already in use")
+        if len(self.waiting) >= self.config.max_waiting:
+            raise QueueFull(f"{len(self.waiting)} requests are waiting (the bound): retry later")
+        self._check_fits(prompt_token_ids, params)
+        seed = params.seed if params.seed is not None else random.getrandbits(62)
+        now = time.monotonic() if arrival_time is None else arrival_time
+        request = Request(request_id, list(prompt_token_ids), params, seed, now, want_canvas)
+        self.requests[request_id] = request
+        self._step_params[request_id] = StepParams.from_sampling(params)
+        self.waiting.append(request)
+        return request
+
+    def _check_fits(self, prompt: list[int], params: SamplingParams) -> None:
+        assert params.max_tokens is not None
+        if not prompt:
+            raise InvalidParams("prompt is empty: give at least one token")
+        canvas = self.config.canvas_length
+        needed = len(prompt) + num_blocks_for(params.max_tokens, canvas) * canvas
+        if needed > self.config.max_model_len:
+            raise InvalidParams(
+                f"prompt ({len(prompt)} tokens) plus max_tokens={params.max_tokens} needs {needed} positions "
+                f"(whole canvases of {canvas}); max_model_len is {self.config.max_model_len}: "
+                "shorten the prompt or lower max_tokens"
+            )
+        for group in self.kv.group_names:
+            total = self.kv.num_free_blocks(group) + self.kv.num_used_blocks(group)
+            if num_blocks_for(needed - canvas, self.kv.block_size) > total:
+                raise InvalidParams(
+                    f"this request needs more KV cache than the whole cache holds ({total} blocks of "
+                    f"{self.kv.block_size} in group {group!r}): shorten the prompt or lower max_tokens"
+                )
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """End a request in any state and free its blocks; None if it is unknown or already done."""
+        request = self.requests.get(request_id)
+        if request is None:
+            return None
+        if request in self.waiting:
+            self.waiting.remove(request)
+        return self._finish(request, "abort")
+
+    # -- scheduling ------------------------------------------------------------------------------
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        """Build one step's work under the token and sequence budgets."""
+        plan = _Plan(budget=self.config.max_num_batched_tokens)
+        for request in list(self.running):
+            if request.num_pending_causal == 0:
+                self._try_denoise(request, plan)
+        for request in list(self.running):
+            if request.num_pending_causal > 0 and request.status is RequestStatus.RUNNING:
+                self._schedule_causal(request, plan)
+        self._admit(plan)
+        self.last_step = plan.composition
+        dropped, self._dropped = self._dropped, []
+        return SchedulerOutput(plan.causal, plan.denoise, dropped)
+
+    def _try_denoise(self, request: Request, plan: _Plan) -> None:
+        if plan.budget < self.config.canvas_length:
+            return
+        plan.budget -= self.config.canvas_length
+        plan.composition.num_denoise_canvases += 1
+        plan.denoise.append(self._denoise_work(request))
+
+    def _denoise_work(self, request: Request) -> DenoiseWork:
+        params = self._step_params[request.request_id]
+        new_canvas = None
+        if not request.canvas_started:
+            pinned = request.params.pinned_canvas if request.block_index == 0 else None
+            new_canvas = NewCanvas(request.seed, request.block_index, params.stability_threshold, pinned)
+            request.canvas_started = True
+        return DenoiseWork(
+            request.request_id,
+            request.num_computed_tokens,
+            self._tables(request),
+            params,
+            new_canvas,
+            request.want_canvas,
+        )
+
+    def _tables(self, request: Request) -> dict[str, list[int]]:
+        return {g: self.kv.block_table(request.request_id, g) for g in self.kv.group_names}
+
+    def _schedule_causal(self, request: Request, plan: _Plan) -> bool:
+        """Schedule the next chunk of the request's pending causal tokens; False if it got none."""
+        num_tokens = min(request.num_pending_causal, plan.budget)
+        if num_tokens == 0 or not self._make_room(request, num_tokens, plan):
+            return False
+        start = request.num_computed_tokens
+        chunk = tuple(request.cache_token_ids[start : start + num_tokens])
+        num_prompt = max(0, min(len(request.prompt_token_ids) - start, num_tokens))
+        plan.composition.num_prefill_tokens += num_prompt
+        plan.composition.num_commit_tokens += num_tokens - num_prompt
+        plan.causal.append(CausalWork(request.request_id, chunk, start, self._tables(request)))
+        plan.budget -= num_tokens
+        request.num_computed_tokens += num_tokens
+        if request.num_pending_causal == 0:
+            self._try_denoise(request, plan)
+        return True
+
+    def _make_room(self, request: Request, num_tokens: int, plan: _Plan) -> bool:
+        """Allocate blocks for the chunk, preempting the newest running requests if needed.
+
+        Returns False when `request` itself had to be preempted (it was the newest).
+        """
+        target = request.num_computed_tokens + num_tokens
+        while not self.kv.can_allocate(request.request_id, target):
+            victim = self.running[-1]
+            self._preempt(victim, plan)
+            if victim is request:
+                return False
+        self.kv.allocate(request.request_id, target)
+        return True
+
+    def _preempt(self, request: Request, plan: _Plan) -> None:
+        """Free the request's blocks and queue it first for recomputation; unschedule its work."""
+        plan.budget += sum(len(c.token_ids) for c in plan.causal if c.request_id == request.request_id)
+        plan.budget += self.config.canvas_length * sum(
+            d.request_id == request.request_id for d in plan.denoise
+        )
+        plan.causal = [c for c in plan.causal if c.request_id != request.request_id]
+        plan.denoise = [d for d in plan.denoise if d.request_id != request.request_id]
+        self.running.remove(request)
+        self.kv.free(request.request_id)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.canvas_started = False
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        plan.composition.num_preempted += 1
+        self._dropped.append(request.request_id)
+        self.waiting.appendleft(request)
+
+    def _admit(self, plan: _Plan) -> None:
+        """Start waiting requests in order while sequences, budget and blocks allow."""
+        while self.waiting and len(self.running) < self.config.max_num_seqs and plan.budget > 0:
+            request = self.waiting[0]
+            num_tokens = min(request.num_pending_causal, plan.budget)
+            if not self.kv.can_allocate(request.request_id, request.num_computed_tokens + num_tokens):
+                return
+            self.waiting.popleft()
+            request.status = RequestStatus.RUNNING
+            request.scheduled_time = time.monotonic()
+            self.running.append(request)
+            self._schedule_causal(request, plan)
+
+    # -- results ---------------------------------------------------------------------------------
+
+    def update(self, scheduled: SchedulerOutput, result: RunnerOutput) -> list[RequestOutput]:
+        """Apply one step's results; returns the events to deliver to clients."""
+        for causal in scheduled.causal:
+            request = self.requests.get(causal.request_id)
+            if request is not None and request.status is RequestStatus.RUNNING:
+                self.kv.release_out_of_window(causal.request_id, request.num_computed_tokens)
+        outputs = []
+        for denoise in scheduled.denoise:
+            request = self.requests.get(denoise.request_id)
+            if request is None or request.status is not RequestStatus.RUNNING:
+                continue  # aborted or preempted after this step was scheduled
+            event = self._apply_outcome(request, result.outcomes[denoise.request_id])
+            if event is not None:
+                outputs.append(event)
+        return outputs
+
+    def _apply_outcome(self, request: Request, outcome: DenoiseOutcome) -> RequestOutput | None:
+        request.denoise_steps += 1
+        snapshot = _snapshot(request, outcome) if request.want_canvas else None
+        if not outcome.finished:
+            return RequestOutput(request.request_id, canvas=snapshot) if snapshot else None
+        assert outcome.argmax is not None, "a finished canvas must come with its argmax"
+        return self._end_block(request, outcome.argmax, outcome.step, snapshot)
+
+    def _end_block(
+        self, request: Request, canvas: list[int], steps: int, snapshot: CanvasSnapshot | None
+    ) -> RequestOutput:
+        params = request.params
+        assert params.max_tokens is not None and params.stop_token_ids is not None
+        end = end_block(canvas, len(request.output_token_ids), params.max_tokens, params.stop_token_ids)
+        request.output_token_ids += end.new_token_ids
+        request.steps_per_block.append(steps)
+        if request.first_token_time is None and end.new_token_ids:
+            request.first_token_time = time.monotonic()
+        if end.finish_reason is not None:
+            finished = self._finish(request, end.finish_reason)
+            return RequestOutput(
+                request.request_id,
+                end.new_token_ids,
+                canvas=snapshot,
+                finish_reason=end.finish_reason,
+                usage=finished.usage,
+            )
+        request.committed_token_ids += canvas
+        request.block_index += 1
+        request.canvas_started = False
+        return RequestOutput(request.request_id, end.new_token_ids, canvas=snapshot)
+
+    def _finish(self, request: Request, reason: FinishReason) -> RequestOutput:
+        """Mark done, free blocks, forget the request; the runner drops it on the next step."""
+        if request in self.running:
+            self.running.remove(request)
+        self.kv.free(request.request_id)
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = reason
+        del self.requests[request.request_id]
+        self._step_params.pop(request.request_id, None)
+        self._dropped.append(request.request_id)
+        self.newly_finished.append(request)
+        return RequestOutput(request.request_id, finish_reason=reason, usage=usage_of(request))
+
+
+def usage_of(request: Request) -> Usage:
+    return Usage(
+        prompt_tokens=len(request.prompt_token_ids),
+        completion_tokens=len(request.output_token_ids),
+        denoise_steps=request.denoise_steps,
+        canvases=len(request.steps_per_block),
+        steps_per_canvas=tuple(request.steps_per_block),
+    )
+
+
+def _snapshot(request: Request, outcome: DenoiseOutcome) -> CanvasSnapshot | None:
+    if outcome.argmax is None:
+        return None
+    return CanvasSnapshot(
+        block_index=request.block_index,
+        step=outcome.step,
+        token_ids=outcome.argmax,
+        confidence=outcome.confidence or [],
+        num_accepted=outcome.num_accepted,
+        mean_entropy=outcome.mean_entropy,
+    )

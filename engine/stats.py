@@ -1,0 +1,92 @@
+"""Engine statistics for the metrics layer (no torch, no Prometheus: plain numbers).
+
+`EngineStats` holds gauges (refreshed every step), monotonic counters, the last step's composition
+and timings, and a bounded queue of per-request records that the metrics layer drains into histograms.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from engine.request import Request
+from engine.scheduler import StepComposition
+
+MAX_PENDING_RECORDS = 10_000
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    """Timings and sizes of one finished request."""
+
+    finish_reason: str
+    queue_s: float
+    """Arrival to first scheduled work (the last admission, after any preemption)."""
+    ttft_s: float | None
+    """Arrival to the first committed token (None if none was produced)."""
+    e2e_s: float
+    prompt_tokens: int
+    completion_tokens: int
+    denoise_steps: int
+    steps_per_canvas: list[int]
+
+
+@dataclass
+class StepTiming:
+    schedule_s: float = 0.0
+    execute_s: float = 0.0
+    update_s: float = 0.0
+
+    @property
+    def total_s(self) -> float:
+        return self.schedule_s + self.execute_s + self.update_s
+
+
+@dataclass
+class EngineStats:
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_usage: float = 0.0
+    num_steps: int = 0
+    num_denoise_passes: int = 0
+    num_committed_tokens: int = 0
+    num_prefill_tokens: int = 0
+    num_commit_tokens: int = 0
+    num_preemptions: int = 0
+    finished_by_reason: dict[str, int] = field(default_factory=dict)
+    last_step: StepComposition = field(default_factory=StepComposition)
+    last_timing: StepTiming = field(default_factory=StepTiming)
+    records: deque[RequestRecord] = field(default_factory=lambda: deque(maxlen=MAX_PENDING_RECORDS))
+
+    def record_step(self, composition: StepComposition, timing: StepTiming) -> None:
+        self.num_steps += 1
+        self.num_denoise_passes += composition.num_denoise_canvases
+        self.num_prefill_tokens += composition.num_prefill_tokens
+        self.num_commit_tokens += composition.num_commit_tokens
+        self.num_preemptions += composition.num_preempted
+        self.last_step = composition
+        self.last_timing = timing
+
+    def record_finished(self, request: Request, now: float) -> None:
+        reason = request.finish_reason or "abort"
+        self.finished_by_reason[reason] = self.finished_by_reason.get(reason, 0) + 1
+        start = request.scheduled_time if request.scheduled_time is not None else now
+        ttft = None if request.first_token_time is None else request.first_token_time - request.arrival_time
+        self.records.append(
+            RequestRecord(
+                finish_reason=reason,
+                queue_s=start - request.arrival_time,
+                ttft_s=ttft,
+                e2e_s=now - request.arrival_time,
+                prompt_tokens=len(request.prompt_token_ids),
+                completion_tokens=len(request.output_token_ids),
+                denoise_steps=request.denoise_steps,
+                steps_per_canvas=list(request.steps_per_block),
+            )
+        )
+
+    def drain_records(self) -> list[RequestRecord]:
+        """Per-request records since the last drain (for histograms)."""
+        drained = list(self.records)
+        self.records.clear()
+        return drained
