@@ -10,31 +10,26 @@ REPLACEMENT = "\ufffd"
 class IncrementalDetokenizer:
     """Turns a growing list of output token ids into text deltas.
 
-    Each push decodes a short window: the tokens already emitted since `prefix_offset` (as context,
-    so spacing and byte-fallback pieces decode as they will in the full text) plus the new ones, and
-    emits what the new tokens add. A trailing U+FFFD means a character whose bytes have not all
-    arrived, so nothing is emitted until they do (or the request finishes). Example: a 3-byte
-    character split over two canvases is held back after the first and emitted whole after the second.
+    Each push decodes the whole output (exact: byte-fallback pieces and spacing decode as in the
+    final text; one decode per committed canvas is cheap) and emits what lies beyond the text already
+    emitted. Trailing U+FFFD marks a character whose bytes have not all arrived: it is held back until
+    they do, or until the request finishes. Example: "snow ❄" with the snowflake's 3 bytes split over
+    two canvases emits "snow " after the first and "❄" after the second.
     """
 
     def __init__(self, tokenizer: Any | None) -> None:
         self.tokenizer = tokenizer
         self.token_ids: list[int] = []
-        self.prefix_offset = 0
-        self.read_offset = 0
+        self.num_emitted_chars = 0
 
     def push(self, new_token_ids: list[int], is_last: bool = False) -> str:
         """Add tokens; return the text that became final (everything left, when `is_last`)."""
         self.token_ids += new_token_ids
-        if self.tokenizer is None or self.read_offset == len(self.token_ids):
+        if self.tokenizer is None:
             return ""
-        prefix = self._decode(self.prefix_offset, self.read_offset)
-        text = self._decode(self.prefix_offset, len(self.token_ids))
-        if len(text) <= len(prefix) or (text.endswith(REPLACEMENT) and not is_last):
-            return ""
-        self.prefix_offset, self.read_offset = self.read_offset, len(self.token_ids)
-        return text[len(prefix) :]
-
-    def _decode(self, start: int, end: int) -> str:
-        assert self.tokenizer is not None
-        return str(self.tokenizer.decode(self.token_ids[start:end], skip_special_tokens=True))
+        text = str(self.tokenizer.decode(self.token_ids, skip_special_tokens=True))
+        if not is_last:
+            text = text.rstrip(REPLACEMENT)
+        delta = text[self.num_emitted_chars :]
+        self.num_emitted_chars = max(self.num_emitted_chars, len(text))
+        return delta
