@@ -20,8 +20,8 @@ from torch import Tensor
 from transformers import DiffusionGemmaForBlockDiffusion
 
 from engine import sampler
-from engine.config import DiffusionDefaults
 from engine.block_end import end_block
+from engine.config import DiffusionDefaults
 from engine.generate import generate
 from engine.model.loader import load_checkpoint
 from engine.request import FREE, InvalidParams, SamplingParams
