@@ -154,10 +154,10 @@ class Engine:
         t1 = time.perf_counter()
         result = self.runner.execute(scheduled)
         t2 = time.perf_counter()
-        outputs = self.scheduler.update(scheduled, result)
+        outputs = self._finalise(self.scheduler.update(scheduled, result))
         t3 = time.perf_counter()
         self.stats.record_step(self.scheduler.last_step, StepTiming(t1 - t0, t2 - t1, t3 - t2))
-        return self._finalise(outputs)
+        return outputs
 
     def _finalise(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
         """Detokenise, count committed tokens, record finished requests, refresh gauges."""

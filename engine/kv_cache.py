@@ -245,6 +245,22 @@ class KVCacheManager:
         for name, table in self._tables.pop(request_id, {}).items():
             self._pools[name].free(table.live_ids())
 
+    def max_blocks_held(self, group: str, num_tokens: int, max_chunk: int) -> int:
+        """Most blocks of `group` one request holds at once while its cache grows to `num_tokens`
+        positions by causal chunks of at most `max_chunk`, with `release_out_of_window` after each.
+
+        A full group holds all num_blocks_for(num_tokens) blocks. A sliding group of window W holds at
+        most the live span [n - W + 1, n + chunk) rounded out to block edges, so
+        min(num_blocks_for(num_tokens), ceil((W - 1 + max_chunk) / block_size) + 1). Example,
+        block_size 4, W 8, chunks of 16: at most ceil(23 / 4) + 1 = 7 blocks, however long it grows.
+        """
+        self._pool(group)  # an unknown group raises KeyError
+        num_blocks = num_blocks_for(num_tokens, self.block_size)
+        window = self._specs[group].window
+        if window is None:
+            return num_blocks
+        return min(num_blocks, num_blocks_for(window - 1 + max_chunk, self.block_size) + 1)
+
     def block_table(self, request_id: str, group: str) -> list[int]:
         """A copy of the request's table in `group` ([] for an unknown request)."""
         self._pool(group)

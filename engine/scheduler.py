@@ -144,7 +144,7 @@ class Scheduler:
             )
         for group in self.kv.group_names:
             total = self.kv.num_free_blocks(group) + self.kv.num_used_blocks(group)
-            if num_blocks_for(needed - canvas, self.kv.block_size) > total:
+            if self.kv.max_blocks_held(group, needed - canvas, self.config.max_num_batched_tokens) > total:
                 raise InvalidParams(
                     f"this request needs more KV cache than the whole cache holds ({total} blocks of "
                     f"{self.kv.block_size} in group {group!r}): shorten the prompt or lower max_tokens"
@@ -237,12 +237,7 @@ class Scheduler:
 
     def _preempt(self, request: Request, plan: _Plan) -> None:
         """Free the request's blocks and queue it first for recomputation; unschedule its work."""
-        plan.budget += sum(len(c.token_ids) for c in plan.causal if c.request_id == request.request_id)
-        plan.budget += self.config.canvas_length * sum(
-            d.request_id == request.request_id for d in plan.denoise
-        )
-        plan.causal = [c for c in plan.causal if c.request_id != request.request_id]
-        plan.denoise = [d for d in plan.denoise if d.request_id != request.request_id]
+        self._unschedule(request, plan)
         self.running.remove(request)
         self.kv.free(request.request_id)
         request.status = RequestStatus.PREEMPTED
@@ -253,6 +248,19 @@ class Scheduler:
         plan.composition.num_preempted += 1
         self._dropped.append(request.request_id)
         self.waiting.appendleft(request)
+
+    def _unschedule(self, request: Request, plan: _Plan) -> None:
+        """Take the request's work out of the plan, giving back its budget and its composition counts."""
+        for causal in [c for c in plan.causal if c.request_id == request.request_id]:
+            num_prompt = max(0, min(len(request.prompt_token_ids) - causal.start_pos, len(causal.token_ids)))
+            plan.composition.num_prefill_tokens -= num_prompt
+            plan.composition.num_commit_tokens -= len(causal.token_ids) - num_prompt
+            plan.budget += len(causal.token_ids)
+        num_denoise = sum(d.request_id == request.request_id for d in plan.denoise)
+        plan.composition.num_denoise_canvases -= num_denoise
+        plan.budget += self.config.canvas_length * num_denoise
+        plan.causal = [c for c in plan.causal if c.request_id != request.request_id]
+        plan.denoise = [d for d in plan.denoise if d.request_id != request.request_id]
 
     def _admit(self, plan: _Plan) -> None:
         """Start waiting requests in order while sequences, budget and blocks allow."""

@@ -56,6 +56,8 @@ class EngineStats:
     finished_by_reason: dict[str, int] = field(default_factory=dict)
     last_step: StepComposition = field(default_factory=StepComposition)
     last_timing: StepTiming = field(default_factory=StepTiming)
+    total_timing: StepTiming = field(default_factory=StepTiming)
+    """Sums over all steps: scheduling and update are the engine's overhead around the runner."""
     records: deque[RequestRecord] = field(default_factory=lambda: deque(maxlen=MAX_PENDING_RECORDS))
 
     def record_step(self, composition: StepComposition, timing: StepTiming) -> None:
@@ -66,6 +68,9 @@ class EngineStats:
         self.num_preemptions += composition.num_preempted
         self.last_step = composition
         self.last_timing = timing
+        self.total_timing.schedule_s += timing.schedule_s
+        self.total_timing.execute_s += timing.execute_s
+        self.total_timing.update_s += timing.update_s
 
     def record_finished(self, request: Request, now: float) -> None:
         reason = request.finish_reason or "abort"
