@@ -1,0 +1,243 @@
+"""Serving throughput: our continuous-batching engine against transformers' static-batch `generate`.
+
+What it measures, for concurrency c in 1, 4, 16, 64 on a small random DiffusionGemma checkpoint (CPU):
+- ours: c clients in a closed loop send the same prompts through `AsyncEngine` (one background
+  engine thread, the scheduler packing prefill chunks, commits and c canvases per forward);
+- reference: the same prompts in static batches of c through `DiffusionGemmaForBlockDiffusion.generate`
+  (left padding, one DynamicCache per batch; a request's latency is its batch's duration).
+Both do equal work: every request fills 2 canvases with exactly `--steps` denoise steps each (the
+confidence threshold is set so low that adaptive stopping never fires, as in vLLM's fixed-16-step
+setting) and stop ids are disabled, so each request commits 2 * canvas_length tokens.
+
+Reported: committed tokens/s, p50 and p99 request latency, ours/reference; the packing gain (our tok/s
+at 16 over tok/s at 1); and the engine's overhead: the share of step time spent scheduling, updating
+and detokenising, outside the runner's forward and sampler.
+
+Run: `python bench/throughput.py` (a few minutes on 2 cores), or
+     `python bench/throughput.py --concurrency 1 4 --requests-per-client 2 --json /tmp/tp.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import DiffusionGemmaForBlockDiffusion
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from bench.common import machine_header, save_random_checkpoint
+from engine.async_engine import AsyncEngine
+from engine.engine import Engine, EngineConfig
+from engine.model.loader import load_checkpoint
+from engine.request import SamplingParams
+
+CANVAS = 64
+BLOCKS = 2
+NEVER_CONFIDENT = 1e-9
+TEXT: dict[str, Any] = dict(
+    vocab_size=4096,
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=6,
+    layer_types=["sliding_attention"] * 5 + ["full_attention"],
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=64,
+    global_head_dim=128,
+    num_global_key_value_heads=1,
+    sliding_window=256,
+    num_experts=8,
+    top_k_experts=2,
+    moe_intermediate_size=256,
+    max_position_embeddings=4096,
+    use_bidirectional_attention="vision",
+)
+
+
+@dataclass
+class Side:
+    tokens_per_s: float
+    p50_s: float
+    p99_s: float
+    wall_s: float
+
+
+@dataclass
+class Row:
+    concurrency: int
+    requests: int
+    ours: Side
+    reference: Side
+    overhead_fraction: float
+
+    @property
+    def ratio(self) -> float:
+        return self.ours.tokens_per_s / self.reference.tokens_per_s
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
+    parser.add_argument("--requests-per-client", type=int, default=2)
+    parser.add_argument("--min-requests", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=8, help="denoise steps per canvas (fixed)")
+    parser.add_argument("--json", type=Path, default=None)
+    return parser.parse_args(argv)
+
+
+def make_prompts(count: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[2] + [rng.randrange(5, 4000) for _ in range(rng.randrange(31, 96))] for _ in range(count)]
+
+
+def sampling(steps: int, seed: int) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=BLOCKS * CANVAS,
+        max_denoising_steps=steps,
+        confidence_threshold=NEVER_CONFIDENT,
+        stop_token_ids=(),
+        seed=seed,
+    )
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def side(latencies: list[float], tokens: int, wall: float) -> Side:
+    return Side(tokens / wall, statistics.median(latencies), percentile(latencies, 0.99), wall)
+
+
+# ------------------------------------------------------------------------------------------ ours
+
+
+async def _client(
+    engine: AsyncEngine, queue: list[tuple[int, list[int]]], steps: int, latencies: list[float]
+) -> int:
+    tokens = 0
+    while queue:
+        index, prompt = queue.pop()
+        start = time.perf_counter()
+        async for event in engine.generate(prompt, sampling(steps, index)):
+            tokens += len(event.new_token_ids)
+        latencies.append(time.perf_counter() - start)
+    return tokens
+
+
+def run_ours(path: Path, prompts: list[list[int]], concurrency: int, steps: int) -> tuple[Side, float]:
+    checkpoint = load_checkpoint(path, with_tokenizer=False)
+    config = EngineConfig(max_num_seqs=concurrency, max_num_batched_tokens=concurrency * CANVAS + 512)
+    engine = Engine(checkpoint.model, checkpoint.defaults, None, config)
+    async_engine = AsyncEngine(engine)
+    async_engine.start()
+    queue = list(enumerate(prompts))[::-1]
+    latencies: list[float] = []
+
+    async def main() -> int:
+        counts = await asyncio.gather(
+            *(_client(async_engine, queue, steps, latencies) for _ in range(concurrency))
+        )
+        return sum(counts)
+
+    try:
+        start = time.perf_counter()
+        tokens = asyncio.run(main())
+        wall = time.perf_counter() - start
+    finally:
+        async_engine.shutdown()
+    timing = engine.stats.total_timing
+    overhead = (timing.schedule_s + timing.update_s) / timing.total_s
+    assert tokens == len(prompts) * BLOCKS * CANVAS, tokens
+    return side(latencies, tokens, wall), overhead
+
+
+# ------------------------------------------------------------------------------------- reference
+
+
+def run_reference(path: Path, prompts: list[list[int]], concurrency: int, steps: int) -> Side:
+    model = DiffusionGemmaForBlockDiffusion.from_pretrained(path, dtype=torch.float32).eval()
+    latencies: list[float] = []
+    tokens = 0
+    start = time.perf_counter()
+    for first in range(0, len(prompts), concurrency):
+        batch = prompts[first : first + concurrency]
+        t0 = time.perf_counter()
+        tokens += _reference_batch(model, batch, steps)
+        latencies += [time.perf_counter() - t0] * len(batch)
+    wall = time.perf_counter() - start
+    return side(latencies, tokens, wall)
+
+
+def _reference_batch(model: DiffusionGemmaForBlockDiffusion, batch: list[list[int]], steps: int) -> int:
+    width = max(len(p) for p in batch)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in batch])  # left padding
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+    with torch.inference_mode():
+        out = model.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=BLOCKS * CANVAS,
+            max_denoising_steps=steps,
+            confidence_threshold=NEVER_CONFIDENT,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+    return int(out.sequences[:, width:].numel())
+
+
+# ---------------------------------------------------------------------------------------- report
+
+
+def format_table(rows: list[Row]) -> str:
+    lines = [
+        "| concurrency | requests | ours tok/s | ours p50 s | ours p99 s | ref tok/s | ref p50 s | ref p99 s "
+        "| ours/ref | engine overhead |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.concurrency} | {r.requests} | {r.ours.tokens_per_s:.0f} | {r.ours.p50_s:.2f} "
+            f"| {r.ours.p99_s:.2f} | {r.reference.tokens_per_s:.0f} | {r.reference.p50_s:.2f} "
+            f"| {r.reference.p99_s:.2f} | {r.ratio:.2f}x | {100 * r.overhead_fraction:.1f}% |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    info = machine_header() | {"canvas_length": CANVAS, "blocks": BLOCKS, "steps": args.steps}
+    print(json.dumps(info))
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp)
+        save_random_checkpoint(path, TEXT, CANVAS)
+        for c in args.concurrency:
+            prompts = make_prompts(max(args.min_requests, c * args.requests_per_client), seed=c)
+            ours, overhead = run_ours(path, prompts, c, args.steps)
+            reference = run_reference(path, prompts, c, args.steps)
+            rows.append(Row(c, len(prompts), ours, reference, overhead))
+            print(format_table(rows[-1:]).splitlines()[-1], flush=True)
+    print(format_table(rows))
+    by_c = {r.concurrency: r for r in rows}
+    if 1 in by_c and 16 in by_c:
+        gain = by_c[16].ours.tokens_per_s / by_c[1].ours.tokens_per_s
+        print(f"packing gain (ours, tok/s at 16 / at 1): {gain:.2f}x")
+    if args.json:
+        args.json.write_text(json.dumps({"header": info, "rows": [asdict(r) for r in rows]}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
