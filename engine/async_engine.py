@@ -74,6 +74,34 @@ class _Abort:
     request_id: str
 
 
+class RequestStream:
+    """One admitted request's events; `aclose()` aborts it unless it already finished."""
+
+    def __init__(self, engine: AsyncEngine, request_id: str, stream: _Stream) -> None:
+        self.engine = engine
+        self.request_id = request_id
+        self._stream = stream
+        self.finished = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        item = await self._stream.events.get()
+        if isinstance(item, BaseException):
+            self.finished = True
+            raise item
+        self.finished = item.finished
+        return item
+
+    async def aclose(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self.engine.abort(self.request_id)
+
+
 class AsyncEngine:
     """Runs `Engine.step()` in a daemon thread; `generate()` is an async iterator per request."""
 
@@ -101,6 +129,10 @@ class AsyncEngine:
             self._thread.join(timeout)
 
     @property
+    def started(self) -> bool:
+        return self._thread is not None
+
+    @property
     def is_alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and self.error is None
 
@@ -125,19 +157,24 @@ class AsyncEngine:
 
         Raises `InvalidParams` / `QueueFull` on admission and `EngineDead` if the loop is down.
         """
+        stream = await self.submit(prompt_token_ids, params, request_id, want_canvas)
+        try:
+            async for event in stream:
+                yield event
+        finally:
+            await stream.aclose()
+
+    async def submit(
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        want_canvas: bool = False,
+    ) -> RequestStream:
+        """Admit a request and return its event stream; raises on admission like `generate`."""
         request_id = request_id or f"req-{next(self._ids)}"
         stream = await self._submit(request_id, prompt_token_ids, params, want_canvas)
-        finished = False
-        try:
-            while not finished:
-                item = await stream.events.get()
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
-                yield item
-        finally:
-            if not finished:
-                self.abort(request_id)
+        return RequestStream(self, request_id, stream)
 
     async def _submit(
         self, request_id: str, prompt: list[int], params: SamplingParams | None, want_canvas: bool

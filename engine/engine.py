@@ -156,7 +156,8 @@ class Engine:
         t2 = time.perf_counter()
         outputs = self._finalise(self.scheduler.update(scheduled, result))
         t3 = time.perf_counter()
-        self.stats.record_step(self.scheduler.last_step, StepTiming(t1 - t0, t2 - t1, t3 - t2))
+        committed = sum(len(o.new_token_ids) for o in outputs)
+        self.stats.record_step(self.scheduler.last_step, StepTiming(t1 - t0, t2 - t1, t3 - t2), committed)
         return outputs
 
     def _finalise(self, outputs: list[RequestOutput]) -> list[RequestOutput]:

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from engine.request import Request
 from engine.scheduler import StepComposition
 
 MAX_PENDING_RECORDS = 10_000
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,15 @@ class RequestRecord:
     completion_tokens: int
     denoise_steps: int
     steps_per_canvas: list[int]
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One engine step, for per-step histograms (batch composition, tokens committed, duration)."""
+
+    composition: StepComposition
+    committed_tokens: int
+    duration_s: float
 
 
 @dataclass
@@ -59,9 +70,13 @@ class EngineStats:
     total_timing: StepTiming = field(default_factory=StepTiming)
     """Sums over all steps: scheduling and update are the engine's overhead around the runner."""
     records: deque[RequestRecord] = field(default_factory=lambda: deque(maxlen=MAX_PENDING_RECORDS))
+    step_records: deque[StepRecord] = field(default_factory=lambda: deque(maxlen=MAX_PENDING_RECORDS))
 
-    def record_step(self, composition: StepComposition, timing: StepTiming) -> None:
+    def record_step(
+        self, composition: StepComposition, timing: StepTiming, committed_tokens: int = 0
+    ) -> None:
         self.num_steps += 1
+        self.step_records.append(StepRecord(composition, committed_tokens, timing.total_s))
         self.num_denoise_passes += composition.num_denoise_canvases
         self.num_prefill_tokens += composition.num_prefill_tokens
         self.num_commit_tokens += composition.num_commit_tokens
@@ -91,7 +106,16 @@ class EngineStats:
         )
 
     def drain_records(self) -> list[RequestRecord]:
-        """Per-request records since the last drain (for histograms)."""
-        drained = list(self.records)
-        self.records.clear()
-        return drained
+        """Per-request records since the last drain (for histograms). Safe against the engine thread:
+        deque.popleft is atomic, so a record appended meanwhile is kept for the next drain."""
+        return _drain(self.records)
+
+    def drain_step_records(self) -> list[StepRecord]:
+        return _drain(self.step_records)
+
+
+def _drain(queue: deque[T]) -> list[T]:
+    drained = []
+    while queue:
+        drained.append(queue.popleft())
+    return drained

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.cli import main
+from service.cli import main
 from tests.engine.checkpoints import save_reference, save_tokenizer
 
 

@@ -1,0 +1,175 @@
+"""`canvas-serve` command line: `serve [MODEL_DIR]` (the HTTP server) and `generate` (offline).
+
+`serve` takes vLLM's flag names where they exist, so the model guide's `vllm serve ...` command
+works with `canvas-serve serve` in its place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from types import FrameType
+from typing import Any
+
+import torch
+import uvicorn
+from pydantic import ValidationError
+
+from engine.generate import generate
+from engine.model.loader import CheckpointError, load_checkpoint
+from engine.request import InvalidParams, SamplingParams
+from service.app import create_app
+from service.model_setup import SetupError, build_service
+from service.serving import Service
+from service.settings import Settings
+
+logger = logging.getLogger("canvas_serve")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="canvas-serve", description="Serve block-diffusion language models."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    _serve_parser(commands.add_parser("serve", help="run the OpenAI-compatible HTTP server"))
+    _generate_parser(commands.add_parser("generate", help="generate offline from a checkpoint directory"))
+    return parser
+
+
+def _serve_parser(serve: argparse.ArgumentParser) -> None:
+    serve.add_argument(
+        "model", nargs="?", default=None, help="checkpoint directory (default: the embedded Sudoku model)"
+    )
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--served-model-name")
+    serve.add_argument("--dtype", choices=["auto", "float32", "bfloat16"])
+    serve.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    serve.add_argument("--max-num-seqs", type=int)
+    serve.add_argument("--max-num-batched-tokens", type=int)
+    serve.add_argument("--max-model-len", type=int)
+    serve.add_argument("--max-num-queued-reqs", type=int)
+    serve.add_argument("--block-size", type=int)
+    serve.add_argument("--gpu-memory-utilization", type=float)
+    serve.add_argument("--kv-cache-memory-gb", type=float)
+    serve.add_argument("--generation-config", help="auto | vllm | a folder with generation_config.json")
+    serve.add_argument("--diffusion-config", type=json.loads, help='JSON, e.g. {"canvas_length": 256}')
+    serve.add_argument("--hf-overrides", type=json.loads, help='JSON, e.g. {"diffusion_entropy_bound": 0.1}')
+    serve.add_argument("--canvas-length", type=int, help="must equal the checkpoint's canvas_length")
+    serve.add_argument("--attention-backend", help="accepted for vLLM compatibility")
+    serve.add_argument("--enable-chunked-prefill", action="store_true", default=None, help="always on")
+    serve.add_argument(
+        "--drain-timeout", dest="drain_timeout_s", type=float, help="seconds to drain on SIGTERM"
+    )
+    serve.add_argument(
+        "--shutdown-timeout", dest="drain_timeout_s", type=float, help="alias of --drain-timeout"
+    )
+    serve.add_argument("--canvas-min-interval", dest="canvas_min_interval_s", type=float)
+    serve.add_argument("--log-level")
+
+
+def _generate_parser(gen: argparse.ArgumentParser) -> None:
+    gen.add_argument("model", help="DiffusionGemma checkpoint directory (Hugging Face format)")
+    gen.add_argument("--prompt", required=True, help="prompt text")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
+    gen.add_argument("--max-tokens", type=int, default=None)
+    gen.add_argument("--steps", type=int, default=None, help="max_denoising_steps")
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    gen.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    """Flags given on the command line win; the environment and defaults fill the rest."""
+    given: dict[str, Any] = {
+        k: v for k, v in vars(args).items() if v is not None and k not in ("command", "canvas_length")
+    }
+    if args.canvas_length is not None:
+        given["diffusion_config"] = {**given.get("diffusion_config", {}), "canvas_length": args.canvas_length}
+    return Settings(**given)
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn that drains on SIGTERM/SIGINT: stop admitting (503), wait for in-flight requests up to
+    the drain timeout, abort the rest, then exit. A second signal exits at once."""
+
+    def __init__(self, config: uvicorn.Config, service: Service) -> None:
+        super().__init__(config)
+        self.service = service
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.service.draining:
+            super().handle_exit(sig, frame)
+            return
+        logger.info("signal %d: draining for up to %.0fs", sig, self.service.settings.drain_timeout_s)
+        self.service.draining = True
+        asyncio.get_event_loop().call_soon_threadsafe(lambda: asyncio.ensure_future(self._drain()))
+
+    async def _drain(self) -> None:
+        deadline = time.monotonic() + self.service.settings.drain_timeout_s
+        engine = self.service.engine
+        while engine.num_in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if engine.num_in_flight:
+            logger.warning("drain timeout: aborting %d in-flight requests", engine.num_in_flight)
+        self.should_exit = True
+
+
+def serve(args: argparse.Namespace) -> int:
+    try:
+        settings = settings_from(args)
+        logging.basicConfig(
+            level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
+        service, metrics = build_service(settings)
+    except (SetupError, ValidationError, ValueError) as error:
+        print(f"canvas-serve: {error}", file=sys.stderr)
+        return 2
+    app = create_app(service, metrics)
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_level=settings.log_level, timeout_keep_alive=5
+    )
+    DrainingServer(config, service).run()
+    return 0
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    checkpoint = load_checkpoint(args.model, dtype=DTYPES[args.dtype], device=args.device)
+    tokenizer = checkpoint.tokenizer
+    assert tokenizer is not None  # load_checkpoint raises when the tokenizer files are missing
+    if args.chat:
+        messages = [{"role": "user", "content": args.prompt}]
+        prompt = list(
+            tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"]
+        )
+    else:
+        prompt = list(tokenizer(args.prompt).input_ids)
+    params = SamplingParams(max_tokens=args.max_tokens, max_denoising_steps=args.steps, seed=args.seed)
+    start = time.perf_counter()
+    (result,) = generate(checkpoint.model, checkpoint.defaults, [prompt], params, tokenizer=tokenizer)
+    elapsed = time.perf_counter() - start
+    print(result.text)
+    summary = f"steps per block={result.steps_per_block}, {elapsed:.2f}s"
+    print(f"[{len(result.token_ids)} tokens, finish={result.finish_reason}, {summary}]", file=sys.stderr)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return serve(args)
+    try:
+        return run_generate(args)
+    except (CheckpointError, InvalidParams) as err:
+        print(f"canvas-serve: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

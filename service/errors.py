@@ -1,0 +1,103 @@
+"""Errors in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, and their statuses.
+
+Bad input is a 400 that says what to change (never a 5xx, so clients do not retry it); an unknown
+model 404; a full queue 429 with Retry-After; not ready or draining 503 with Retry-After.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from engine.async_engine import EngineDead
+from engine.request import InvalidParams
+from engine.scheduler import QueueFull
+from service.protocol import ErrorInfo, ErrorResponse
+
+RETRY_AFTER_S = 1
+
+_TYPES = {
+    400: "invalid_request_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    503: "service_unavailable_error",
+}
+
+
+class APIError(Exception):
+    """An error to send as an OpenAI error body."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        retry_after: bool = False,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.retry_after = retry_after
+
+    def body(self) -> dict[str, Any]:
+        info = ErrorInfo(
+            message=self.message, type=_TYPES.get(self.status, "error"), param=self.param, code=self.code
+        )
+        return ErrorResponse(error=info).model_dump()
+
+    def response(self) -> JSONResponse:
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if self.retry_after else None
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+
+
+def as_api_error(error: BaseException) -> APIError:
+    """Map engine and validation exceptions to API errors; anything unexpected is a 500."""
+    if isinstance(error, APIError):
+        return error
+    if isinstance(error, InvalidParams | ValueError | TypeError | OverflowError):
+        return APIError(400, str(error))
+    if isinstance(error, QueueFull):
+        return APIError(429, f"server is overloaded: {error}", code="queue_full", retry_after=True)
+    if isinstance(error, EngineDead):
+        return APIError(503, f"the engine is not available: {error}", code="engine_dead", retry_after=True)
+    return APIError(500, f"internal error: {type(error).__name__}", code="internal_error")
+
+
+def _validation_message(error: RequestValidationError) -> tuple[str, str | None]:
+    problems = error.errors()
+    first = problems[0] if problems else {}
+    location = ".".join(str(part) for part in first.get("loc", ()) if part != "body") or None
+    details = "; ".join(
+        f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg', '')}"
+        for e in problems[:5]
+    )
+    return f"{len(problems)} validation error(s): {details}", location
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    async def on_api_error(_: Request, error: Exception) -> JSONResponse:
+        return as_api_error(error).response()
+
+    async def on_validation(_: Request, error: Exception) -> JSONResponse:
+        assert isinstance(error, RequestValidationError)
+        message, param = _validation_message(error)
+        return APIError(400, message, param=param).response()
+
+    async def on_http(_: Request, error: Exception) -> JSONResponse:
+        assert isinstance(error, StarletteHTTPException)
+        return APIError(error.status_code, str(error.detail)).response()
+
+    app.add_exception_handler(APIError, on_api_error)
+    app.add_exception_handler(RequestValidationError, on_validation)
+    app.add_exception_handler(StarletteHTTPException, on_http)
+    app.add_exception_handler(Exception, on_api_error)

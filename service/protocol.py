@@ -1,0 +1,222 @@
+"""OpenAI-compatible request and response models, plus our diffusion extensions.
+
+Unknown request fields are accepted and ignored (benchmark clients send vLLM extras such as
+`ignore_eos`); fields we cannot honour are rejected with a message. Pydantic stops here:
+`to_sampling_params` turns a request into the engine's `SamplingParams`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from engine.request import FREE, SamplingParams
+
+MAX_SEED = 2**63 - 1
+
+
+class OpenAIModel(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class StreamOptions(OpenAIModel):
+    include_usage: bool = False
+    include_canvas: bool = False
+    """Stream live canvases: chunks with empty text and a top-level `canvas` object."""
+    canvas_min_interval_ms: float | None = Field(None, ge=0)
+    """Least time between two canvas chunks of one choice (each block's last canvas always comes)."""
+
+
+class DiffusionParams(OpenAIModel):
+    """Per-request sampler knobs; unset ones take the checkpoint's generation_config.json."""
+
+    max_denoising_steps: int | None = Field(None, ge=1, le=1024)
+    entropy_bound: float | None = Field(None, gt=0)
+    t_min: float | None = Field(None, gt=0)
+    t_max: float | None = Field(None, gt=0)
+    stability_threshold: int | None = Field(None, ge=0, le=64)
+    confidence_threshold: float | None = Field(None, gt=0)
+    pinned_canvas: list[int | None] | None = Field(None, max_length=65536)
+    """Infilling: a token id per position of the first canvas to pin there, or null to leave free."""
+    temperature: float | None = Field(None, ge=0, le=10)
+    """Scales the whole temperature schedule (t_min and t_max); 0 samples almost greedily."""
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    n: int = Field(1, ge=1)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> DiffusionParams:
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options can only be set when stream=true")
+        if self.top_p is not None and self.top_p < 1:
+            raise ValueError("top_p < 1 is not supported by the entropy-bound sampler: omit it or set 1")
+        if self.t_min is not None and self.t_max is not None and self.t_max < self.t_min:
+            raise ValueError(f"t_max={self.t_max} is below t_min={self.t_min}: make t_max >= t_min")
+        return self
+
+    @property
+    def stop_strings(self) -> list[str]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return [s for s in stops if s]
+
+    def sampling_params(self, max_tokens: int | None, canvas_length: int, choice: int = 0) -> SamplingParams:
+        """The engine's view of this request's knobs (n choices get seeds seed, seed + 1, ...)."""
+        scale = None if self.temperature is None else max(self.temperature, 1e-3)
+        return SamplingParams(
+            max_tokens=max_tokens,
+            max_denoising_steps=self.max_denoising_steps,
+            entropy_bound=self.entropy_bound,
+            t_min=None if scale is None else (self.t_min or 0.4) * scale,
+            t_max=None if scale is None else (self.t_max or 0.8) * scale,
+            stability_threshold=self.stability_threshold,
+            confidence_threshold=self.confidence_threshold,
+            seed=None if self.seed is None else (self.seed + choice) % MAX_SEED,
+            pinned_canvas=_pinned(self.pinned_canvas, canvas_length),
+        )
+
+
+def _pinned(values: list[int | None] | None, canvas_length: int) -> tuple[int, ...] | None:
+    if values is None:
+        return None
+    if len(values) > canvas_length:
+        raise ValueError(f"pinned_canvas has {len(values)} positions; the canvas has {canvas_length}")
+    padded = [FREE if v is None else v for v in values] + [FREE] * (canvas_length - len(values))
+    return tuple(padded)
+
+
+Prompt = str | list[str] | list[int] | list[list[int]]
+
+
+class CompletionRequest(DiffusionParams):
+    model: str | None = None
+    prompt: Prompt
+    max_tokens: int | None = Field(None, ge=1)
+    """None: the checkpoint's max_new_tokens (one canvas), within the context left."""
+    echo: bool = False
+    logprobs: int | None = None
+    suffix: str | None = None
+
+    @model_validator(mode="after")
+    def _check_completion(self) -> CompletionRequest:
+        if self.logprobs is not None:
+            raise ValueError("logprobs are not supported by canvas-serve yet: omit logprobs")
+        if self.suffix:
+            raise ValueError("suffix is not supported: use pinned_canvas for infilling")
+        return self
+
+
+class ContentPart(OpenAIModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(OpenAIModel):
+    role: Literal["system", "developer", "user", "assistant", "model", "tool"]
+    content: str | list[ContentPart] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class ChatCompletionRequest(DiffusionParams):
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    add_generation_prompt: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _check_chat(self) -> ChatCompletionRequest:
+        if self.logprobs:
+            raise ValueError("logprobs are not supported by canvas-serve yet: omit logprobs")
+        return self
+
+    @property
+    def output_limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+# -- responses ----------------------------------------------------------------------------------
+
+
+class UsageInfo(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    denoise_steps: int = 0
+    """Extension: denoise passes spent on this request (all choices)."""
+    canvases: int = 0
+    """Extension: canvases committed for this request (all choices)."""
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: str | None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChoice]
+    usage: UsageInfo
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "canvas-serve"
+    root: str | None = None
+    max_model_len: int | None = None
+    canvas_length: int | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo

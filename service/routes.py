@@ -1,0 +1,129 @@
+"""Thin HTTP handlers: parse, hand to the Service, shape the response."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from typing import Annotated, Any, TypeVar
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from service.errors import APIError
+from service.metrics import Metrics
+from service.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+    ModelList,
+)
+from service.serving import Service
+from service.streaming import chat_choice, completion_choice, stream_events
+
+T = TypeVar("T")
+router = APIRouter()
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 404, 429, 500, 503)
+}
+
+
+def get_service(request: Request) -> Service:
+    service: Service = request.app.state.service
+    return service
+
+
+def get_metrics(request: Request) -> Metrics:
+    metrics: Metrics = request.app.state.metrics
+    return metrics
+
+
+ServiceDep = Annotated[Service, Depends(get_service)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+@router.get("/health")
+async def health(service: ServiceDep) -> JSONResponse:
+    """Liveness: the process and its engine loop are alive (503 once the loop has died)."""
+    alive = service.engine.is_alive or not service.engine.started
+    return JSONResponse({"status": "ok" if alive else "engine dead"}, status_code=200 if alive else 503)
+
+
+@router.get("/ready")
+async def ready(service: ServiceDep) -> JSONResponse:
+    """Readiness: model loaded, engine loop alive, not draining."""
+    if service.is_ready:
+        return JSONResponse({"status": "ready"})
+    reason = "draining" if service.draining else "engine not running"
+    return JSONResponse({"status": reason}, status_code=503, headers={"Retry-After": "1"})
+
+
+@router.get("/metrics")
+async def metrics(service: ServiceDep, metrics: MetricsDep) -> Response:
+    metrics.collect_engine(service.engine.stats)
+    body, content_type = metrics.render()
+    return Response(body, media_type=content_type)
+
+
+@router.get("/v1/models", response_model=ModelList)
+async def models(service: ServiceDep) -> ModelList:
+    return service.models()
+
+
+@router.post("/v1/completions", response_model=CompletionResponse, responses=ERRORS)
+async def completions(body: CompletionRequest, request: Request, service: ServiceDep) -> Any:
+    service.check_model(body.model)
+    accepted = await service.accept(body, service.completion_prompts(body), body.max_tokens, "cmpl")
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        events = stream_events(
+            accepted, service.model.name, "text_completion", completion_choice, include_usage
+        )
+        return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
+    texts, reasons, usage = await until_disconnect(request, service.collect(accepted))
+    return service.completion_response(accepted, body, texts, reasons, usage)
+
+
+@router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERRORS)
+async def chat_completions(body: ChatCompletionRequest, request: Request, service: ServiceDep) -> Any:
+    service.check_model(body.model)
+    accepted = await service.accept(body, [service.chat_prompt(body)], body.output_limit, "chatcmpl")
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        roles = [
+            {
+                "index": i,
+                "delta": {"role": "assistant", "content": ""},
+                "logprobs": None,
+                "finish_reason": None,
+            }
+            for i in range(accepted.num_choices)
+        ]
+        events = stream_events(
+            accepted, service.model.name, "chat.completion.chunk", chat_choice, include_usage, roles
+        )
+        return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
+    texts, reasons, usage = await until_disconnect(request, service.collect(accepted))
+    return service.chat_response(accepted, texts, reasons, usage)
+
+
+async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Run `work` unless the client goes away first; then cancel it (which aborts its requests)."""
+    task = asyncio.ensure_future(work)
+    listener = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({task, listener}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        listener.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    raise APIError(499, "client disconnected", code="client_closed_request")
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass

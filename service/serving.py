@@ -1,0 +1,258 @@
+"""The service behind the routes: model checks, prompts, admission, and whole or streamed responses."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from engine.async_engine import AsyncEngine
+from engine.request import Usage
+from service.choices import ChoiceEvent, ChoiceRun, ChoiceSpec, _StopMatcher, admit_all, merge
+from service.errors import APIError
+from service.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    DiffusionParams,
+    ModelCard,
+    ModelList,
+    UsageInfo,
+)
+from service.settings import Settings
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    name: str
+    canvas_length: int
+    vocab_size: int
+    max_model_len: int
+    default_max_tokens: int
+
+
+@dataclass
+class Accepted:
+    """An admitted request: its id, the merged choice events, and what the response needs."""
+
+    request_id: str
+    events: AsyncIterator[ChoiceEvent]
+    num_choices: int
+    prompt_tokens: int
+    prompt_texts: list[str]
+
+
+class Service:
+    """Everything a route needs; owns no engine state (the AsyncEngine does)."""
+
+    def __init__(self, engine: AsyncEngine, tokenizer: Any, model: ServedModel, settings: Settings) -> None:
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.model = model
+        self.settings = settings
+        self.draining = False
+
+    # -- checks ----------------------------------------------------------------------------------
+
+    @property
+    def is_ready(self) -> bool:
+        return self.engine.is_alive and not self.draining
+
+    def check_ready(self) -> None:
+        if self.draining:
+            raise APIError(
+                503,
+                "the server is shutting down: retry on another replica",
+                code="draining",
+                retry_after=True,
+            )
+        if not self.engine.is_alive:
+            raise APIError(503, "the engine is not running", code="engine_dead", retry_after=True)
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.model.name:
+            raise APIError(
+                404,
+                f"The model `{name}` does not exist; this server serves `{self.model.name}`",
+                "model",
+                "model_not_found",
+            )
+
+    def models(self) -> ModelList:
+        card = ModelCard(
+            id=self.model.name,
+            root=self.model.name,
+            max_model_len=self.model.max_model_len,
+            canvas_length=self.model.canvas_length,
+        )
+        return ModelList(data=[card])
+
+    # -- prompts ---------------------------------------------------------------------------------
+
+    def completion_prompts(self, request: CompletionRequest) -> list[list[int]]:
+        raw = request.prompt
+        items: list[Any] = [raw] if isinstance(raw, str) or (raw and isinstance(raw[0], int)) else list(raw)
+        if not items:
+            raise APIError(400, "prompt is empty: give a string, a list of strings or token ids", "prompt")
+        if len(items) > self.settings.max_prompts_per_request:
+            raise APIError(
+                400,
+                f"{len(items)} prompts exceed the limit of {self.settings.max_prompts_per_request}",
+                "prompt",
+            )
+        return [self._tokens(item) for item in items]
+
+    def _tokens(self, item: str | list[int]) -> list[int]:
+        if isinstance(item, str):
+            if not item:
+                raise APIError(400, "prompt is empty: give at least one character or token", "prompt")
+            if self.tokenizer is None:
+                raise APIError(400, "this model has no tokenizer: send token ids", "prompt")
+            self._check_chars(item)
+            return list(self.tokenizer(item).input_ids)
+        if not item:
+            raise APIError(400, "prompt is empty: give at least one token id", "prompt")
+        bad = next((t for t in item if not 0 <= t < self.model.vocab_size), None)
+        if bad is not None:
+            raise APIError(
+                400, f"prompt token id {bad} is outside the vocabulary [0, {self.model.vocab_size})", "prompt"
+            )
+        return list(item)
+
+    def _check_chars(self, text: str) -> None:
+        """Refuse texts that cannot fit before paying for tokenisation (no token is shorter than 1 char
+        plus the tokenizer's 4x worst case): a cheap guard against huge bodies."""
+        if len(text) > 16 * self.model.max_model_len:
+            raise APIError(
+                400,
+                f"prompt has {len(text)} characters, far beyond max_model_len={self.model.max_model_len} "
+                "tokens: shorten it",
+                "prompt",
+            )
+
+    def chat_prompt(self, request: ChatCompletionRequest) -> list[int]:
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise APIError(400, "this model has no chat template: use /v1/completions", "messages")
+        messages = [{"role": m.role, "content": m.text()} for m in request.messages]
+        for message in messages:
+            self._check_chars(message["content"])
+        try:
+            encoded = self.tokenizer.apply_chat_template(
+                messages,
+                add_generation_prompt=request.add_generation_prompt,
+                tokenize=True,
+                **(request.chat_template_kwargs or {}),
+            )
+        except Exception as error:  # jinja errors: the messages do not fit the template
+            raise APIError(400, f"the chat template rejected these messages: {error}", "messages") from error
+        ids = encoded["input_ids"] if isinstance(encoded, dict) or hasattr(encoded, "keys") else encoded
+        return list(ids)
+
+    def max_tokens(self, requested: int | None, prompt_len: int) -> int:
+        """The output budget: as asked, else the checkpoint's default; always within the context."""
+        canvas = self.model.canvas_length
+        room = (self.model.max_model_len - prompt_len) // canvas * canvas
+        if requested is None:
+            if room < 1:
+                raise APIError(400, self._too_long(prompt_len, canvas), "prompt")
+            return min(self.model.default_max_tokens, room)
+        if requested > room:
+            raise APIError(400, self._too_long(prompt_len, requested), "max_tokens")
+        return requested
+
+    def _too_long(self, prompt_len: int, max_tokens: int) -> str:
+        return (
+            f"This model's maximum context length is {self.model.max_model_len} tokens. You passed "
+            f"{prompt_len} input tokens and requested {max_tokens} output tokens, which take whole canvases "
+            f"of {self.model.canvas_length}: shorten the prompt or lower max_tokens"
+        )
+
+    # -- running ---------------------------------------------------------------------------------
+
+    async def accept(
+        self, request: DiffusionParams, prompts: list[list[int]], max_tokens: int | None, prefix: str
+    ) -> Accepted:
+        """Validate, admit every choice, and return the merged event stream (nothing sent yet)."""
+        self.check_ready()
+        if request.n > self.settings.max_n:
+            raise APIError(400, f"n={request.n} exceeds the limit of {self.settings.max_n}", "n")
+        specs = []
+        for p, prompt in enumerate(prompts):
+            limit = self.max_tokens(max_tokens, len(prompt))
+            for c in range(request.n):
+                params = request.sampling_params(limit, self.model.canvas_length, c)
+                specs.append(ChoiceSpec(p * request.n + c, prompt, params))
+        request_id = f"{prefix}-{uuid.uuid4().hex}"
+        options = request.stream_options
+        want_canvas = bool(options and options.include_canvas)
+        streams = await admit_all(self.engine, specs, request_id, want_canvas)
+        interval = self._canvas_interval(request)
+        runs = [
+            ChoiceRun(spec, stream, self.tokenizer, _StopMatcher(request.stop_strings), interval, request_id)
+            for spec, stream in zip(specs, streams, strict=True)
+        ]
+        texts = [self.tokenizer.decode(p) if self.tokenizer is not None else "" for p in prompts]
+        return Accepted(request_id, merge(runs), len(specs), sum(len(p) for p in prompts), texts)
+
+    def _canvas_interval(self, request: DiffusionParams) -> float:
+        options = request.stream_options
+        if options is not None and options.canvas_min_interval_ms is not None:
+            return options.canvas_min_interval_ms / 1000
+        return self.settings.canvas_min_interval_s
+
+    async def collect(self, accepted: Accepted) -> tuple[list[str], list[str | None], UsageInfo]:
+        """Run a non-streamed request to the end: texts, finish reasons, usage."""
+        texts = [""] * accepted.num_choices
+        reasons: list[str | None] = [None] * accepted.num_choices
+        usage = UsageInfo(prompt_tokens=accepted.prompt_tokens)
+        async for event in accepted.events:
+            texts[event.index] += event.text
+            if event.finish_reason is not None:
+                reasons[event.index] = event.finish_reason
+                add_usage(usage, event.usage)
+        usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
+        return texts, reasons, usage
+
+    def completion_response(
+        self,
+        accepted: Accepted,
+        request: CompletionRequest,
+        texts: list[str],
+        reasons: list[str | None],
+        usage: UsageInfo,
+    ) -> CompletionResponse:
+        per_prompt = max(1, accepted.num_choices // max(1, len(accepted.prompt_texts)))
+        choices = [
+            CompletionChoice(
+                index=i,
+                text=(accepted.prompt_texts[i // per_prompt] if request.echo else "") + text,
+                finish_reason=reasons[i],
+            )
+            for i, text in enumerate(texts)
+        ]
+        return CompletionResponse(id=accepted.request_id, model=self.model.name, choices=choices, usage=usage)
+
+    def chat_response(
+        self, accepted: Accepted, texts: list[str], reasons: list[str | None], usage: UsageInfo
+    ) -> ChatCompletionResponse:
+        choices = [
+            ChatChoice(index=i, message=AssistantMessage(content=text), finish_reason=reasons[i])
+            for i, text in enumerate(texts)
+        ]
+        return ChatCompletionResponse(
+            id=accepted.request_id, model=self.model.name, choices=choices, usage=usage
+        )
+
+
+def add_usage(total: UsageInfo, usage: Usage | None) -> None:
+    """Prompt tokens are counted once per prompt by the caller; the rest adds up over choices."""
+    if usage is None:
+        return
+    total.completion_tokens += usage.completion_tokens
+    total.denoise_steps += usage.denoise_steps
+    total.canvases += usage.canvases
