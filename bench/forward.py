@@ -10,15 +10,18 @@ parameters with the real model's proportions: 5 sliding : 1 full layers, K = V f
 own head dim and KV heads, a 16-expert top-4 MoE beside the dense MLP, canvas 256) and get the same
 inputs; their logits are compared so the timing compares equal work.
 
-Each case reports the median of `--reps` timed forwards after `--warmup` untimed ones, canvas tokens
-per second, and the achieved GFLOP/s against the machine's own measured `torch.mm` rate. The FLOP
+Each case times `--reps` forwards of each side after `--warmup` untimed ones, alternating ours and the
+reference so that other load hits both alike, and reports the median and fastest wall time, the
+process CPU time, canvas tokens per second and the achieved GFLOP/s against the machine's own measured
+`torch.mm` rate. On a shared machine use `--threads 1`: two OpenMP threads on two busy cores stall at
+every barrier and the timings swing by several times. The FLOP
 model counts 2 x active matmul parameters per canvas token (attention projections, dense MLP, router,
 top-k experts, LM head) plus QK^T and PV over the visible cache and the canvas on every layer; the
 same count is the numerator for both sides (the reference also runs the self-conditioning MLP on
 zeros, which is not counted).
 
 Run: `make bench` (= `python bench/forward.py`), or e.g.
-    python bench/forward.py --canvases 1 4 16 --reps 5 --json /tmp/forward.json
+    python bench/forward.py --canvases 1 4 16 --reps 5 --threads 1 --json /tmp/forward.json
     python bench/forward.py --quick --canvases 1 --reps 1      # smoke check, a few seconds
     python bench/forward.py --dtype bf16 --profile 4            # top ops of one 4-canvas forward
 """
@@ -26,32 +29,31 @@ Run: `make bench` (= `python bench/forward.py`), or e.g.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
-import platform
 import statistics
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
-from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion, DynamicCache
+from transformers import DiffusionGemmaForBlockDiffusion, DynamicCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from engine.config import LayerSpec, ModelConfig  # noqa: E402
-from engine.kv_cache import KVCacheManager  # noqa: E402
-from engine.model.attention import LayerCache, Segment  # noqa: E402
-from engine.model.cache_tensors import allocate_layer_caches, cache_groups  # noqa: E402
-from engine.model.diffusion_gemma import DiffusionGemma, ForwardBatch  # noqa: E402
-from engine.model.loader import load_checkpoint  # noqa: E402
-from engine.sampler import LMHead, logits_for  # noqa: E402
+from bench.common import load_average, machine_header, save_random_checkpoint
+from bench.flops import active_params_per_token, forward_flops
+from bench.timing import Timings, matmul_gflops, time_interleaved, top_ops
+from engine.config import ModelConfig
+from engine.kv_cache import KVCacheManager
+from engine.model.attention import LayerCache, Segment
+from engine.model.cache_tensors import allocate_layer_caches, cache_groups
+from engine.model.diffusion_gemma import DiffusionGemma, ForwardBatch
+from engine.model.loader import load_checkpoint
+from engine.sampler import LMHead, logits_for
 
 SEED = 0
 BLOCK_SIZE = 16
@@ -92,17 +94,6 @@ QUICK_TEXT: dict[str, Any] = FULL_TEXT | dict(
     top_k_experts=2,
     moe_intermediate_size=128,
 )
-VISION: dict[str, Any] = dict(  # required by the config class; never run
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=1,
-    num_attention_heads=2,
-    num_key_value_heads=2,
-    head_dim=16,
-    patch_size=4,
-    pooling_kernel_size=2,
-    position_embedding_size=64,
-)
 
 
 @dataclass
@@ -111,8 +102,14 @@ class Row:
 
     canvases: int
     ours_ms: float
+    """Median over the timed forwards; `*_best_ms` is the fastest (less sensitive to other load)."""
+    ours_best_ms: float
+    ours_cpu_ms: float
+    """Median CPU time of the process (all threads) per forward; about threads x wall on an idle machine."""
     ours_tokens_per_s: float
     ref_ms: float
+    ref_best_ms: float
+    ref_cpu_ms: float
     ref_tokens_per_s: float
     ours_over_ref: float
     """Throughput ratio: > 1 means ours is faster."""
@@ -129,76 +126,24 @@ class Row:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description="Denoise-forward throughput, ours vs the reference.")
     parser.add_argument("--canvases", type=int, nargs="+", default=[1, 4, 16], help="canvases per forward")
     parser.add_argument("--prompt-len", type=int, default=128, help="prefilled prompt tokens per request")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--warmup", type=int, default=1, help="untimed forwards per case")
-    parser.add_argument("--reps", type=int, default=5, help="timed forwards per case (median reported)")
+    parser.add_argument("--reps", type=int, default=3, help="timed forwards per case (median reported)")
     parser.add_argument("--matmul-size", type=int, default=2048, help="n of the n x n x n peak matmul")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--profile", type=int, default=0, help="profile one forward of this many canvases")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     parser.add_argument("--quick", action="store_true", help="tiny config for a smoke check")
     return parser.parse_args(argv)
 
 
-def reference_config(text: dict[str, Any]) -> DiffusionGemmaConfig:
-    vocab = int(text["vocab_size"])
-    return DiffusionGemmaConfig(
-        text_config=text,
-        vision_config=VISION,
-        canvas_length=CANVAS_LENGTH,
-        image_token_id=vocab - 3,
-        boi_token_id=vocab - 2,
-        eoi_token_id=vocab - 1,
-    )
-
-
-def save_checkpoint(path: Path, text: dict[str, Any]) -> None:
-    """A random-init reference model (seed fixed), saved in Hugging Face format."""
-    torch.manual_seed(SEED)
-    DiffusionGemmaForBlockDiffusion(reference_config(text)).save_pretrained(path)
-
-
 def load_both(path: Path, dtype: torch.dtype) -> tuple[DiffusionGemma, DiffusionGemmaForBlockDiffusion]:
     ours = load_checkpoint(path, dtype=dtype, with_tokenizer=False).model
     reference = DiffusionGemmaForBlockDiffusion.from_pretrained(path, dtype=dtype).eval()
     return ours, reference
-
-
-# ---------------------------------------------------------------- parameter and FLOP counts
-
-
-def layer_linear_params(config: ModelConfig, spec: LayerSpec) -> tuple[int, int]:
-    """(total, active per token) matmul weights of one layer: attention, dense MLP, router, experts."""
-    hidden, heads = config.hidden_size, config.num_heads
-    kv_width = spec.num_kv_heads * spec.head_dim
-    attention = 2 * hidden * heads * spec.head_dim + hidden * kv_width * (2 if spec.has_v_proj else 1)
-    dense = 3 * hidden * config.intermediate_size + hidden * config.num_experts
-    expert = 3 * hidden * config.moe_intermediate_size
-    return attention + dense + config.num_experts * expert, attention + dense + config.top_k_experts * expert
-
-
-def active_params_per_token(config: ModelConfig) -> int:
-    """Matmul weights one canvas token goes through: every layer's active weights plus the LM head."""
-    trunk = sum(layer_linear_params(config, spec)[1] for spec in config.layers)
-    return trunk + config.vocab_size * config.hidden_size
-
-
-def attention_flops(config: ModelConfig, spec: LayerSpec, prompt_len: int) -> int:
-    """QK^T and PV of one canvas on one layer: the canvas sees the visible cache plus itself.
-
-    Example: sliding window 512, prompt 128, canvas 256 -> kv length 128 + 256 = 384.
-    """
-    cached = prompt_len if spec.kind == "full" else min(prompt_len, config.sliding_window - 1)
-    kv_len = cached + config.canvas_length
-    return 2 * 2 * config.num_heads * spec.head_dim * config.canvas_length * kv_len
-
-
-def forward_flops(config: ModelConfig, num_canvases: int, prompt_len: int) -> float:
-    linear = 2 * active_params_per_token(config) * config.canvas_length
-    attention = sum(attention_flops(config, spec, prompt_len) for spec in config.layers)
-    return float(num_canvases * (linear + attention))
 
 
 # ---------------------------------------------------------------- the two forwards
@@ -217,7 +162,9 @@ def plan_cache(
     return blocks, tables
 
 
-def segment_batch(ids: Tensor, start: int, is_causal: bool, tables: list[dict[str, list[int]]]) -> ForwardBatch:
+def segment_batch(
+    ids: Tensor, start: int, is_causal: bool, tables: list[dict[str, list[int]]]
+) -> ForwardBatch:
     """A flat batch of one segment per row of ids (N, n), every segment at positions [start, start + n)."""
     num_rows, length = ids.shape
     return ForwardBatch(
@@ -240,10 +187,15 @@ def prepare_ours(
     return segment_batch(canvases, prompt_len, False, tables), caches, head
 
 
-def our_forward(model: DiffusionGemma, batch: ForwardBatch, caches: list[LayerCache], head: LMHead) -> Tensor:
-    """(N, C, V) fp32 logits: the trunk over the flat batch, then the LM head one canvas at a time."""
+def our_forward(
+    model: DiffusionGemma, batch: ForwardBatch, caches: list[LayerCache], head: LMHead
+) -> list[Tensor]:
+    """N tiles of (C, V) fp32 logits: the trunk over the flat batch, then the LM head canvas by canvas.
+
+    The tiles are not stacked: the sampler consumes them one at a time, and a stack would time a copy.
+    """
     hidden = model(batch, caches)  # (N * C, H)
-    return torch.stack([logits_for(tile, head) for tile in hidden.split(model.config.canvas_length)])
+    return [logits_for(tile, head) for tile in hidden.split(model.config.canvas_length)]
 
 
 def prepare_reference(model: DiffusionGemmaForBlockDiffusion, prompts: Tensor) -> DynamicCache:
@@ -254,38 +206,12 @@ def prepare_reference(model: DiffusionGemmaForBlockDiffusion, prompts: Tensor) -
     return cache
 
 
-def reference_forward(model: DiffusionGemmaForBlockDiffusion, canvases: Tensor, cache: DynamicCache) -> Tensor:
+def reference_forward(
+    model: DiffusionGemmaForBlockDiffusion, canvases: Tensor, cache: DynamicCache
+) -> Tensor:
     """(N, C, V) fp32 logits; the decoder reads the cache without writing it, so it can be reused."""
     out = model(decoder_input_ids=canvases, past_key_values=cache, self_conditioning_logits=None)
     return out.logits
-
-
-# ---------------------------------------------------------------- timing
-
-
-def median_seconds(fn: Callable[[], Any], warmup: int, reps: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def matmul_gflops(dtype: torch.dtype, n: int, reps: int = 5) -> float:
-    """The machine's own dense matmul rate: median of `reps` n x n x n `torch.mm`s, in GFLOP/s."""
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    seconds = median_seconds(lambda: torch.mm(a, b), warmup=2, reps=reps)
-    return 2 * n**3 / seconds / 1e9
-
-
-def top_ops(fn: Callable[[], Any], row_limit: int = 12) -> str:
-    """The ops of one call of `fn` with the most self CPU time, as torch.profiler's table."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        fn()
-    return str(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=row_limit))
 
 
 # ---------------------------------------------------------------- one case
@@ -306,30 +232,38 @@ def run_case(
     batch, caches, head = prepare_ours(ours, prompts, canvases)
     cache = prepare_reference(reference, prompts)
 
-    def run_ours() -> Tensor:
+    def run_ours() -> list[Tensor]:
         return our_forward(ours, batch, caches, head)
 
     def run_reference() -> Tensor:
         return reference_forward(reference, canvases, cache)
 
-    diff = float((run_ours() - run_reference()).abs().max())
+    diff = float((torch.stack(run_ours()) - run_reference()).abs().max())
     print(f"agreement  canvases={num_canvases:<3d} max_abs_diff={diff:.3e}", flush=True)
     if args.profile == num_canvases:
         print(f"\nours, {num_canvases} canvases:\n{top_ops(run_ours)}")
         print(f"reference, {num_canvases} canvases:\n{top_ops(run_reference)}", flush=True)
-    ours_s = median_seconds(run_ours, args.warmup, args.reps)
-    ref_s = median_seconds(run_reference, args.warmup, args.reps)
-    return make_row(num_canvases, ours_s, ref_s, diff, forward_flops(config, num_canvases, args.prompt_len), peak_gflops)
+    ours_times, ref_times = time_interleaved([run_ours, run_reference], args.warmup, args.reps)
+    flops = forward_flops(config, num_canvases, args.prompt_len)
+    return make_row(num_canvases, ours_times, ref_times, diff, flops, peak_gflops)
 
 
-def make_row(num_canvases: int, ours_s: float, ref_s: float, diff: float, flops: float, peak: float) -> Row:
+def make_row(
+    num_canvases: int, ours_times: Timings, ref_times: Timings, diff: float, flops: float, peak: float
+) -> Row:
+    """Rates use the median wall times; GFLOP/s is the analytic FLOP count over the median wall time."""
     tokens = num_canvases * CANVAS_LENGTH
+    ours_s, ref_s = statistics.median(ours_times.wall), statistics.median(ref_times.wall)
     ours_gflops, ref_gflops = flops / ours_s / 1e9, flops / ref_s / 1e9
     return Row(
         canvases=num_canvases,
         ours_ms=ours_s * 1e3,
+        ours_best_ms=min(ours_times.wall) * 1e3,
+        ours_cpu_ms=statistics.median(ours_times.cpu) * 1e3,
         ours_tokens_per_s=tokens / ours_s,
         ref_ms=ref_s * 1e3,
+        ref_best_ms=min(ref_times.wall) * 1e3,
+        ref_cpu_ms=statistics.median(ref_times.cpu) * 1e3,
         ref_tokens_per_s=tokens / ref_s,
         ours_over_ref=ref_s / ours_s,
         max_abs_diff=diff,
@@ -344,23 +278,8 @@ def make_row(num_canvases: int, ours_s: float, ref_s: float, diff: float, flops:
 # ---------------------------------------------------------------- report
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def header(args: argparse.Namespace) -> dict[str, Any]:
-    return {
-        "date": datetime.date.today().isoformat(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "cpu": cpu_model(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    return machine_header() | {
         "dtype": args.dtype,
         "config": "quick" if args.quick else "full",
         "prompt_len": args.prompt_len,
@@ -380,30 +299,35 @@ def param_counts(model: DiffusionGemma) -> dict[str, int]:
 
 
 TABLE_HEAD = (
-    f"{'canvases':>8} | {'ours ms':>9} | {'ours tok/s':>10} | {'ref ms':>9} | {'ref tok/s':>10} | "
-    f"{'ours/ref':>8} | {'GFLOP':>6} | {'ours GFLOP/s':>15} | {'ref GFLOP/s':>15}"
+    f"{'canvases':>8} | {'ours ms (best) [cpu]':>22} | {'ours tok/s':>10} | {'ref ms (best) [cpu]':>22} | "
+    f"{'ref tok/s':>10} | {'ours/ref':>8} | {'GFLOP':>6} | {'ours GFLOP/s':>14} | {'ref GFLOP/s':>14}"
 )
 
 
 def format_row(row: Row) -> str:
+    ours_ms = f"{row.ours_ms:.0f} ({row.ours_best_ms:.0f}) [{row.ours_cpu_ms:.0f}]"
+    ref_ms = f"{row.ref_ms:.0f} ({row.ref_best_ms:.0f}) [{row.ref_cpu_ms:.0f}]"
     ours = f"{row.ours_gflops:.1f} ({row.ours_peak_fraction:.0%})"
     ref = f"{row.ref_gflops:.1f} ({row.ref_peak_fraction:.0%})"
     return (
-        f"{row.canvases:>8} | {row.ours_ms:>9.1f} | {row.ours_tokens_per_s:>10.0f} | {row.ref_ms:>9.1f} | "
-        f"{row.ref_tokens_per_s:>10.0f} | {row.ours_over_ref:>7.2f}x | {row.gflop:>6.1f} | {ours:>15} | {ref:>15}"
+        f"{row.canvases:>8} | {ours_ms:>22} | {row.ours_tokens_per_s:>10.0f} | {ref_ms:>22} | "
+        f"{row.ref_tokens_per_s:>10.0f} | {row.ours_over_ref:>7.2f}x | {row.gflop:>6.1f} | "
+        f"{ours:>14} | {ref:>14}"
     )
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     info = header(args)
     print("  ".join(f"{k}={v}" for k, v in info.items()), flush=True)
     dtype = DTYPES[args.dtype]
-    matmul_size = 512 if args.quick else args.matmul_size
+    matmul_size = 1024 if args.quick else args.matmul_size
     peak = matmul_gflops(dtype, matmul_size)
-    print(f"matmul peak: {peak:.1f} GFLOP/s ({matmul_size}^3 {args.dtype} torch.mm, median of 5)")
+    print(f"matmul peak: {peak:.1f} GFLOP/s ({matmul_size}^3 {args.dtype} torch.mm, fastest of 10)")
     with tempfile.TemporaryDirectory() as tmp:
-        save_checkpoint(Path(tmp), QUICK_TEXT if args.quick else FULL_TEXT)
+        save_random_checkpoint(Path(tmp), QUICK_TEXT if args.quick else FULL_TEXT, CANVAS_LENGTH, SEED)
         ours, reference = load_both(Path(tmp), dtype)
     counts = param_counts(ours)
     print(
@@ -414,9 +338,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     rows = [run_case(ours, reference, n, args, peak) for n in args.canvases]
     print("\n" + TABLE_HEAD + "\n" + "\n".join(format_row(r) for r in rows))
-    print("GFLOP/s: achieved (fraction of the measured matmul peak); ours/ref: throughput ratio")
+    print(
+        "ms: median (fastest) [median process CPU ms, all threads] per forward incl. LM head; "
+        "tok/s: canvas tokens per second at the median; "
+        "ours/ref: throughput ratio; GFLOP/s: analytic FLOPs / median time (fraction of the matmul peak); "
+        f"load average now {load_average()}"
+    )
     if args.json:
-        result = {"header": info, "matmul_peak_gflops": peak, "params": counts, "rows": [asdict(r) for r in rows]}
+        result = {
+            "header": info,
+            "matmul_peak_gflops": peak,
+            "params": counts,
+            "rows": [asdict(r) for r in rows],
+        }
         args.json.write_text(json.dumps(result, indent=2))
     return 0
 
