@@ -14,6 +14,9 @@ from engine.config import DiffusionDefaults
 
 _T = TypeVar("_T")
 
+MIN_TEMPERATURE_SCALE = 1e-3
+"""temperature=0 asks for (almost) greedy sampling; the schedule must stay > 0."""
+
 FREE = -1
 """Marks a position of `SamplingParams.pinned_canvas` that the sampler is free to change."""
 
@@ -33,6 +36,9 @@ class SamplingParams:
     """
 
     max_tokens: int | None = None
+    temperature: float | None = None
+    """Scales the whole temperature schedule (t_min and t_max, explicit or default); applied by
+    `resolve()`, which returns it as None."""
     max_denoising_steps: int | None = None
     entropy_bound: float | None = None
     t_min: float | None = None
@@ -51,6 +57,8 @@ class SamplingParams:
         _check_positive("confidence_threshold", self.confidence_threshold)
         _check_positive("t_min", self.t_min)
         _check_positive("t_max", self.t_max)
+        if self.temperature is not None and self.temperature < 0:
+            raise InvalidParams(f"temperature={self.temperature} must be >= 0")
         if self.t_min is not None and self.t_max is not None and self.t_max < self.t_min:
             raise InvalidParams(f"t_max={self.t_max} is below t_min={self.t_min}: make t_max >= t_min")
 
@@ -65,7 +73,12 @@ class SamplingParams:
             filled["max_tokens"] = defaults.max_new_tokens
         if self.stop_token_ids is None:
             filled["stop_token_ids"] = defaults.eos_token_ids
-        return replace(self, **filled)
+        resolved = replace(self, **filled)
+        if self.temperature is None:
+            return resolved
+        scale = max(self.temperature, MIN_TEMPERATURE_SCALE)
+        assert resolved.t_min is not None and resolved.t_max is not None
+        return replace(resolved, temperature=None, t_min=resolved.t_min * scale, t_max=resolved.t_max * scale)
 
     def check_canvas(self, canvas_length: int, vocab_size: int) -> None:
         """Raise `InvalidParams` unless `pinned_canvas` fits a canvas of this model."""

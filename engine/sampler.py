@@ -14,7 +14,7 @@ Per canvas and step (the reference's order):
 
 1. processed = softcap(hidden @ W.T in fp32) / T(step)
 2. entropy = Categorical(logits=processed).entropy(); argmax = processed.argmax()
-3. sample ~ softmax(processed), drawn with the canvas's generator (exponential race, see `sample_tokens`)
+3. sample ~ softmax(processed) with the canvas's generator (one uniform per position; `sample_tokens`)
 4. accept the lowest-entropy prefix whose entropy sum minus its maximum is <= entropy_bound
 5. next tokens: accepted positions take the sample, every other position fresh uniform noise
 6. stop when (argmax equals each of the last k argmaxes and mean entropy < confidence_threshold),
@@ -37,8 +37,6 @@ from torch import Tensor
 
 from engine.request import FREE
 from engine.request import StepParams as StepParams  # re-exported: the sampler's parameter type
-
-_TINY = torch.finfo(torch.float32).tiny
 
 
 @dataclass(frozen=True)
@@ -147,13 +145,16 @@ def token_entropy(processed: Tensor) -> tuple[Tensor, Tensor]:
 def sample_tokens(processed: Tensor, generator: torch.Generator) -> Tensor:
     """One draw per row from softmax(processed): [C, V] fp32 -> [C] long.
 
-    Exponential race: argmax(p / q) with q ~ Exp(1) i.i.d. picks index i with probability p_i, like
-    `torch.multinomial`, but draws a fixed [C, V] block of noise from `generator`. q is clamped above 0 so a
-    zero draw cannot turn 0 / 0 into a NaN that argmax would pick.
+    Inverse-CDF sampling: one uniform per row from `generator`, located in the row's cumulative
+    probabilities (a zero-probability token has an empty interval and is never drawn). The draw
+    order is fixed, so a canvas's tokens do not depend on what it is batched with. `torch.multinomial`
+    and an exponential race both draw a [C, V] block of noise instead, which profiled at 13-16% of a
+    16-canvas engine step on the CPU.
     """
-    probs = processed.softmax(dim=-1, dtype=torch.float32)  # [C, V]
-    race = torch.empty_like(probs).exponential_(generator=generator).clamp_(min=_TINY)  # [C, V]
-    return probs.div_(race).argmax(dim=-1)
+    cdf = processed.softmax(dim=-1, dtype=torch.float32).cumsum_(dim=-1)  # [C, V]
+    uniform = torch.rand((cdf.shape[0], 1), generator=generator, device=cdf.device)  # [C, 1]
+    picks = torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True)  # [C, 1]
+    return picks.squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
 
 
 def accept_mask(entropy: Tensor, entropy_bound: float) -> Tensor:

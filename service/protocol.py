@@ -67,13 +67,13 @@ class DiffusionParams(OpenAIModel):
 
     def sampling_params(self, max_tokens: int | None, canvas_length: int, choice: int = 0) -> SamplingParams:
         """The engine's view of this request's knobs (n choices get seeds seed, seed + 1, ...)."""
-        scale = None if self.temperature is None else max(self.temperature, 1e-3)
         return SamplingParams(
             max_tokens=max_tokens,
+            temperature=self.temperature,
             max_denoising_steps=self.max_denoising_steps,
             entropy_bound=self.entropy_bound,
-            t_min=None if scale is None else (self.t_min or 0.4) * scale,
-            t_max=None if scale is None else (self.t_max or 0.8) * scale,
+            t_min=self.t_min,
+            t_max=self.t_max,
             stability_threshold=self.stability_threshold,
             confidence_threshold=self.confidence_threshold,
             seed=None if self.seed is None else (self.seed + choice) % MAX_SEED,
