@@ -11,6 +11,7 @@ from service.errors import install_error_handlers
 from service.metrics import Metrics
 from service.routes import router
 from service.serving import Service
+from service.ui import install_ui
 
 REJECTION_REASONS = {400: "invalid", 429: "queue_full", 503: "unavailable"}
 
@@ -31,6 +32,7 @@ def create_app(service: Service, metrics: Metrics) -> FastAPI:
     app.state.metrics = metrics
     install_error_handlers(app)
     app.include_router(router)
+    install_ui(app)  # GET / (the live canvas page), /static, /v1/engine/*
 
     @app.middleware("http")
     async def count_responses(

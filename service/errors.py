@@ -97,7 +97,11 @@ def install_error_handlers(app: FastAPI) -> None:
         assert isinstance(error, StarletteHTTPException)
         return APIError(error.status_code, str(error.detail)).response()
 
-    app.add_exception_handler(APIError, on_api_error)
+    # Every class `as_api_error` maps to a 4xx/503 gets its own handler: only a handler for `Exception`
+    # runs in Starlette's ServerErrorMiddleware, which re-raises after responding (a logged traceback,
+    # a closed keep-alive connection, and a response the counting middleware never sees).
+    for kind in (APIError, InvalidParams, ValueError, TypeError, OverflowError, QueueFull, EngineDead):
+        app.add_exception_handler(kind, on_api_error)
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)
     app.add_exception_handler(Exception, on_api_error)

@@ -1,0 +1,113 @@
+"""Puzzle sets: the training pool, the validation and held-out evaluation sets, and training batches.
+
+Training draws from a pool of *minimal* unique puzzles (22-26 clues, generated once with seed 1 and
+cached under recipes/sudoku/data/, which git ignores). Each example applies a random symmetry
+(recipes.sudoku.augment) and then reveals random solution cells up to a clue count drawn for that
+example; revealing cells of a unique puzzle keeps it unique, so any clue count from the pool's up to 81
+costs nothing. The evaluation and validation sets are generated directly at their clue counts with their
+own seeds, and `check_disjoint` verifies that none of their solution grids is in the pool.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from recipes.sudoku.augment import augment
+from recipes.sudoku.puzzles import add_clues, from_string, make_puzzle, to_string
+from recipes.sudoku.tokens import canvas_ids, prompt_ids
+
+DATA_DIR = Path(__file__).resolve().parent / "data"
+POOL_SEED = 1
+EVAL_SEED = 2
+VALID_SEED = 3
+BANDS = {"36-45": (36, 45), "28-35": (28, 35), "22-27": (22, 27)}
+
+Pair = tuple[list[int], list[int]]
+
+
+def _read(path: Path) -> list[Pair]:
+    pairs = []
+    for line in path.read_text().splitlines():
+        puzzle, solution = line.split(",")
+        pairs.append((from_string(puzzle), from_string(solution)))
+    return pairs
+
+
+def _write(path: Path, pairs: list[Pair]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(f"{to_string(p)},{to_string(s)}\n" for p, s in pairs))
+    tmp.replace(path)
+
+
+def minimal_pool(count: int, seed: int = POOL_SEED, data_dir: Path = DATA_DIR) -> list[Pair]:
+    """`count` minimal unique puzzles with their solutions, cached in `data_dir`."""
+    path = data_dir / f"pool-s{seed}-n{count}.txt"
+    if path.is_file():
+        return _read(path)
+    rng = random.Random(seed)
+    pairs = [make_puzzle(rng) for _ in range(count)]
+    _write(path, pairs)
+    return pairs
+
+
+def banded_set(
+    per_band: int, seed: int, data_dir: Path = DATA_DIR, bands: tuple[str, ...] = tuple(BANDS)
+) -> dict[str, list[Pair]]:
+    """`per_band` puzzles per clue band, clue counts uniform within the band, cached in `data_dir`."""
+    sets = {}
+    for band in bands:
+        low, high = BANDS[band]
+        path = data_dir / f"set-s{seed}-{band}-n{per_band}.txt"
+        if path.is_file():
+            sets[band] = _read(path)
+            continue
+        rng = random.Random(f"{seed}-{band}")
+        pairs = [make_puzzle(rng, rng.randint(low, high), max_tries=400) for _ in range(per_band)]
+        _write(path, pairs)
+        sets[band] = pairs
+    return sets
+
+
+def check_disjoint(pool: list[Pair], sets: dict[str, list[Pair]]) -> None:
+    """Raise if any held-out solution grid (or puzzle) also occurs in the training pool."""
+    seen = {to_string(s) for _, s in pool} | {to_string(p) for p, _ in pool}
+    for band, pairs in sets.items():
+        for puzzle, solution in pairs:
+            if to_string(solution) in seen or to_string(puzzle) in seen:
+                raise ValueError(f"held-out puzzle {to_string(puzzle)} ({band}) overlaps the training pool")
+
+
+@dataclass(frozen=True)
+class Batch:
+    prompts: Tensor  # (B, 82) long
+    targets: Tensor  # (B, 82) long: the clean canvas
+    num_clues: Tensor  # (B,) long
+
+
+class TrainSampler:
+    """Random augmented examples from a pool; clue counts uniform in [min_clues, max_clues]."""
+
+    def __init__(self, pool: list[Pair], rng: random.Random, min_clues: int, max_clues: int) -> None:
+        self.pool = pool
+        self.rng = rng
+        self.min_clues = min_clues
+        self.max_clues = max_clues
+
+    def example(self) -> Pair:
+        puzzle, solution = augment(*self.rng.choice(self.pool), self.rng)
+        target = self.rng.randint(self.min_clues, self.max_clues)
+        return add_clues(puzzle, solution, target, self.rng), solution
+
+    def batch(self, size: int) -> Batch:
+        pairs = [self.example() for _ in range(size)]
+        return Batch(
+            prompts=torch.tensor([prompt_ids(p) for p, _ in pairs]),
+            targets=torch.tensor([canvas_ids(s) for _, s in pairs]),
+            num_clues=torch.tensor([sum(1 for d in p if d) for p, _ in pairs]),
+        )

@@ -1,0 +1,225 @@
+"""Evaluate the Sudoku model through the engine on a held-out set: solve rate and denoise steps per solve.
+
+The held-out set has `--per-band` puzzles in each clue band (36-45, 28-35, 22-27), generated with its own
+seed and checked disjoint from the training pool. Every puzzle goes through `engine.generate.generate`
+(the serving path: prompt prefill, paged cache, packed denoise steps, the entropy-bound sampler), several
+puzzles per call. A puzzle counts as solved when the output is exactly 81 digits forming a valid grid
+that keeps every clue. Rows:
+
+- adaptive: the shipped generation_config.json (adaptive stopping);
+- pinned clues: the same, with the clues pinned on the canvas (infilling);
+- fixed 48 steps: the stop rule disabled (confidence threshold 1e-30), so every canvas runs 48 steps;
+- single pass: max_denoising_steps = 1 (one forward, argmax);
+- untrained, 48 steps: the initial checkpoint (same architecture and seed, before training).
+
+Rows already measured for the same weights, sampler defaults and set size are read from
+recipes/sudoku/data/eval-cache.json instead of being run again.
+
+    python -m recipes.sudoku.eval                      # prints the table
+    python -m recipes.sudoku.eval --write              # also updates README.md and bench/RESULTS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import re
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from engine.config import DiffusionDefaults
+from engine.generate import generate
+from engine.model.diffusion_gemma import DiffusionGemma
+from engine.model.loader import load_checkpoint
+from engine.request import SamplingParams
+from recipes.sudoku import MODEL_DIR, REPO_ROOT, tokens
+from recipes.sudoku.checkpoint import init_checkpoint
+from recipes.sudoku.data import BANDS, DATA_DIR, EVAL_SEED, Pair, banded_set, check_disjoint, minimal_pool
+from recipes.sudoku.puzzles import consistent, is_valid_solution
+
+ParamsFor = Callable[[int, list[int]], SamplingParams]
+
+
+@dataclass(frozen=True)
+class BandResult:
+    num_puzzles: int
+    num_solved: int
+    solved_steps: list[int]
+    all_steps: list[int]
+    seconds: float
+
+    @property
+    def solve_rate(self) -> float:
+        return self.num_solved / self.num_puzzles
+
+    def cell(self) -> str:
+        if not self.solved_steps:
+            return f"{100 * self.solve_rate:.0f}% (-)"
+        median = statistics.median(self.solved_steps)
+        mean = statistics.mean(self.solved_steps)
+        return f"{100 * self.solve_rate:.0f}% ({median:g} / {mean:.1f})"
+
+
+def solves(token_ids: list[int], puzzle: list[int]) -> bool:
+    """Exactly 81 digits (the model stopped at `<eos>` right after them), a valid grid keeping the clues."""
+    grid = tokens.grid_from_ids(token_ids)
+    return len(token_ids) == 81 and is_valid_solution(grid) and consistent(puzzle, grid)
+
+
+def run_band(
+    model: DiffusionGemma, defaults: DiffusionDefaults, pairs: list[Pair], params_for: ParamsFor, batch: int
+) -> BandResult:
+    solved_steps: list[int] = []
+    all_steps: list[int] = []
+    start = time.perf_counter()
+    for lo in range(0, len(pairs), batch):
+        chunk = pairs[lo : lo + batch]
+        prompts = [tokens.prompt_ids(p) for p, _ in chunk]
+        params = [params_for(lo + i, p) for i, (p, _) in enumerate(chunk)]
+        for result, (puzzle, _) in zip(generate(model, defaults, prompts, params), chunk, strict=True):
+            steps = sum(result.steps_per_block)
+            all_steps.append(steps)
+            if solves(result.token_ids, puzzle):
+                solved_steps.append(steps)
+    return BandResult(len(pairs), len(solved_steps), solved_steps, all_steps, time.perf_counter() - start)
+
+
+def adaptive(seed: int, puzzle: list[int]) -> SamplingParams:
+    return SamplingParams(seed=seed)
+
+
+def pinned(seed: int, puzzle: list[int]) -> SamplingParams:
+    return SamplingParams(seed=seed, pinned_canvas=tokens.pinned_clues(puzzle))
+
+
+def fixed_48(seed: int, puzzle: list[int]) -> SamplingParams:
+    return SamplingParams(seed=seed, max_denoising_steps=48, confidence_threshold=1e-30)
+
+
+def single_pass(seed: int, puzzle: list[int]) -> SamplingParams:
+    return SamplingParams(seed=seed, max_denoising_steps=1)
+
+
+def untrained_dir() -> Path:
+    """The initial (untrained) checkpoint of the shipped recipe: same config and init seed."""
+    path = DATA_DIR / "untrained"
+    if not (path / "model.safetensors").is_file():
+        init_checkpoint(path, seed=0)
+    return path
+
+
+def fingerprint(model_dir: Path) -> str:
+    """Identifies a checkpoint's weights and sampler defaults, so cached rows are reused only for them."""
+    digest = hashlib.sha1()
+    for name in ("model.safetensors", "generation_config.json"):
+        digest.update((model_dir / name).read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def evaluate(
+    model_dir: Path, per_band: int, batch: int, rows: list[str], cache_path: Path
+) -> dict[str, dict[str, BandResult]]:
+    """Run (or reuse from `cache_path`) every row whose name contains one of `rows` (all if empty)."""
+    sets = banded_set(per_band, EVAL_SEED)
+    check_disjoint(minimal_pool(6000), sets)
+    untrained = untrained_dir()
+    configs = {
+        "adaptive (shipped settings)": (model_dir, adaptive),
+        "adaptive + pinned clues": (model_dir, pinned),
+        "fixed 48 steps": (model_dir, fixed_48),
+        "single forward pass": (model_dir, single_pass),
+        "untrained, fixed 48 steps": (untrained, fixed_48),
+    }
+    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+    table: dict[str, dict[str, BandResult]] = {}
+    for name, (path, params_for) in configs.items():
+        if rows and not any(r in name for r in rows):
+            continue
+        key = f"{name}|{fingerprint(path)}|{per_band}"
+        if key not in cache:
+            checkpoint = load_checkpoint(path, with_tokenizer=False)
+            cache[key] = {}
+            for band, pairs in sets.items():
+                result = run_band(checkpoint.model, checkpoint.defaults, pairs, params_for, batch)
+                cache[key][band] = asdict(result)
+                print(
+                    f"{name:30s} {band}: {result.cell()}  [{result.seconds:.0f}s]",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            cache_path.write_text(json.dumps(cache))
+        table[name] = {band: BandResult(**cache[key][band]) for band in sets}
+    return table
+
+
+def markdown(table: dict[str, dict[str, BandResult]], per_band: int, model_dir: Path) -> str:
+    bands = list(BANDS)
+    lines = [
+        f"Held-out puzzles: {per_band} per band (seed {EVAL_SEED}), disjoint from the training pool; "
+        f"model `{_relative(model_dir)}`, fp32, CPU, through `engine.generate`. "
+        "Cells: solve rate (median / mean denoise steps of the solved puzzles).",
+        "",
+        "| setting | " + " | ".join(f"{b} clues" for b in bands) + " |",
+        "|---|" + "---|" * len(bands),
+    ]
+    for name, per_band_results in table.items():
+        lines.append(f"| {name} | " + " | ".join(per_band_results[b].cell() for b in bands) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _relative(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)
+
+
+def replace_section(text: str, start: str, end: str, body: str) -> str:
+    """Replace what lies between the `start` and `end` marker lines (append both if absent)."""
+    block = f"{start}\n{body}{end}"
+    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.DOTALL)
+    if pattern.search(text):
+        return pattern.sub(lambda _: block, text)
+    return text.rstrip("\n") + "\n\n" + block + "\n"
+
+
+def write_results(body: str) -> None:
+    readme = Path(__file__).with_name("README.md")
+    start, end = "<!-- eval:start -->", "<!-- eval:end -->"
+    readme.write_text(replace_section(readme.read_text() if readme.is_file() else "", start, end, body))
+    results = REPO_ROOT / "bench" / "RESULTS.md"
+    text = results.read_text() if results.is_file() else "# Results\n"
+    section = (
+        "## Sudoku default model (issue 5)\n\nMeasured by `python -m recipes.sudoku.eval --write`.\n\n" + body
+    )
+    results.write_text(replace_section(text, "<!-- sudoku:start -->", "<!-- sudoku:end -->", section))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Sudoku solve rate through the engine")
+    parser.add_argument("--model", type=Path, default=MODEL_DIR)
+    parser.add_argument("--per-band", type=int, default=100)
+    parser.add_argument("--batch", type=int, default=50, help="puzzles per generate call")
+    parser.add_argument("--rows", nargs="*", default=[], help="only rows whose name contains one of these")
+    parser.add_argument("--threads", type=int, default=1, help="1 is fastest on a busy shared CPU")
+    parser.add_argument("--write", action="store_true", help="update README.md and bench/RESULTS.md")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    cache = DATA_DIR / "eval-cache.json"
+    table = evaluate(args.model, args.per_band, args.batch, args.rows, cache)
+    body = markdown(table, args.per_band, args.model)
+    print(body)
+    if args.write:
+        write_results(body)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

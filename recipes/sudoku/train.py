@@ -1,0 +1,310 @@
+"""Train the Sudoku DiffusionGemma on the engine's own model code (CPU-sized; seeded; resumable).
+
+Objective (uniform-state diffusion, as the model guide describes): per example draw t ~ U(0, 1) and
+replace each clean canvas token with a uniform random token over the full vocabulary with probability t;
+the model reads the puzzle (causal prompt) and the noisy canvas (bidirectional) and is trained with
+cross-entropy of its softcapped logits against the clean canvas at every canvas position.
+
+Self-conditioning, trained the standard way: on half of the steps a first no-grad pass over the same
+noisy canvas gives logits; divided by the temperature the sampler would use at that noise level
+(T = 0.4 + 0.4 t) they become soft embeddings (`engine.sampler.soft_embedding`) for the graded pass.
+
+Run (the shipped recipe; see README.md):
+    python -m recipes.sudoku.train --out recipes/sudoku/data/run --minutes 80
+Resume after an interruption with the same command plus `--resume`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm import tqdm
+
+from engine.generate import generate
+from engine.model.diffusion_gemma import DiffusionGemma
+from engine.model.loader import load_checkpoint
+from engine.request import SamplingParams
+from engine.sampler import LMHead, soft_embedding
+from recipes.sudoku import tokens
+from recipes.sudoku.checkpoint import init_checkpoint, save_checkpoint
+from recipes.sudoku.data import DATA_DIR, VALID_SEED, Batch, Pair, TrainSampler, banded_set, minimal_pool
+from recipes.sudoku.dense_forward import dense_forward, head_logits, lm_head
+from recipes.sudoku.puzzles import consistent, is_valid_solution
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 4000
+    """Length of the step-based schedule; with `schedule="time"` only a cap."""
+    schedule: str = "time"
+    """"steps": LR and curriculum follow step / steps (bitwise reproducible). "time": they follow
+    elapsed / minutes, so the run always ends its schedule inside its time budget however busy the
+    (shared) CPU is; the data and noise stay seeded, only the number of steps varies."""
+    batch_size: int = 64
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 100
+    weight_decay: float = 0.05
+    clip: float = 1.0
+    self_cond_prob: float = 0.5
+    min_clues: int = 24
+    max_clues: int = 50
+    start_min_clues: int = 44
+    """Curriculum: the lowest clue count starts here and falls linearly to `min_clues`..."""
+    curriculum: float = 0.4
+    """...over this fraction of the schedule."""
+    pool_size: int = 6000
+    seed: int = 0
+    minutes: float = 80.0
+    """Wall-clock budget: training stops (and saves) once it is spent."""
+    save_minutes: float = 4.0
+    eval_every: int = 250
+    eval_size: int = 24
+    """Validation puzzles per band (36-45 and 28-35) solved through the engine every `eval_every` steps."""
+
+
+def corrupt(targets: Tensor, t: Tensor, vocab_size: int, generator: torch.Generator) -> Tensor:
+    """Replace each token by a uniform random one with probability t (per example): (B, C) -> (B, C)."""
+    noise = torch.randint(0, vocab_size, targets.shape, generator=generator)
+    hit = torch.rand(targets.shape, generator=generator) < t[:, None]
+    return torch.where(hit, noise, targets)
+
+
+def self_condition(model: DiffusionGemma, head: LMHead, prompts: Tensor, noisy: Tensor, t: Tensor) -> Tensor:
+    """Soft embeddings (B, C, H) from a no-grad pass, at the sampler's temperature for noise level t."""
+    with torch.no_grad():
+        logits = head_logits(dense_forward(model, prompts, noisy), head)  # (B, C, V)
+        temperature = (0.4 + 0.4 * t)[:, None, None]
+        return soft_embedding(logits / temperature, head)
+
+
+def training_loss(
+    model: DiffusionGemma, batch: Batch, generator: torch.Generator, use_self_cond: bool
+) -> tuple[Tensor, dict[str, float]]:
+    """Cross-entropy of the denoiser on one corrupted batch, and accuracy figures for the log."""
+    head = lm_head(model)
+    t = torch.rand(batch.targets.shape[0], generator=generator)
+    noisy = corrupt(batch.targets, t, model.config.vocab_size, generator)
+    soft = self_condition(model, head, batch.prompts, noisy, t) if use_self_cond else None
+    logits = head_logits(dense_forward(model, batch.prompts, noisy, soft), head)  # (B, C, V)
+    loss = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten())
+    with torch.no_grad():
+        correct = logits.argmax(-1) == batch.targets  # (B, C)
+        blank = batch.prompts[:, 1:] == tokens.BLANK  # (B, 81)
+        metrics = {
+            "loss": float(loss.detach()),
+            "blank_acc": float(correct[:, :-1][blank].float().mean()),
+            "grid_acc": float(correct.all(-1).float().mean()),
+        }
+    return loss, metrics
+
+
+def lr_at(progress: float, step: int, config: TrainConfig) -> float:
+    """Linear warmup over `warmup` steps, then cosine down to `min_lr_ratio * lr` at progress 1."""
+    if step < config.warmup:
+        return config.lr * (step + 1) / config.warmup
+    progress = min(1.0, progress)
+    ratio = config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return config.lr * ratio
+
+
+def min_clues_at(progress: float, config: TrainConfig) -> int:
+    """The curriculum's lowest clue count at `progress` in [0, 1] (easy puzzles first)."""
+    fraction = min(1.0, progress / max(config.curriculum, 1e-9))
+    return round(config.start_min_clues + (config.min_clues - config.start_min_clues) * fraction)
+
+
+def validate(model: DiffusionGemma, checkpoint_dir: Path, sets: dict[str, list[Pair]]) -> dict[str, float]:
+    """Solve rate and median steps per band through the engine's `generate` with the checkpoint defaults."""
+    defaults = load_checkpoint(checkpoint_dir, with_tokenizer=False).defaults
+    out: dict[str, float] = {}
+    model.eval()
+    for band, pairs in sets.items():
+        prompts = [tokens.prompt_ids(p) for p, _ in pairs]
+        params = [SamplingParams(seed=i) for i in range(len(pairs))]
+        results = generate(model, defaults, prompts, params)
+        solved = [
+            r.steps_per_block[0] for r, (p, _) in zip(results, pairs, strict=True) if _solves(r.token_ids, p)
+        ]
+        out[f"solve_{band}"] = len(solved) / len(pairs)
+        out[f"steps_{band}"] = statistics.median(solved) if solved else float("nan")
+    model.train()
+    return out
+
+
+def _solves(token_ids: list[int], puzzle: list[int]) -> bool:
+    grid = tokens.grid_from_ids(token_ids)
+    return len(token_ids) == 81 and is_valid_solution(grid) and consistent(puzzle, grid)
+
+
+class Trainer:
+    """Owns model, optimizer, data and RNG state; `run()` trains until the step or time budget ends."""
+
+    def __init__(
+        self, config: TrainConfig, init_dir: Path, out_dir: Path, state_path: Path, data_dir: Path = DATA_DIR
+    ) -> None:
+        self.config = config
+        self.init_dir = init_dir
+        self.out_dir = out_dir
+        self.state_path = state_path
+        if not (init_dir / "model.safetensors").is_file():
+            init_checkpoint(init_dir, seed=config.seed)
+        self.model = load_checkpoint(init_dir, with_tokenizer=False).model.train().requires_grad_(True)
+        decay = [p for p in self.model.parameters() if p.ndim >= 2]
+        no_decay = [p for p in self.model.parameters() if p.ndim < 2]
+        self.optimizer = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": config.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=config.lr,
+            betas=(0.9, 0.98),
+        )
+        self.rng = random.Random(config.seed)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.step = 0
+        self.elapsed = 0.0
+        """Seconds of training so far (carried across resumes; drives the "time" schedule)."""
+        pool = minimal_pool(config.pool_size, data_dir=data_dir)
+        self.sampler = TrainSampler(pool, self.rng, config.min_clues, config.max_clues)
+        self.valid = banded_set(config.eval_size, VALID_SEED, data_dir, bands=("36-45", "28-35"))
+
+    def save(self) -> None:
+        save_checkpoint(self.model, self.init_dir, self.out_dir)
+        state = {
+            "step": self.step,
+            "elapsed": self.elapsed,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "python_rng": self.rng.getstate(),
+            "torch_rng": self.generator.get_state(),
+            "config": asdict(self.config),
+        }
+        tmp = self.state_path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        tmp.replace(self.state_path)
+
+    def resume(self) -> None:
+        state = torch.load(self.state_path, weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.rng.setstate(state["python_rng"])
+        self.generator.set_state(state["torch_rng"])
+        self.step = state["step"]
+        self.elapsed = state["elapsed"]
+
+    @property
+    def progress(self) -> float:
+        """How far through the schedule, 0..1."""
+        if self.config.schedule == "time":
+            return self.elapsed / (60 * self.config.minutes)
+        return self.step / self.config.steps
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.config.steps or self.elapsed >= 60 * self.config.minutes
+
+    def train_step(self) -> dict[str, float]:
+        start = time.monotonic()
+        lr = lr_at(self.progress, self.step, self.config)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.sampler.min_clues = min_clues_at(self.progress, self.config)
+        batch = self.sampler.batch(self.config.batch_size)
+        use_self_cond = self.rng.random() < self.config.self_cond_prob
+        loss, metrics = training_loss(self.model, batch, self.generator, use_self_cond)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip)
+        self.optimizer.step()
+        self.step += 1
+        self.elapsed += time.monotonic() - start
+        return metrics | {
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+            "self_cond": float(use_self_cond),
+            "min_clues": self.sampler.min_clues,
+        }
+
+    def run(self, log_path: Path) -> None:
+        config = self.config
+        last_save = time.monotonic()
+        total = round(60 * config.minutes) if config.schedule == "time" else config.steps
+        unit = "s" if config.schedule == "time" else "step"
+        bar = tqdm(total=total, unit=unit, dynamic_ncols=True, mininterval=5)
+        bar.update(round(self.elapsed) if config.schedule == "time" else self.step)
+        window: list[dict[str, float]] = []
+        with log_path.open("a") as log:
+            while not self.done:
+                before = self.elapsed
+                window.append(self.train_step())
+                bar.update(round(self.elapsed) - round(before) if config.schedule == "time" else 1)
+                if self.step % 25 == 0:
+                    row = _mean(window) | {"step": self.step, "elapsed_s": round(self.elapsed, 1)}
+                    window = []
+                    bar.set_postfix(loss=f"{row['loss']:.3f}", blank=f"{row['blank_acc']:.3f}")
+                    log.write(json.dumps(row) + "\n")
+                    log.flush()
+                if self.step % config.eval_every == 0:
+                    self.save()
+                    last_save = time.monotonic()
+                    row = validate(self.model, self.out_dir, self.valid) | {
+                        "step": self.step,
+                        "kind": "valid",
+                    }
+                    tqdm.write(json.dumps(row))
+                    log.write(json.dumps(row) + "\n")
+                elif time.monotonic() - last_save > 60 * config.save_minutes:
+                    self.save()
+                    last_save = time.monotonic()
+        bar.close()
+        self.save()
+
+
+def _mean(rows: list[dict[str, float]]) -> dict[str, float]:
+    return {k: round(sum(r[k] for r in rows) / len(rows), 5) for k in rows[0]}
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, TrainConfig]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=DATA_DIR / "run", help="checkpoint directory to write")
+    parser.add_argument("--init", type=Path, default=None, help="initial checkpoint (default: <out>-init)")
+    parser.add_argument("--resume", action="store_true", help="continue from <out>/../<name>-state.pt")
+    parser.add_argument("--threads", type=int, default=2)
+    defaults = TrainConfig()
+    for name, value in asdict(defaults).items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+    args = parser.parse_args(argv)
+    fields = {name: getattr(args, name) for name in asdict(defaults)}
+    return args, TrainConfig(**fields)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, config = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(config.seed)
+    out: Path = args.out
+    init_dir = args.init or out.with_name(out.name + "-init")
+    state_path = out.with_name(out.name + "-state.pt")
+    trainer = Trainer(config, init_dir, out, state_path)
+    if args.resume and state_path.is_file():
+        trainer.resume()
+        print(f"resumed at step {trainer.step}", file=sys.stderr)
+    out.mkdir(parents=True, exist_ok=True)
+    trainer.run(out.with_name(out.name + "-log.jsonl"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
