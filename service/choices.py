@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,7 +37,7 @@ class ChoiceEvent:
 
 
 @dataclass
-class _StopMatcher:
+class StopMatcher:
     """Cuts a choice's text at the first stop string (excluded, as OpenAI does)."""
 
     stops: list[str]
@@ -69,7 +69,7 @@ class ChoiceRun:
     spec: ChoiceSpec
     stream: RequestStream
     tokenizer: Any
-    stops: _StopMatcher
+    stops: StopMatcher
     canvas_interval_s: float
     request_id: str
     last_canvas: float = field(default=-1e9)
@@ -146,7 +146,7 @@ async def admit_all(
     return streams
 
 
-async def merge(runs: list[ChoiceRun]) -> AsyncIterator[ChoiceEvent]:
+async def merge(runs: list[ChoiceRun]) -> AsyncGenerator[ChoiceEvent, None]:
     """Events of all choices in arrival order; closing the iterator aborts every unfinished choice."""
     if len(runs) == 1:
         async for event in runs[0].events():

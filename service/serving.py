@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
 from engine.async_engine import AsyncEngine
 from engine.request import Usage
-from service.choices import ChoiceEvent, ChoiceRun, ChoiceSpec, _StopMatcher, admit_all, merge
+from service.choices import ChoiceEvent, ChoiceRun, ChoiceSpec, StopMatcher, admit_all, merge
 from service.errors import APIError
 from service.protocol import (
     AssistantMessage,
@@ -41,7 +41,7 @@ class Accepted:
     """An admitted request: its id, the merged choice events, and what the response needs."""
 
     request_id: str
-    events: AsyncIterator[ChoiceEvent]
+    events: AsyncGenerator[ChoiceEvent, None]
     num_choices: int
     prompt_tokens: int
     prompt_texts: list[str]
@@ -193,7 +193,7 @@ class Service:
         streams = await admit_all(self.engine, specs, request_id, want_canvas)
         interval = self._canvas_interval(request)
         runs = [
-            ChoiceRun(spec, stream, self.tokenizer, _StopMatcher(request.stop_strings), interval, request_id)
+            ChoiceRun(spec, stream, self.tokenizer, StopMatcher(request.stop_strings), interval, request_id)
             for spec, stream in zip(specs, streams, strict=True)
         ]
         texts = [self.tokenizer.decode(p) if self.tokenizer is not None else "" for p in prompts]

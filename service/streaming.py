@@ -80,7 +80,7 @@ async def stream_events(
         logger.exception("stream %s failed", accepted.request_id)
         yield sse(as_api_error(error).body())
     finally:
-        await accepted.events.aclose()  # type: ignore[attr-defined]
+        await accepted.events.aclose()
     yield DONE
 
 
