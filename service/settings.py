@@ -59,6 +59,11 @@ class Settings(BaseSettings):
     max_n: int = Field(16, ge=1)
     log_level: str = "info"
 
+    @field_validator("model", mode="before")
+    @classmethod
+    def _empty_means_default(cls, value: Any) -> Any:
+        return None if value == "" else value
+
     @field_validator("hf_overrides")
     @classmethod
     def _known_sampler(cls, value: dict[str, Any]) -> dict[str, Any]:

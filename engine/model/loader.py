@@ -124,7 +124,7 @@ def weight_files(root: Path) -> dict[str, Path]:
                 raise CheckpointError(f"shard {shard.name} listed in {WEIGHTS_INDEX} is missing from {root}")
         return files
     if (root / SINGLE_WEIGHTS).is_file():
-        with safe_open(str(root / SINGLE_WEIGHTS), framework="pt") as f:
+        with _open(root / SINGLE_WEIGHTS) as f:
             return {name: root / SINGLE_WEIGHTS for name in f.keys()}  # noqa: SIM118
     raise CheckpointError(f"no weights in {root}: expected {SINGLE_WEIGHTS} or {WEIGHTS_INDEX}")
 
@@ -150,11 +150,21 @@ def _read_tensors(files: dict[str, Path]) -> Iterator[tuple[str, Tensor]]:
     for name, file in files.items():
         by_file.setdefault(file, []).append(name)
     for file, names in sorted(by_file.items()):
-        with safe_open(str(file), framework="pt") as f:
+        with _open(file) as f:
             for name in sorted(names):
                 target = our_name(name)
                 if target is not None:
                     yield target, _get_tensor(f, name, file)
+
+
+def _open(file: Path) -> Any:
+    """safe_open, with unreadable files (e.g. mode 0600 owned by another user) named clearly."""
+    try:
+        return safe_open(str(file), framework="pt")
+    except OSError as err:
+        raise CheckpointError(
+            f"cannot read {file}: {err}; make the file readable by the server's user"
+        ) from err
 
 
 def _get_tensor(handle: Any, name: str, file: Path) -> Tensor:
