@@ -192,6 +192,11 @@ class AsyncEngine:
         """Abort a request in any state (thread-safe; a no-op for finished or unknown ids)."""
         self._commands.put(_Abort(request_id))
 
+    def abort_all(self) -> None:
+        """Abort every in-flight request (thread-safe); each stream then ends with "abort"."""
+        for request_id in list(self._streams):
+            self.abort(request_id)
+
     def _check_alive(self) -> None:
         if self.error is not None:
             raise EngineDead(f"the engine loop stopped: {self.error!r}")

@@ -118,6 +118,7 @@ class DrainingServer(uvicorn.Server):
             await asyncio.sleep(0.05)
         if engine.num_in_flight:
             logger.warning("drain timeout: aborting %d in-flight requests", engine.num_in_flight)
+            engine.abort_all()  # their responses end now; uvicorn's shutdown waits for open responses
         self.should_exit = True
 
 
