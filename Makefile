@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint format bench clean
+.PHONY: setup test lint format bench serve clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,9 @@ format: setup
 
 bench: setup
 	$(PY) bench/forward.py
+
+serve: setup
+	$(VENV)/bin/canvas-serve serve
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
