@@ -8,38 +8,36 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
+from transformers import DiffusionGemmaForBlockDiffusion
 
-VISION: dict[str, Any] = dict(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=1,
-    num_attention_heads=2,
+from engine.model.reference_config import text_only_config
+
+SMALL_TEXT: dict[str, Any] = dict(
+    vocab_size=4096,
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=6,
+    layer_types=["sliding_attention"] * 5 + ["full_attention"],
+    num_attention_heads=4,
     num_key_value_heads=2,
-    head_dim=16,
-    patch_size=4,
-    pooling_kernel_size=2,
-    position_embedding_size=64,
+    head_dim=64,
+    global_head_dim=128,
+    num_global_key_value_heads=1,
+    sliding_window=256,
+    num_experts=8,
+    top_k_experts=2,
+    moe_intermediate_size=256,
+    max_position_embeddings=4096,
+    use_bidirectional_attention="vision",
 )
-
-
-def reference_config(text: dict[str, Any], canvas_length: int) -> DiffusionGemmaConfig:
-    """A DiffusionGemma config around `text`; image token ids sit at the top of the vocabulary."""
-    vocab = int(text["vocab_size"])
-    return DiffusionGemmaConfig(
-        text_config=text,
-        vision_config=VISION,
-        canvas_length=canvas_length,
-        image_token_id=vocab - 3,
-        boi_token_id=vocab - 2,
-        eoi_token_id=vocab - 1,
-    )
+"""A small random config with the real model's proportions (5 sliding : 1 full, K = V, MoE + dense MLP)
+for serving benchmarks on the CPU."""
 
 
 def save_random_checkpoint(path: Path, text: dict[str, Any], canvas_length: int, seed: int = 0) -> None:
     """A random-init reference model (seed fixed), saved in Hugging Face format."""
     torch.manual_seed(seed)
-    DiffusionGemmaForBlockDiffusion(reference_config(text, canvas_length)).save_pretrained(path)
+    DiffusionGemmaForBlockDiffusion(text_only_config(text, canvas_length)).save_pretrained(path)
 
 
 def cpu_model() -> str:

@@ -34,7 +34,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from bench.common import machine_header
+from bench.common import SMALL_TEXT, machine_header
 
 
 @dataclass
@@ -185,25 +185,6 @@ def table(rows: list[Summary]) -> str:
 
 # -- an optional server of our own ------------------------------------------------------------------
 
-SPAWN_TEXT: dict[str, Any] = dict(
-    vocab_size=4096,
-    hidden_size=256,
-    intermediate_size=512,
-    num_hidden_layers=6,
-    layer_types=["sliding_attention"] * 5 + ["full_attention"],
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=64,
-    global_head_dim=128,
-    num_global_key_value_heads=1,
-    sliding_window=256,
-    num_experts=8,
-    top_k_experts=2,
-    moe_intermediate_size=256,
-    max_position_embeddings=4096,
-    use_bidirectional_attention="vision",
-)
-
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -215,8 +196,8 @@ def spawn_server(folder: Path, concurrency: int) -> tuple[subprocess.Popen[bytes
     from bench.common import save_random_checkpoint
     from tests.engine.checkpoints import save_tokenizer
 
-    save_random_checkpoint(folder, SPAWN_TEXT, canvas_length=64)
-    save_tokenizer(folder, vocab_size=SPAWN_TEXT["vocab_size"])
+    save_random_checkpoint(folder, SMALL_TEXT, canvas_length=64)
+    save_tokenizer(folder, vocab_size=SMALL_TEXT["vocab_size"])
     port = free_port()
     command = [sys.executable, "-m", "service.cli", "serve", str(folder), "--port", str(port)]
     command += ["--max-num-seqs", str(concurrency), "--log-level", "warning"]

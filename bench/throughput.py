@@ -29,14 +29,13 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from transformers import DiffusionGemmaForBlockDiffusion
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from bench.common import machine_header, save_random_checkpoint
+from bench.common import SMALL_TEXT, machine_header, save_random_checkpoint
 from engine.async_engine import AsyncEngine
 from engine.engine import Engine, EngineConfig
 from engine.model.loader import load_checkpoint
@@ -45,24 +44,6 @@ from engine.request import SamplingParams
 CANVAS = 64
 BLOCKS = 2
 NEVER_CONFIDENT = 1e-9
-TEXT: dict[str, Any] = dict(
-    vocab_size=4096,
-    hidden_size=256,
-    intermediate_size=512,
-    num_hidden_layers=6,
-    layer_types=["sliding_attention"] * 5 + ["full_attention"],
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=64,
-    global_head_dim=128,
-    num_global_key_value_heads=1,
-    sliding_window=256,
-    num_experts=8,
-    top_k_experts=2,
-    moe_intermediate_size=256,
-    max_position_embeddings=4096,
-    use_bidirectional_attention="vision",
-)
 
 
 @dataclass
@@ -225,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp)
-        save_random_checkpoint(path, TEXT, CANVAS)
+        save_random_checkpoint(path, SMALL_TEXT, CANVAS)
         for c in args.concurrency:
             prompts = make_prompts(max(args.min_requests, c * args.requests_per_client), seed=c)
             ours, overhead = run_ours(path, prompts, c, args.steps)

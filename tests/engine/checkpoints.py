@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
 
+from engine.model.reference_config import text_only_config
+
 VOCAB = 128
 CANVAS = 16
 WINDOW = 8
@@ -37,28 +39,11 @@ TEXT: dict[str, Any] = dict(
     use_bidirectional_attention="vision",
     initializer_range=0.05,
 )
-VISION: dict[str, Any] = dict(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=1,
-    num_attention_heads=2,
-    num_key_value_heads=2,
-    head_dim=16,
-    patch_size=4,
-    pooling_kernel_size=2,
-    position_embedding_size=64,
-)
 
 
 def reference_config(**text_overrides: Any) -> DiffusionGemmaConfig:
-    return DiffusionGemmaConfig(
-        text_config=TEXT | text_overrides,
-        vision_config=VISION,
-        canvas_length=CANVAS,
-        image_token_id=120,
-        boi_token_id=121,
-        eoi_token_id=122,
-    )
+    config: DiffusionGemmaConfig = text_only_config(TEXT | text_overrides, CANVAS)
+    return config
 
 
 def _perturb(model: DiffusionGemmaForBlockDiffusion, seed: int) -> None:
