@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from engine.kernels.dispatch import use_kernels
 from engine.request import FREE
 from engine.request import StepParams as StepParams  # re-exported: the sampler's parameter type
 
@@ -257,10 +258,7 @@ def _step_canvas(
     assert state.step < params.max_steps, "a finished canvas must not be stepped again"
     assert state.history.shape[0] == params.stability_threshold, "history rows != stability_threshold"
     temp = temperature(state.step, params.max_steps, params.t_min, params.t_max, hidden_tile.device)
-    processed = logits_for(hidden_tile, head).div_(temp)  # [C, V]
-    entropy, confidence = token_entropy(processed)  # [C], [C]
-    argmax = processed.argmax(dim=-1)  # [C]
-    sample = sample_tokens(processed, state.generator)  # [C]
+    entropy, confidence, argmax, sample, self_cond = _canvas_stats(hidden_tile, head, temp, state.generator)
     if state.pinned is not None:
         entropy, argmax, confidence = _apply_pins(state.pinned, state.tokens, entropy, argmax, confidence)
     free = None if state.pinned is None else ~state.pinned
@@ -270,11 +268,35 @@ def _step_canvas(
     mean_entropy = _mean_entropy(entropy, free)
     stop = stable & (mean_entropy < params.confidence_threshold)
     num_accepted = (accepted if free is None else accepted & free).sum()
-    state.self_cond = soft_embedding(processed, head)
+    state.self_cond = self_cond
     state.argmax = argmax
     state.step += 1
     scalars = torch.stack([num_accepted.float(), mean_entropy.float(), stop.float()])  # [3]
     return argmax, confidence.to(torch.float16), scalars
+
+
+def _canvas_stats(
+    hidden_tile: Tensor, head: LMHead, temp: Tensor, generator: torch.Generator
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(entropy, confidence, argmax, sample, soft embedding) of one canvas: [C] x 4 and [C, H].
+
+    On CUDA the fused Triton kernels (`engine.kernels.fused_sampler`) read the logits once, in the weight
+    dtype, and sample by a Gumbel race seeded from `generator`: a different stream from the CPU path's
+    inverse CDF for the same seed. Both consume the generator before `renoise` does.
+    """
+    if use_kernels(hidden_tile.device):
+        from engine.kernels.fused_sampler import fused_canvas_step  # imports triton: only when used
+
+        seed = torch.randint(0, 2**62, (1,), generator=generator, device=hidden_tile.device)  # (1,)
+        stats, self_cond = fused_canvas_step(
+            hidden_tile, head.weight, head.softcap, head.embed_scale, temp, seed
+        )
+        return stats.entropy, stats.confidence, stats.argmax, stats.sample, self_cond
+    processed = logits_for(hidden_tile, head).div_(temp)  # [C, V]
+    entropy, confidence = token_entropy(processed)  # [C], [C]
+    argmax = processed.argmax(dim=-1)  # [C]
+    sample = sample_tokens(processed, generator)  # [C]
+    return entropy, confidence, argmax, sample, soft_embedding(processed, head)
 
 
 def _apply_pins(

@@ -8,7 +8,8 @@ A *segment* is a run of consecutive positions of one request:
   (sliding layers: the last W - 1 of them) plus the whole segment, and writes nothing.
 
 This is the reference path in plain torch (SDPA per segment): correct first, used on CPU and as the
-oracle for faster kernels.
+oracle for faster kernels. `attend` sends the batch to the Triton kernel instead on CUDA
+(`engine.kernels.paged_attention`: one launch per layer for the whole batch).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from engine.kernels.dispatch import use_kernels
 
 
 @dataclass(frozen=True)
@@ -123,6 +126,15 @@ def segment_attention(q: Tensor, k: Tensor, v: Tensor, segment: Segment, cache: 
         enable_gqa=True,
     )
     return out[0].transpose(0, 1)  # (n, heads, d)
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, segments: list[Segment], cache: LayerCache) -> Tensor:
+    """`batch_attention`, or on CUDA the Triton kernel with the same contract (`engine.kernels`)."""
+    if use_kernels(q.device):
+        from engine.kernels.paged_attention import paged_attention  # imports triton: only when used
+
+        return paged_attention(q, k, v, segments, cache)
+    return batch_attention(q, k, v, segments, cache)
 
 
 def batch_attention(q: Tensor, k: Tensor, v: Tensor, segments: list[Segment], cache: LayerCache) -> Tensor:

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from engine.config import LayerSpec, ModelConfig
-from engine.model.attention import LayerCache, Segment, batch_attention
+from engine.model.attention import LayerCache, Segment, attend
 from engine.model.layers import (
     Experts,
     GatedMLP,
@@ -74,7 +74,7 @@ class Attention(nn.Module):
         q = apply_rope(self.q_norm(q), *rope)
         k = apply_rope(self.k_norm(raw_k), *rope)
         v = self.v_norm(raw_v)
-        out = batch_attention(q, k, v, segments, cache)  # (T, heads, d)
+        out = attend(q, k, v, segments, cache)  # (T, heads, d)
         return self.o_proj(out.reshape(num_tokens, -1))
 
 
