@@ -12,7 +12,8 @@ from typing import Any
 import httpx
 import yaml
 
-from tests.deploy.processes import FAST, REPO, Replica, require
+from tests.deploy.processes import FAST, Replica, require
+from tests.server_process import REPO
 
 DASHBOARD = REPO / "deploy" / "grafana" / "dashboards" / "canvas-serve.json"
 PROVISIONING = REPO / "deploy" / "grafana" / "provisioning"

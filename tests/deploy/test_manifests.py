@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.deploy.processes import REPO, require
+from tests.deploy.processes import require
+from tests.server_process import REPO
 
 DEPLOY = REPO / "deploy"
 DOCKERFILES = [REPO / "Dockerfile", DEPLOY / "router" / "Dockerfile"]

@@ -6,15 +6,12 @@ The invocations run side by side (each one imports torch), once per module.
 from __future__ import annotations
 
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from service.model_setup import DEFAULT_MODEL_DIR
-from tests.service.conftest import REPO, free_port
+from tests.server_process import REPO, free_port, serve_command
 
-ENTRY_POINT = Path(sys.executable).parent / "canvas-serve"
 HAS_EMBEDDED_MODEL = (DEFAULT_MODEL_DIR / "config.json").is_file()
 
 Refusal = tuple[int, str]
@@ -31,10 +28,9 @@ def refusals(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Refusal]:
     }
     if not HAS_EMBEDDED_MODEL:  # with it, `serve` alone would start serving
         cases["no model"] = []
-    command = [str(ENTRY_POINT)] if ENTRY_POINT.exists() else [sys.executable, "-m", "service.cli"]
     processes = {
         name: subprocess.Popen(
-            [*command, "serve", *args, "--port", str(free_port())],
+            [*serve_command(), "serve", *args, "--port", str(free_port())],
             cwd=REPO,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,

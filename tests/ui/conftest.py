@@ -18,7 +18,8 @@ from typing import Any, NoReturn
 
 import pytest
 
-from tests.ui.server import REPO, UIServer
+from tests.server_process import REPO
+from tests.ui.server import UIServer
 
 ARTIFACTS = REPO / "artifacts" / "ui"
 TRAINED_SUDOKU = REPO / "models" / "sudoku"
@@ -149,7 +150,7 @@ def server(untrained_model: Path, artifacts: Path) -> Iterator[UIServer]:
     """The shared server for the page tests (max 8 running requests)."""
     remote = UIServer(untrained_model, "sudoku-untrained", artifacts, "--max-num-seqs", "8").start()
     yield remote
-    remote.stop()
+    remote.kill()
 
 
 @pytest.fixture(scope="session")
@@ -159,4 +160,4 @@ def sudoku_server(artifacts: Path) -> Iterator[UIServer]:
         pytest.skip(f"the trained Sudoku model is not in {TRAINED_SUDOKU} yet (recipes/sudoku trains it)")
     remote = UIServer(TRAINED_SUDOKU, "sudoku", artifacts).start()
     yield remote
-    remote.stop()
+    remote.kill()

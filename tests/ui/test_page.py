@@ -12,8 +12,9 @@ from typing import Any
 
 import pytest
 
-from tests.ui.conftest import REPO, UIServer
+from tests.server_process import REPO
 from tests.ui.page import LONG_RUN, engine_id, engine_row, screenshot, start, wait_state, wait_until
+from tests.ui.server import UIServer
 
 pytestmark = [pytest.mark.ui, pytest.mark.slow]
 

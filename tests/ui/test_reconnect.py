@@ -21,7 +21,7 @@ NETWORK_ERRORS = ("net::ERR_CONNECTION_REFUSED", "net::ERR_EMPTY_RESPONSE", "Fai
 def restartable(untrained_model: Path, artifacts: Path) -> Iterator[UIServer]:
     remote = UIServer(untrained_model, "restartable", artifacts).start()
     yield remote
-    remote.stop()
+    remote.kill()
 
 
 def test_the_page_reconnects_after_a_server_restart(
@@ -32,7 +32,7 @@ def test_the_page_reconnects_after_a_server_restart(
     first_id = engine_id(card)
     engine_row(page, first_id).wait_for(timeout=30_000)
 
-    restartable.stop()  # SIGKILL by PID: a crash, not a drain
+    restartable.kill()  # SIGKILL by PID: a crash, not a drain
     wait_state(card, "error")
     assert card.locator("[data-field=error]").text_content()
     page.wait_for_selector("#engine[data-connection=offline]", timeout=30_000)
@@ -48,9 +48,8 @@ def test_the_page_reconnects_after_a_server_restart(
     card.locator("[data-action=stop]").click()
     wait_state(card, "stopped")
     # A graceful stop is not held up by the page's open engine-events stream.
-    assert restartable.process is not None
-    restartable.process.send_signal(signal.SIGTERM)
-    assert restartable.process.wait(20) == 0
+    restartable.signal(signal.SIGTERM)
+    assert restartable.wait(20) == 0
     page.wait_for_selector("#engine[data-connection=offline]", timeout=30_000)
     # Only the refused connections while the server was down were logged.
     unexpected = [e for e in log.errors if not any(n in e for n in NETWORK_ERRORS)]
