@@ -19,13 +19,13 @@ test: setup
 	$(PY) -m pytest -q tests
 
 lint: setup
-	$(VENV)/bin/ruff check engine service tests bench
-	$(VENV)/bin/ruff format --check engine service tests bench
+	$(VENV)/bin/ruff check engine service tests bench recipes
+	$(VENV)/bin/ruff format --check engine service tests bench recipes
 	$(VENV)/bin/mypy
 
 format: setup
-	$(VENV)/bin/ruff format engine service tests bench
-	$(VENV)/bin/ruff check --fix engine service tests bench
+	$(VENV)/bin/ruff format engine service tests bench recipes
+	$(VENV)/bin/ruff check --fix engine service tests bench recipes
 
 bench: setup
 	$(PY) bench/forward.py
