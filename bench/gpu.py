@@ -43,33 +43,18 @@ from engine.kernels import dispatch
 from engine.model.attention import LayerCache, Segment
 from engine.model.cache_tensors import allocate_layer_caches
 from engine.model.diffusion_gemma import DiffusionGemma, ForwardBatch
+from engine.model.reference_config import DIFFUSIONGEMMA_26B_TEXT
 from engine.request import StepParams
 from engine.sampler import CanvasState, LMHead, denoise_step, init_canvas
 
-TEXT_26B: dict[str, Any] = dict(
-    vocab_size=262_144,
-    hidden_size=2816,
-    intermediate_size=2112,
-    num_hidden_layers=30,
-    num_attention_heads=16,
-    num_key_value_heads=8,
-    head_dim=256,
-    num_global_key_value_heads=2,
-    global_head_dim=512,
-    num_experts=128,
-    top_k_experts=8,
-    moe_intermediate_size=704,
-    sliding_window=1024,
-    max_position_embeddings=262_144,
-    final_logit_softcapping=30.0,
-    rms_norm_eps=1e-6,
-)
+TEXT_26B: dict[str, Any] = DIFFUSIONGEMMA_26B_TEXT
 # `--smoke`: the same code paths on a tiny model on the CPU (torch reference path), to check the script.
 TEXT_SMOKE: dict[str, Any] = TEXT_26B | dict(
     vocab_size=512,
     hidden_size=64,
     intermediate_size=64,
     num_hidden_layers=6,
+    layer_types=TEXT_26B["layer_types"][:6],
     num_attention_heads=4,
     num_key_value_heads=2,
     head_dim=16,

@@ -22,6 +22,36 @@ MINIMAL_VISION_CONFIG: dict[str, Any] = dict(
 )
 
 
+SLIDING, FULL = "sliding_attention", "full_attention"
+
+DIFFUSIONGEMMA_26B_TEXT: dict[str, Any] = dict(
+    vocab_size=262_144,
+    hidden_size=2816,
+    intermediate_size=2112,
+    num_hidden_layers=30,
+    num_attention_heads=16,
+    num_key_value_heads=8,
+    head_dim=256,
+    global_head_dim=512,
+    num_global_key_value_heads=2,
+    layer_types=([SLIDING] * 5 + [FULL]) * 5,
+    sliding_window=1024,
+    rope_parameters={
+        SLIDING: {"rope_type": "default", "rope_theta": 10_000.0},
+        FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0},
+    },
+    num_experts=128,
+    top_k_experts=8,
+    moe_intermediate_size=704,
+    max_position_embeddings=262_144,
+    final_logit_softcapping=30.0,
+    rms_norm_eps=1e-6,
+    eos_token_id=[1, 106, 50],
+)
+"""The released 26B-A4B text config as third-party copies of its config.json give it (the real
+checkpoint's file is the authority at load time; this is for benchmarks and tests)."""
+
+
 def text_only_config(text: dict[str, Any], canvas_length: int) -> Any:
     """A `DiffusionGemmaConfig` around `text`, with the minimal vision tower and image ids V-3..V-1."""
     from transformers import DiffusionGemmaConfig

@@ -20,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from engine.model.diffusion_gemma import DiffusionGemma
+from engine.model.reference_config import MINIMAL_VISION_CONFIG
 from recipes.sudoku import tokens
 
 WEIGHTS = "model.safetensors"
@@ -87,17 +88,6 @@ def text_config(**overrides: Any) -> dict[str, Any]:
     return config
 
 
-VISION: dict[str, Any] = dict(
-    hidden_size=16,
-    intermediate_size=32,
-    num_hidden_layers=1,
-    num_attention_heads=1,
-    num_key_value_heads=1,
-    head_dim=16,
-    patch_size=4,
-    pooling_kernel_size=2,
-    position_embedding_size=16,
-)
 """A minimal vision tower: the config class requires one; text serving never runs it."""
 
 GENERATION: dict[str, Any] = dict(
@@ -127,7 +117,7 @@ def init_checkpoint(path: Path, seed: int = 0, **text_overrides: Any) -> None:
     torch.manual_seed(seed)
     config = DiffusionGemmaConfig(
         text_config=text_config(**text_overrides),
-        vision_config=VISION,
+        vision_config=MINIMAL_VISION_CONFIG,
         canvas_length=tokens.CANVAS_LENGTH,
         image_token_id=tokens.IMAGE,
         boi_token_id=tokens.BOI,

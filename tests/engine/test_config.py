@@ -13,31 +13,10 @@ from transformers.models.diffusion_gemma.modeling_diffusion_gemma import Diffusi
 
 from engine.config import ConfigError, ModelConfig
 from engine.model.layers import rope_inv_freq
+from engine.model.reference_config import DIFFUSIONGEMMA_26B_TEXT, FULL, SLIDING
 from tests.engine.checkpoints import TEXT, save_reference
 
-SLIDING, FULL = "sliding_attention", "full_attention"
-
-TEXT_26B: dict[str, Any] = dict(
-    vocab_size=262_144,
-    hidden_size=2816,
-    intermediate_size=2112,
-    num_hidden_layers=30,
-    num_attention_heads=16,
-    num_key_value_heads=8,
-    head_dim=256,
-    global_head_dim=512,
-    num_global_key_value_heads=2,
-    layer_types=([SLIDING] * 5 + [FULL]) * 5,
-    sliding_window=1024,
-    rope_parameters={
-        SLIDING: {"rope_type": "default", "rope_theta": 10_000.0},
-        FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0},
-    },
-    num_experts=128,
-    top_k_experts=8,
-    moe_intermediate_size=704,
-    eos_token_id=[1, 106, 50],
-)
+TEXT_26B = DIFFUSIONGEMMA_26B_TEXT
 FULL_26B = (5, 11, 17, 23, 29)
 
 
