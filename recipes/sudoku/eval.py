@@ -197,7 +197,9 @@ def write_results(body: str) -> None:
     results = REPO_ROOT / "bench" / "RESULTS.md"
     text = results.read_text() if results.is_file() else "# Results\n"
     section = (
-        "## Sudoku default model (issue 5)\n\nMeasured by `python -m recipes.sudoku.eval --write`.\n\n" + body
+        "## Sudoku default model (issue 5)\n\nMeasured by `python -m recipes.sudoku.eval --write`; how the "
+        "model was trained, and how far it is from the issue's targets, in recipes/sudoku/README.md.\n\n"
+        + body
     )
     results.write_text(replace_section(text, "<!-- sudoku:start -->", "<!-- sudoku:end -->", section))
 
