@@ -1,6 +1,7 @@
 """Kernel tests run on CUDA when present, else in Triton's interpreter on the CPU (small shapes).
 
-`TRITON_INTERPRET` must be set before triton is first imported, so it is set here, at collection.
+`TRITON_INTERPRET` must be set before triton is first imported: tests/conftest.py sets it for the
+whole session; setting it here too keeps `pytest tests/kernels` alone correct.
 """
 
 from __future__ import annotations
