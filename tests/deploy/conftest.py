@@ -13,15 +13,12 @@ from pathlib import Path
 import pytest
 
 from tests.deploy.processes import Replica
-from tests.engine.checkpoints import save_reference, save_tokenizer
+from tests.engine.checkpoints import save_servable
 
 
 @pytest.fixture(scope="package")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("deploy") / "tiny"
-    save_reference(path)
-    save_tokenizer(path)
-    return path
+    return save_servable(tmp_path_factory.mktemp("deploy") / "tiny")
 
 
 @pytest.fixture(scope="package")

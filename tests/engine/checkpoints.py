@@ -107,3 +107,10 @@ def save_tokenizer(path: Path, vocab_size: int = VOCAB) -> None:
     )
     fast.save_pretrained(path)
     (path / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+
+
+def save_servable(path: Path, seed: int = 0) -> Path:
+    """A tiny perturbed checkpoint with the char-level tokenizer: everything a server needs."""
+    save_reference(path, seed=seed)
+    save_tokenizer(path)
+    return path

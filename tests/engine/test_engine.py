@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 
 import pytest
 
@@ -13,15 +12,13 @@ from engine.llm import LLM
 from engine.model.loader import Checkpoint, load_checkpoint
 from engine.request import RequestOutput, SamplingParams
 from engine.scheduler import QueueFull
-from tests.engine.checkpoints import CANVAS, save_reference, save_tokenizer
+from tests.engine.checkpoints import CANVAS, save_servable
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Checkpoint:
     path = tmp_path_factory.mktemp("tiny")
-    save_reference(path, seed=4)
-    save_tokenizer(path)
-    return load_checkpoint(Path(path))
+    return load_checkpoint(save_servable(path, seed=4))
 
 
 def make_engine(checkpoint: Checkpoint, **config: int) -> Engine:

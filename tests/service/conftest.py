@@ -18,7 +18,7 @@ import httpx
 import openai
 import pytest
 
-from tests.engine.checkpoints import save_reference, save_tokenizer
+from tests.engine.checkpoints import save_servable
 from tests.server_process import ServerProcess
 
 FAST_STEPS = 4
@@ -68,10 +68,7 @@ def assert_openai_error(response: httpx.Response, status: int) -> dict[str, Any]
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random DiffusionGemma (vocab 128, canvas 16) with a char-level tokenizer, named "tiny"."""
-    path = tmp_path_factory.mktemp("checkpoint") / "tiny"
-    save_reference(path)
-    save_tokenizer(path)
-    return path
+    return save_servable(tmp_path_factory.mktemp("checkpoint") / "tiny")
 
 
 @pytest.fixture(scope="module")

@@ -7,12 +7,11 @@ from pathlib import Path
 import pytest
 
 from service.cli import main
-from tests.engine.checkpoints import save_reference, save_tokenizer
+from tests.engine.checkpoints import save_servable
 
 
 def test_generate_prints_text_and_a_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    save_reference(tmp_path)
-    save_tokenizer(tmp_path)
+    save_servable(tmp_path)
     argv = ["generate", str(tmp_path), "--prompt", "hi", "--max-tokens", "20", "--steps", "2", "--seed", "1"]
     assert main(argv) == 0
     out = capsys.readouterr()
