@@ -7,7 +7,8 @@ No checkpoint files: `DiffusionGemma` is built directly on the GPU from the 26B-
 - denoise step at 1, 4, 16, 32 canvases, each reading a `--prompt` token prompt already in the cache:
   one model forward over the flat batch plus `denoise_step` (LM head and sampler), median of `--reps`
   CUDA-synchronised runs; with the Triton kernels (the default dispatch) and, for comparison, with the
-  torch reference (`dispatch.force(False)`) at the smaller batches;
+  torch reference (`dispatch.force(False)`: attention and experts) at the smaller batches;
+- one layer's MoE experts on the step's tokens: grouped matmuls vs the reference loop over experts;
 - committed tok/s at 16 fixed steps per canvas (vLLM's published setting): N * 256 tokens per
   (16 denoise steps + one commit forward of the N canvases);
 - time to first token of a 4,096-token prompt at batch 1: prefill (one causal forward) + 16 steps + commit;
@@ -40,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from bench.flops import forward_flops
 from engine.config import ModelConfig
 from engine.kernels import dispatch
+from engine.kernels.grouped_experts import grouped_experts
 from engine.model.attention import LayerCache, Segment
 from engine.model.cache_tensors import allocate_layer_caches
 from engine.model.diffusion_gemma import DiffusionGemma, ForwardBatch
@@ -228,7 +230,22 @@ def measure_batch(
         with dispatch.force(False):
             row["torch_step_ms"] = sync_time(bench.step, reps=max(1, reps // 2), warmup=1) * 1e3
     del bench
-    return row
+    return row | expert_times(model, n * model.config.canvas_length, reps)
+
+
+@torch.no_grad()
+def expert_times(model: DiffusionGemma, num_tokens: int, reps: int) -> dict[str, float]:
+    """One layer's experts on `num_tokens` tokens: grouped matmuls vs the reference loop over experts."""
+    layer = model.layers[0]
+    gen = torch.Generator(device=DEVICE).manual_seed(num_tokens)
+    x = torch.randn(num_tokens, model.config.hidden_size, device=DEVICE, generator=gen).to(torch.bfloat16)
+    weights, expert_ids = layer.router(x)
+    experts = layer.experts
+    grouped = sync_time(
+        lambda: grouped_experts(x, weights, expert_ids, experts.gate_up_proj, experts.down_proj), reps
+    )
+    looped = sync_time(lambda: experts.looped(x, weights, expert_ids), reps)
+    return {"moe_grouped_ms": grouped * 1e3, "moe_loop_ms": looped * 1e3}
 
 
 @torch.no_grad()
@@ -301,6 +318,7 @@ def main() -> None:
 
 def print_table(rows: list[dict[str, Any]], ttft: dict[str, float], peak: float) -> None:
     header = ["N", "step ms", "ms/canvas", "torch ms", "tok/s@16", "GiB/req", "TFLOP/s", "MFU"]
+    header += ["moe grp", "moe loop"]
     print("\n" + " ".join(f"{h:>9}" for h in header))
     for r in rows:
         if "error" in r:
@@ -315,6 +333,8 @@ def print_table(rows: list[dict[str, Any]], ttft: dict[str, float], peak: float)
             f"{r['peak_gib_per_request']:.2f}",
             f"{r['tflops']:.1f}",
             f"{r['mfu']:.1%}",
+            f"{r['moe_grouped_ms']:.2f}",
+            f"{r['moe_loop_ms']:.2f}",
         ]
         print(" ".join(f"{c:>9}" for c in cells))
     print(

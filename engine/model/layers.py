@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from engine.config import ModelConfig, RopeSpec
+from engine.kernels.dispatch import use_kernels
+from engine.kernels.grouped_experts import grouped_experts, grouped_mm_fits
 
 
 class RMSNorm(nn.Module):
@@ -98,7 +100,17 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num, hidden, inter))
 
     def forward(self, x: Tensor, weights: Tensor, expert_ids: Tensor) -> Tensor:
-        """Sum over each token's k experts of `weight * expert(x)`; tokens are grouped by expert."""
+        """Sum over each token's k experts of `weight * expert(x)`: x (T, H), weights and ids (T, k).
+
+        On CUDA (and under `engine.kernels.dispatch.force(True)`) two grouped matmuls do all experts at
+        once (`engine.kernels.grouped_experts`); otherwise `looped` is the reference.
+        """
+        if use_kernels(x.device) and grouped_mm_fits(x, self.gate_up_proj, self.down_proj):
+            return grouped_experts(x, weights, expert_ids, self.gate_up_proj, self.down_proj)
+        return self.looped(x, weights, expert_ids)
+
+    def looped(self, x: Tensor, weights: Tensor, expert_ids: Tensor) -> Tensor:
+        """The reference: tokens grouped by expert, one expert at a time (a host sync for the counts)."""
         out = torch.zeros_like(x)  # (T, H)
         flat_experts = expert_ids.flatten()  # (T*k,)
         order = torch.argsort(flat_experts, stable=True)

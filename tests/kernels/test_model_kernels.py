@@ -1,4 +1,4 @@
-"""The tiny DiffusionGemma end to end with the attention kernel in every layer, against the torch path."""
+"""The tiny DiffusionGemma end to end on the GPU path (attention kernel, grouped experts) vs torch."""
 
 from __future__ import annotations
 

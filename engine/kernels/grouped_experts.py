@@ -1,0 +1,61 @@
+"""The MoE experts as two grouped matmuls over expert-sorted tokens, with no host synchronisation.
+
+The reference path (`engine.model.layers.Experts`) loops over experts in Python and needs the token
+count of each on the host (one device-to-host sync per layer, plus one small matmul per expert). Here
+each (token, expert) pair becomes one row, rows are sorted by expert, and `torch.nn.functional.grouped_mm`
+multiplies every expert's slice of rows by its own weights in one call: on CUDA (bf16, SM >= 80) that
+is a single grouped GEMM launch; on the CPU it is torch's fallback, which the tests use.
+
+Example, 3 tokens, k = 2, 4 experts, expert_ids [[2, 0], [0, 1], [2, 3]]:
+flat experts [2, 0, 0, 1, 2, 3] -> sorted rows for tokens [0, 1, 1, 0, 2, 2] with experts
+[0, 0, 1, 2, 2, 3]; `offs` (the end of each expert's slice) = [2, 3, 5, 6].
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+_ALIGN_BYTES = 16
+"""grouped_mm needs every row stride (in bytes) to be a multiple of 16."""
+
+
+def grouped_mm_fits(x: Tensor, gate_up_proj: Tensor, down_proj: Tensor) -> bool:
+    """True when the shapes and dtype meet `grouped_mm`'s layout rules on x's device.
+
+    CUDA's grouped GEMM takes bf16 on SM >= 80; torch's CPU fallback takes fp32 and bf16 but has no
+    weight gradient, so it serves inference only.
+    """
+    if not _backend_takes(x, needs_grad=torch.is_grad_enabled() and down_proj.requires_grad):
+        return False
+    widths = (x.shape[-1], gate_up_proj.shape[1], down_proj.shape[2])
+    return all(width * x.element_size() % _ALIGN_BYTES == 0 for width in widths)
+
+
+def _backend_takes(x: Tensor, needs_grad: bool) -> bool:
+    if x.device.type == "cuda":
+        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
+    return x.dtype in (torch.float32, torch.bfloat16) and not needs_grad
+
+
+def grouped_experts(
+    x: Tensor, weights: Tensor, expert_ids: Tensor, gate_up_proj: Tensor, down_proj: Tensor
+) -> Tensor:
+    """Sum over each token's k experts of `weight * expert(x)`, as `Experts.forward` computes it.
+
+    x (T, H); weights (T, k) fp32; expert_ids (T, k); gate_up_proj (E, 2I, H) with gate rows first;
+    down_proj (E, H, I). Returns (T, H) in x's dtype.
+    """
+    num_experts = gate_up_proj.shape[0]
+    flat_experts = expert_ids.flatten()  # (T*k,)
+    order = torch.argsort(flat_experts, stable=True)  # (T*k,)
+    token_ids = order // expert_ids.shape[1]  # (T*k,) the token of each sorted row
+    boundaries = torch.arange(num_experts, device=x.device, dtype=flat_experts.dtype)
+    offs = torch.searchsorted(flat_experts[order], boundaries, right=True).to(torch.int32)  # (E,)
+    rows = x[token_ids]  # (T*k, H)
+    gate, up = F.grouped_mm(rows, gate_up_proj.transpose(1, 2), offs=offs).chunk(2, dim=-1)  # (T*k, I) x2
+    hidden = F.gelu(gate, approximate="tanh") * up
+    out_rows = F.grouped_mm(hidden, down_proj.transpose(1, 2), offs=offs)  # (T*k, H)
+    out_rows = out_rows * weights.flatten()[order, None].to(out_rows.dtype)
+    return torch.zeros_like(x).index_add_(0, token_ids, out_rows)

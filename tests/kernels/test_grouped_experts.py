@@ -1,0 +1,87 @@
+"""The grouped-matmul experts against the reference loop over experts (`Experts.looped`)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.kernels import dispatch
+from engine.kernels.grouped_experts import grouped_experts, grouped_mm_fits
+from engine.model.layers import Experts
+
+
+def experts(num: int, hidden: int, inter: int, dtype: torch.dtype, device: torch.device) -> Experts:
+    module = Experts.__new__(Experts)
+    torch.nn.Module.__init__(module)
+    gen = torch.Generator().manual_seed(num * hidden + inter)
+    module.gate_up_proj = torch.nn.Parameter(torch.randn(num, 2 * inter, hidden, generator=gen) * 0.2)
+    module.down_proj = torch.nn.Parameter(torch.randn(num, hidden, inter, generator=gen) * 0.2)
+    return module.to(device=device, dtype=dtype).requires_grad_(False)
+
+
+def routing(
+    tokens: int, num: int, k: int, used: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random top-k routing over the first `used` experts (the rest get no tokens); weights (T, k) fp32."""
+    gen = torch.Generator().manual_seed(tokens * 31 + num)
+    ids = torch.stack([torch.randperm(used, generator=gen)[:k] for _ in range(tokens)])  # (T, k)
+    weights = torch.rand(tokens, k, generator=gen)
+    return weights.to(device), ids.to(device)
+
+
+@pytest.mark.parametrize(
+    ("tokens", "num", "k", "used", "hidden", "inter"),
+    [(1, 4, 1, 4, 32, 16), (7, 4, 2, 4, 64, 24), (50, 8, 2, 3, 32, 16), (129, 8, 4, 8, 64, 32)],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_matches_loop(
+    tokens: int,
+    num: int,
+    k: int,
+    used: int,
+    hidden: int,
+    inter: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> None:
+    module = experts(num, hidden, inter, dtype, device)
+    x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(tokens)).to(device, dtype)
+    weights, ids = routing(tokens, num, k, used, device)
+    assert grouped_mm_fits(x, module.gate_up_proj, module.down_proj)
+    got = grouped_experts(x, weights, ids, module.gate_up_proj, module.down_proj)
+    expected = module.looped(x, weights, ids)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        return
+    # bf16: the two paths round in different places; each must be as close to fp32 as the other.
+    exact = module.float().looped(x.float(), weights, ids)
+    loop_error = (expected.float() - exact).abs().max()
+    assert (got.float() - exact).abs().max() <= 2 * loop_error + 1e-3
+
+
+def test_forward_takes_grouped_path_only_when_selected(device: torch.device) -> None:
+    module = experts(4, 32, 16, torch.float32, device)
+    x = torch.randn(9, 32, device=device)
+    weights, ids = routing(9, 4, 2, 4, device)
+    calls: list[str] = []
+    module.looped = lambda *args: calls.append("loop") or Experts.looped(module, *args)  # type: ignore[method-assign]
+    with dispatch.force(True):
+        module(x, weights, ids)
+    with dispatch.force(False):
+        module(x, weights, ids)
+    assert calls == ["loop"]
+
+
+def test_layout_rules() -> None:
+    """Rows must be 16-byte multiples; on the CPU the fallback has no weight gradient, so training loops."""
+    cpu = torch.device("cpu")
+    aligned = experts(4, 32, 16, torch.float32, cpu)
+    assert grouped_mm_fits(torch.zeros(3, 32), aligned.gate_up_proj, aligned.down_proj)
+    odd = experts(4, 32, 6, torch.float32, cpu)  # 6 fp32 = 24 bytes
+    assert not grouped_mm_fits(torch.zeros(3, 32), odd.gate_up_proj, odd.down_proj)
+    aligned.requires_grad_(True)
+    assert not grouped_mm_fits(torch.zeros(3, 32), aligned.gate_up_proj, aligned.down_proj)
+    with torch.no_grad():
+        assert grouped_mm_fits(torch.zeros(3, 32), aligned.gate_up_proj, aligned.down_proj)
+    half = torch.zeros(3, 32, dtype=torch.float16)
+    assert not grouped_mm_fits(half, aligned.gate_up_proj, aligned.down_proj)
