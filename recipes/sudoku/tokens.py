@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from recipes.char_tokenizer import save_char_tokenizer
 from recipes.sudoku.puzzles import CELLS
 
 SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
@@ -57,24 +58,12 @@ def save_tokenizer(path: Path) -> None:
 
     Character-level: every character is one token; `<bos>` is prepended, as Gemma's tokenizer does.
     """
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = Tokenizer(models.WordLevel({t: i for i, t in enumerate(VOCAB)}, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("(?m)."), behavior="isolated")
-    tokenizer.decoder = decoders.Fuse()
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", BOS)]
-    )
-    tokenizer.add_special_tokens([AddedToken(t, special=True) for t in SPECIALS + IMAGE_TOKENS])
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        bos_token="<bos>",
-        eos_token="<eos>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        mask_token="<mask>",
+    save_char_tokenizer(
+        path,
+        VOCAB,
+        SPECIALS + IMAGE_TOKENS,
+        CHAT_TEMPLATE,
+        prepend_bos=True,
+        split_pattern="(?m).",
         padding_side="left",
     )
-    fast.save_pretrained(path)
-    (path / "chat_template.jinja").write_text(CHAT_TEMPLATE)

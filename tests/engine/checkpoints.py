@@ -14,6 +14,7 @@ import torch
 from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
 
 from engine.model.reference_config import text_only_config
+from recipes.char_tokenizer import save_char_tokenizer
 
 VOCAB = 128
 CANVAS = 16
@@ -88,25 +89,9 @@ CHAT_TEMPLATE = (
 
 def save_tokenizer(path: Path, vocab_size: int = VOCAB) -> None:
     """A character-level tokenizer (specials 0-4 as Gemma's, then printable ASCII) with a chat template."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     names = SPECIAL_TOKENS + [chr(c) for c in range(32, 127)]
     names += [f"<unused{i}>" for i in range(len(names), vocab_size)]
-    tokenizer = Tokenizer(models.WordLevel({t: i for i, t in enumerate(names)}, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tokenizer.decoder = decoders.Fuse()
-    tokenizer.add_special_tokens([AddedToken(t, special=True) for t in SPECIAL_TOKENS])
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        bos_token="<bos>",
-        eos_token="<eos>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        mask_token="<mask>",
-    )
-    fast.save_pretrained(path)
-    (path / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    save_char_tokenizer(path, names, SPECIAL_TOKENS, CHAT_TEMPLATE)
 
 
 def save_servable(path: Path, seed: int = 0) -> Path:
