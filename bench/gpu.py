@@ -295,6 +295,10 @@ def main() -> None:
             row = measure_batch(model, n, args.prompt, args.reps, n <= args.torch_ref_max)
         except torch.OutOfMemoryError as error:
             row = {"canvases": n, "error": f"out of memory: {error}"}
+        except Exception as error:
+            # One failing batch (a kernel that does not compile on this GPU, say) must not cost the
+            # rest of a scarce device run: the error is recorded and the next batch runs.
+            row = {"canvases": n, "error": f"{type(error).__name__}: {error}"}
         row["mfu"] = row.get("tflops", 0.0) / peak
         rows.append(row)
         print(json.dumps(row))
