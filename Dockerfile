@@ -41,25 +41,29 @@ RUN python3 -m venv /opt/venv \
     && python3 -c "import torch; assert torch.version.cuda, torch.__version__"
 
 # ---- app: the project, installed editable into /app so the embedded model is found at /app/models ---
-# The dependency layer is built from pyproject.toml alone (stub packages), so a source edit does not
-# reinstall transformers and friends. models/sudoku/ is the default model; without it the server says
-# so and asks for a model directory. chmod: a working tree's weights may be 0600 (safetensors writes
-# them so), which the non-root user could not read.
-FROM torch-cpu AS app-cpu
+# The dependency layer is installed from pyproject.toml alone (stub packages, stage project-deps), so a
+# source edit does not reinstall transformers and friends. models/sudoku/ is the default model; without
+# it the server says so and asks for a model directory. chmod: a working tree's weights may be 0600
+# (safetensors writes them so), which the non-root user could not read.
+FROM base AS project-deps
 COPY pyproject.toml README.md ./
-RUN mkdir engine service && touch engine/__init__.py service/__init__.py && pip install -e .
+RUN mkdir engine service && touch engine/__init__.py service/__init__.py
+
+FROM project-deps AS project
 COPY engine engine
 COPY service service
 COPY models models
 RUN chmod -R a+rX /app
 
+FROM torch-cpu AS app-cpu
+COPY --from=project-deps /app /app
+RUN pip install -e .
+COPY --from=project /app /app
+
 FROM torch-cuda AS app-cuda
-COPY pyproject.toml README.md ./
-RUN mkdir engine service && touch engine/__init__.py service/__init__.py && pip install -e .
-COPY engine engine
-COPY service service
-COPY models models
-RUN chmod -R a+rX /app
+COPY --from=project-deps /app /app
+RUN pip install -e .
+COPY --from=project /app /app
 
 # ---- runtime: non-root user, health check, entrypoint -----------------------------------------------
 FROM base AS runtime
