@@ -37,13 +37,14 @@ def rope_theta_for_period(period: float, head_dim: int) -> float:
 
 
 def text_config(**overrides: Any) -> dict[str, Any]:
-    """The shipped model's text config: 6 layers (5 sliding : 1 full), hidden 128, 4 experts top-2."""
+    """The shipped model's text config: 8 layers (layers 6 and 8 full attention, the rest sliding), hidden 128,
+    4 experts top-2."""
     head_dim, global_head_dim = 32, 64
     config: dict[str, Any] = dict(
         vocab_size=tokens.VOCAB_SIZE,
         hidden_size=128,
         intermediate_size=256,
-        num_hidden_layers=6,
+        num_hidden_layers=8,
         num_attention_heads=4,
         num_key_value_heads=4,
         head_dim=head_dim,
