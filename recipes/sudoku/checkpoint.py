@@ -37,7 +37,7 @@ def rope_theta_for_period(period: float, head_dim: int) -> float:
 
 
 def text_config(**overrides: Any) -> dict[str, Any]:
-    """The shipped model's text config: 8 layers (layers 6 and 8 full attention, the rest sliding), hidden 128,
+    """The shipped model's text config: 8 layers (6th and 8th full attention, the rest sliding), hidden 128,
     4 experts top-2."""
     head_dim, global_head_dim = 32, 64
     config: dict[str, Any] = dict(
