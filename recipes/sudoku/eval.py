@@ -41,6 +41,7 @@ from engine.model.loader import load_checkpoint
 from engine.request import SamplingParams
 from recipes.sudoku import MODEL_DIR, REPO_ROOT, tokens
 from recipes.sudoku.checkpoint import init_checkpoint
+from recipes.sudoku.cli import add_threads_option
 from recipes.sudoku.data import BANDS, DATA_DIR, EVAL_SEED, Pair, banded_set, check_disjoint, minimal_pool
 from recipes.sudoku.puzzles import consistent, is_valid_solution
 
@@ -210,9 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-band", type=int, default=100)
     parser.add_argument("--batch", type=int, default=50, help="puzzles per generate call")
     parser.add_argument("--rows", nargs="*", default=[], help="only rows whose name contains one of these")
-    parser.add_argument(
-        "--threads", type=int, default=2, help="torch threads: 2 on an idle 2-core machine, 1 on a busy one"
-    )
+    add_threads_option(parser)
     parser.add_argument("--write", action="store_true", help="update README.md and bench/RESULTS.md")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -38,6 +38,7 @@ from engine.request import SamplingParams
 from engine.sampler import LMHead, soft_embedding
 from recipes.sudoku import tokens
 from recipes.sudoku.checkpoint import init_checkpoint, save_checkpoint
+from recipes.sudoku.cli import add_threads_option
 from recipes.sudoku.data import DATA_DIR, VALID_SEED, Batch, Pair, TrainSampler, banded_set, minimal_pool
 from recipes.sudoku.dense_forward import dense_forward, head_logits, lm_head
 from recipes.sudoku.puzzles import consistent, is_valid_solution
@@ -281,9 +282,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, TrainConfig]
     parser.add_argument("--out", type=Path, default=DATA_DIR / "run", help="checkpoint directory to write")
     parser.add_argument("--init", type=Path, default=None, help="initial checkpoint (default: <out>-init)")
     parser.add_argument("--resume", action="store_true", help="continue from <out>/../<name>-state.pt")
-    parser.add_argument(
-        "--threads", type=int, default=2, help="torch threads: 2 on an idle 2-core machine, 1 on a busy one"
-    )
+    add_threads_option(parser)
     defaults = TrainConfig()
     for name, value in asdict(defaults).items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)

@@ -2,11 +2,10 @@
 
 Tries a grid of entropy bound, confidence threshold, stability threshold and temperature range (each a
 list on the command line; the defaults span the reference's values: entropy bound 0.1, T 0.8 -> 0.4,
-confidence 0.005) through the
-engine, prints solve rate and median steps per band for each, and with `--write` stores the
-chosen setting in the checkpoint's generation_config.json. The choice: the highest mean solve rate over
-the 36-45 and 28-35 bands among settings whose median steps per solved puzzle is at most `--max-median`
-in both bands (ties: fewer steps).
+confidence 0.005) through the engine, prints solve rate and median steps per band for each, and with
+`--write` stores the chosen setting in the checkpoint's generation_config.json. The choice: the highest
+mean solve rate over the 36-45 and 28-35 bands among settings whose median steps per solved puzzle is at
+most `--max-median` in both bands (ties: fewer steps).
 
     python -m recipes.sudoku.tune --model models/sudoku --write
 """
@@ -26,6 +25,7 @@ import torch
 from engine.model.loader import load_checkpoint
 from engine.request import SamplingParams
 from recipes.sudoku import MODEL_DIR
+from recipes.sudoku.cli import add_threads_option
 from recipes.sudoku.data import VALID_SEED, banded_set
 from recipes.sudoku.eval import run_band
 
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, default=MODEL_DIR)
     parser.add_argument("--per-band", type=int, default=50)
     parser.add_argument("--max-median", type=float, default=12)
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (1 on a busy machine)")
+    add_threads_option(parser)
     parser.add_argument("--entropy-bound", nargs="+", type=float, default=[0.003, 0.01, 0.03, 0.1, 0.3])
     parser.add_argument("--confidence", nargs="+", type=float, default=[0.005, 0.0005])
     parser.add_argument("--stability", nargs="+", type=int, default=[1])
