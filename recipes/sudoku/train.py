@@ -5,9 +5,17 @@ replace each clean canvas token with a uniform random token over the full vocabu
 the model reads the puzzle (causal prompt) and the noisy canvas (bidirectional) and is trained with
 cross-entropy of its softcapped logits against the clean canvas at every canvas position.
 
-Self-conditioning, trained the standard way: on half of the steps a first no-grad pass over the same
-noisy canvas gives logits; divided by the temperature the sampler would use at that noise level
-(T = 0.4 + 0.4 t) they become soft embeddings (`engine.sampler.soft_embedding`) for the graded pass.
+Self-conditioning: on half of the steps a first no-grad pass over the noisy canvas gives logits;
+divided by the temperature the sampler would use at that noise level (T = 0.4 + 0.4 t) they become soft
+embeddings (`engine.sampler.soft_embedding`) for the graded pass.
+
+Sampler-step canvases (`own_canvas`, on by default): on those same steps the graded pass does not read
+the uniformly corrupted canvas but the one a sampler step builds from the first pass, as at serving
+time: a draw from the tempered prediction at the (1 - t) * C lowest-entropy positions, uniform noise at
+the rest. Uniform noise is easy to tell from a solution (a random digit usually clashes with a clue);
+the model's own confident mistakes are not, and trained only on uniform noise it learns to trust every
+plausible digit it reads, so at serving time its first wrong guesses stay. Here it is graded on
+correcting them. The extra cost is one sort and one draw per step; the first pass is already run.
 
 Run (the shipped recipe; see README.md):
     python -m recipes.sudoku.train --out recipes/sudoku/data/run --minutes 90
@@ -23,6 +31,7 @@ import random
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -35,7 +44,7 @@ from engine.generate import generate
 from engine.model.diffusion_gemma import DiffusionGemma
 from engine.model.loader import load_checkpoint
 from engine.request import SamplingParams
-from engine.sampler import LMHead, soft_embedding
+from engine.sampler import LMHead, sample_tokens, soft_embedding, token_entropy
 from recipes.sudoku import tokens
 from recipes.sudoku.checkpoint import init_checkpoint, save_checkpoint
 from recipes.sudoku.cli import add_threads_option
@@ -59,6 +68,8 @@ class TrainConfig:
     weight_decay: float = 0.05
     clip: float = 1.0
     self_cond_prob: float = 0.5
+    own_canvas: bool = True
+    """On self-conditioned steps grade the model on the sampler-step canvas of its first pass (see above)."""
     min_clues: int = 24
     max_clues: int = 50
     start_min_clues: int = 44
@@ -82,22 +93,46 @@ def corrupt(targets: Tensor, t: Tensor, vocab_size: int, generator: torch.Genera
     return torch.where(hit, noise, targets)
 
 
-def self_condition(model: DiffusionGemma, head: LMHead, prompts: Tensor, noisy: Tensor, t: Tensor) -> Tensor:
-    """Soft embeddings (B, C, H) from a no-grad pass, at the sampler's temperature for noise level t."""
+def first_pass(model: DiffusionGemma, head: LMHead, prompts: Tensor, noisy: Tensor, t: Tensor) -> Tensor:
+    """No-grad logits (B, C, V) divided by the sampler's temperature for noise level t (0.4 + 0.4 t)."""
     with torch.no_grad():
         logits = head_logits(dense_forward(model, prompts, noisy), head)  # (B, C, V)
-        temperature = (0.4 + 0.4 * t)[:, None, None]
-        return soft_embedding(logits / temperature, head)
+        return logits / (0.4 + 0.4 * t)[:, None, None]
+
+
+def sampler_canvas(processed: Tensor, keep: Tensor, vocab_size: int, generator: torch.Generator) -> Tensor:
+    """The canvas one sampler step builds: a draw from softmax(processed) at the `keep[b]` lowest-entropy
+    positions of each row, uniform noise at the others. (B, C, V), (B,) -> (B, C)."""
+    entropy, _ = token_entropy(processed)  # (B, C)
+    sample = sample_tokens(processed.flatten(0, 1), generator).view(entropy.shape)  # (B, C)
+    rank = entropy.argsort(dim=-1).argsort(dim=-1)  # (B, C): 0 = most confident
+    noise = torch.randint(0, vocab_size, sample.shape, generator=generator)
+    return torch.where(rank < keep[:, None], sample, noise)
 
 
 def training_loss(
-    model: DiffusionGemma, batch: Batch, generator: torch.Generator, use_self_cond: bool
+    model: DiffusionGemma,
+    batch: Batch,
+    generator: torch.Generator,
+    use_self_cond: bool,
+    own_canvas: bool = False,
 ) -> tuple[Tensor, dict[str, float]]:
-    """Cross-entropy of the denoiser on one corrupted batch, and accuracy figures for the log."""
+    """Cross-entropy of the denoiser on one corrupted batch, and accuracy figures for the log.
+
+    With `use_self_cond` the graded pass gets the first pass's soft embeddings, and with `own_canvas`
+    also its sampler-step canvas in place of the corrupted one.
+    """
     head = lm_head(model)
+    vocab_size = model.config.vocab_size
     t = torch.rand(batch.targets.shape[0], generator=generator)
-    noisy = corrupt(batch.targets, t, model.config.vocab_size, generator)
-    soft = self_condition(model, head, batch.prompts, noisy, t) if use_self_cond else None
+    noisy = corrupt(batch.targets, t, vocab_size, generator)
+    soft = None
+    if use_self_cond:
+        processed = first_pass(model, head, batch.prompts, noisy, t)
+        soft = soft_embedding(processed, head)
+        if own_canvas:
+            keep = ((1 - t) * noisy.shape[1]).round().long()
+            noisy = sampler_canvas(processed, keep, vocab_size, generator)
     logits = head_logits(dense_forward(model, batch.prompts, noisy, soft), head)  # (B, C, V)
     loss = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten())
     with torch.no_grad():
@@ -223,8 +258,8 @@ class Trainer:
             group["lr"] = lr
         self.sampler.min_clues = min_clues_at(self.progress, self.config)
         batch = self.sampler.batch(self.config.batch_size)
-        use_self_cond = self.rng.random() < self.config.self_cond_prob
-        loss, metrics = training_loss(self.model, batch, self.generator, use_self_cond)
+        self_cond = self.rng.random() < self.config.self_cond_prob
+        loss, metrics = training_loss(self.model, batch, self.generator, self_cond, self.config.own_canvas)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip)
@@ -234,7 +269,7 @@ class Trainer:
         return metrics | {
             "lr": lr,
             "grad_norm": float(grad_norm),
-            "self_cond": float(use_self_cond),
+            "self_cond": float(self_cond),
             "min_clues": self.sampler.min_clues,
         }
 
@@ -277,6 +312,19 @@ def _mean(rows: list[dict[str, float]]) -> dict[str, float]:
     return {k: round(sum(r[k] for r in rows) / len(rows), 5) for k in rows[0]}
 
 
+def _parser_for(value: object) -> Callable[[str], object]:
+    """argparse type for a config field: its own type, except booleans, which read true/false/1/0."""
+    if isinstance(value, bool):
+        return _boolean
+    return type(value)
+
+
+def _boolean(text: str) -> bool:
+    if text.lower() not in ("true", "false", "1", "0"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return text.lower() in ("true", "1")
+
+
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, TrainConfig]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=DATA_DIR / "run", help="checkpoint directory to write")
@@ -285,7 +333,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, TrainConfig]
     add_threads_option(parser)
     defaults = TrainConfig()
     for name, value in asdict(defaults).items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+        parser.add_argument(f"--{name.replace('_', '-')}", type=_parser_for(value), default=value)
     args = parser.parse_args(argv)
     fields = {name: getattr(args, name) for name in asdict(defaults)}
     return args, TrainConfig(**fields)

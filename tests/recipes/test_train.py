@@ -13,7 +13,15 @@ from engine.model.loader import load_checkpoint, our_name
 from recipes.sudoku.checkpoint import checkpoint_name
 from recipes.sudoku.data import TrainSampler
 from recipes.sudoku.puzzles import make_puzzle
-from recipes.sudoku.train import TrainConfig, Trainer, lr_at, min_clues_at, training_loss
+from recipes.sudoku.train import (
+    TrainConfig,
+    Trainer,
+    lr_at,
+    min_clues_at,
+    parse_args,
+    sampler_canvas,
+    training_loss,
+)
 from tests.recipes.helpers import tiny_checkpoint
 
 CONFIG = TrainConfig(batch_size=8, lr=3e-3, warmup=2, steps=30, schedule="steps", pool_size=4, eval_size=1)
@@ -29,21 +37,49 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("data")
 
 
-def test_a_few_steps_lower_the_loss(init_dir: Path) -> None:
+@pytest.mark.parametrize("own_canvas", [False, True])
+def test_a_few_steps_lower_the_loss(init_dir: Path, own_canvas: bool) -> None:
     torch.manual_seed(0)
     model = load_checkpoint(init_dir, with_tokenizer=False).model.train().requires_grad_(True)
     rng = random.Random(0)
     batch = TrainSampler([make_puzzle(rng) for _ in range(4)], rng, 30, 45).batch(16)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    losses = []
+
+    def held_loss() -> float:  # one fixed corruption, no self-conditioning
+        with torch.no_grad():
+            return float(training_loss(model, batch, torch.Generator().manual_seed(99), False)[0])
+
+    before = held_loss()
     for step in range(12):
         generator = torch.Generator().manual_seed(step % 3)  # the same three corruptions, cycled
-        loss, _ = training_loss(model, batch, generator, use_self_cond=step % 2 == 1)
+        loss, _ = training_loss(model, batch, generator, step % 2 == 1, own_canvas)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        losses.append(float(loss.detach()))
-    assert sum(losses[-3:]) < 0.8 * sum(losses[:3]), losses
+    assert held_loss() < 0.8 * before
+
+
+def test_sampler_canvas_keeps_the_most_confident_draws() -> None:
+    # Row 0: positions 0..4 are near one-hot on token 7 + position, the rest flat (high entropy).
+    processed = torch.zeros(2, 10, 32)
+    for i in range(5):
+        processed[0, i, 7 + i] = 50.0
+    processed[1] = processed[0].flip(0)  # the confident positions are 5..9 in row 1
+    keep = torch.tensor([5, 3])
+    canvas = sampler_canvas(processed, keep, 32, torch.Generator().manual_seed(0))
+    assert canvas[0, :5].tolist() == [7, 8, 9, 10, 11]
+    # Row 1 keeps 3 of its 5 confident positions; every other position is uniform noise.
+    kept = [i for i in range(5, 10) if canvas[1, i] == 7 + (9 - i)]
+    assert len(kept) >= 3
+    noise = torch.cat([canvas[0, 5:], canvas[1, :5]])
+    assert len(set(noise.tolist())) > 3  # not a copy of any prediction
+
+
+def test_boolean_options_parse_true_and_false() -> None:
+    assert parse_args(["--own-canvas", "false"])[1].own_canvas is False
+    assert parse_args(["--own-canvas", "1"])[1].own_canvas is True
+    with pytest.raises(SystemExit):
+        parse_args(["--own-canvas", "maybe"])
 
 
 def test_resume_continues_exactly(init_dir: Path, data_dir: Path, tmp_path: Path) -> None:
