@@ -18,7 +18,6 @@ from recipes.sudoku.train import (
     Trainer,
     lr_at,
     min_clues_at,
-    parse_args,
     sampler_canvas,
     training_loss,
 )
@@ -73,13 +72,6 @@ def test_sampler_canvas_keeps_the_most_confident_draws() -> None:
     assert len(kept) >= 3
     noise = torch.cat([canvas[0, 5:], canvas[1, :5]])
     assert len(set(noise.tolist())) > 3  # not a copy of any prediction
-
-
-def test_boolean_options_parse_true_and_false() -> None:
-    assert parse_args(["--own-canvas", "false"])[1].own_canvas is False
-    assert parse_args(["--own-canvas", "1"])[1].own_canvas is True
-    with pytest.raises(SystemExit):
-        parse_args(["--own-canvas", "maybe"])
 
 
 def test_resume_continues_exactly(init_dir: Path, data_dir: Path, tmp_path: Path) -> None:
