@@ -9,14 +9,15 @@ Self-conditioning: on half of the steps a first no-grad pass over the noisy canv
 divided by the temperature the sampler would use at that noise level (T = 0.4 + 0.4 t) they become soft
 embeddings (`engine.sampler.soft_embedding`) for the graded pass.
 
-Sampler-step canvases (from half-way through the schedule, `own_canvas_from`): on self-conditioned
-steps the graded pass does not read the uniformly corrupted canvas but the one a sampler step builds
-from the first pass, as at serving time: a draw from the tempered prediction at the (1 - t) * C
-lowest-entropy positions, uniform noise at the rest. Uniform noise is easy to tell from a solution (a
-random digit usually clashes with a clue); the model's own confident mistakes are not, and trained only
-on uniform noise it learns to trust every plausible digit it reads, so at serving time its first wrong
-guesses stay. Here it is graded on correcting them. The extra cost is one sort and one draw per step;
-the first pass is already run.
+Sampler-step canvases (an experiment, off in the shipped recipe: `--own-canvas-from F` turns them on
+from the fraction F of the schedule): on self-conditioned steps the graded pass does not read the
+uniformly corrupted canvas but the one a sampler step builds from the first pass, as at serving time: a
+draw from the tempered prediction at the (1 - t) * C lowest-entropy positions, uniform noise at the
+rest. The idea: uniform noise is easy to tell from a solution (a random digit usually clashes with a
+clue), the model's own confident mistakes are not, so a model trained only on uniform noise may trust
+every plausible digit it reads and keep its first wrong guesses. The extra cost is one sort and one draw
+per step; the first pass is already run. Measured, it did not help (README.md, "Tried: training on the
+sampler's own canvases").
 
 Run (the shipped recipe; see README.md):
     python -m recipes.sudoku.train --out recipes/sudoku/data/run --minutes 90
@@ -68,10 +69,9 @@ class TrainConfig:
     weight_decay: float = 0.05
     clip: float = 1.0
     self_cond_prob: float = 0.5
-    own_canvas_from: float = 0.5
+    own_canvas_from: float = 1.0
     """From this fraction of the schedule on, self-conditioned steps grade the model on the sampler-step
-    canvas of its first pass (see above); 1 turns it off. Before it the model is too weak for its own
-    canvases to teach much (on from the start, validation was behind at step 1000: 71% / 25% vs 83% / 46%)."""
+    canvas of its first pass (see above); 1, the shipped recipe, never."""
     min_clues: int = 24
     max_clues: int = 50
     start_min_clues: int = 44
