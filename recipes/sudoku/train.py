@@ -50,8 +50,16 @@ from recipes.sudoku import tokens
 from recipes.sudoku.checkpoint import init_checkpoint, save_checkpoint
 from recipes.sudoku.cli import add_threads_option
 from recipes.sudoku.data import DATA_DIR, VALID_SEED, Batch, Pair, TrainSampler, banded_set, minimal_pool
-from recipes.sudoku.dense_forward import dense_forward, head_logits, lm_head
+from recipes.sudoku.dense_forward import (
+    LayerForward,
+    compiled_layer_forward,
+    dense_forward,
+    head_logits,
+    layer_forward,
+    lm_head,
+)
 from recipes.sudoku.puzzles import consistent, is_valid_solution
+from recipes.sudoku.weight_average import WeightAverage
 
 
 @dataclass(frozen=True)
@@ -69,6 +77,11 @@ class TrainConfig:
     weight_decay: float = 0.05
     clip: float = 1.0
     self_cond_prob: float = 0.5
+    compile: bool = False
+    """Run the training forward's layers through `torch.compile` (about 12% faster steps on CPU)."""
+    ema: float = 0.0
+    """Decay of an exponential moving average of the weights (`weight_average.py`), 0 for none. With
+    one, every save also writes the averaged weights to `<out>-ema/`, and validation runs both."""
     own_canvas_from: float = 1.0
     """From this fraction of the schedule on, self-conditioned steps grade the model on the sampler-step
     canvas of its first pass (see above); 1, the shipped recipe, never."""
@@ -95,10 +108,18 @@ def corrupt(targets: Tensor, t: Tensor, vocab_size: int, generator: torch.Genera
     return torch.where(hit, noise, targets)
 
 
-def first_pass(model: DiffusionGemma, head: LMHead, prompts: Tensor, noisy: Tensor, t: Tensor) -> Tensor:
+def first_pass(
+    model: DiffusionGemma,
+    head: LMHead,
+    prompts: Tensor,
+    noisy: Tensor,
+    t: Tensor,
+    forward_layer: LayerForward = layer_forward,
+) -> Tensor:
     """No-grad logits (B, C, V) divided by the sampler's temperature for noise level t (0.4 + 0.4 t)."""
     with torch.no_grad():
-        logits = head_logits(dense_forward(model, prompts, noisy), head)  # (B, C, V)
+        hidden = dense_forward(model, prompts, noisy, forward_layer=forward_layer)
+        logits = head_logits(hidden, head)  # (B, C, V)
         return logits / (0.4 + 0.4 * t)[:, None, None]
 
 
@@ -118,6 +139,7 @@ def training_loss(
     generator: torch.Generator,
     use_self_cond: bool,
     own_canvas: bool = False,
+    forward_layer: LayerForward = layer_forward,
 ) -> tuple[Tensor, dict[str, float]]:
     """Cross-entropy of the denoiser on one corrupted batch, and accuracy figures for the log.
 
@@ -130,12 +152,13 @@ def training_loss(
     noisy = corrupt(batch.targets, t, vocab_size, generator)
     soft = None
     if use_self_cond:
-        processed = first_pass(model, head, batch.prompts, noisy, t)
+        processed = first_pass(model, head, batch.prompts, noisy, t, forward_layer)
         soft = soft_embedding(processed, head)
         if own_canvas:
             keep = ((1 - t) * noisy.shape[1]).round().long()
             noisy = sampler_canvas(processed, keep, vocab_size, generator)
-    logits = head_logits(dense_forward(model, batch.prompts, noisy, soft), head)  # (B, C, V)
+    hidden = dense_forward(model, batch.prompts, noisy, soft, forward_layer)
+    logits = head_logits(hidden, head)  # (B, C, V)
     loss = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten())
     with torch.no_grad():
         correct = logits.argmax(-1) == batch.targets  # (B, C)
@@ -209,6 +232,8 @@ class Trainer:
             lr=config.lr,
             betas=(0.9, 0.98),
         )
+        self.forward_layer = compiled_layer_forward() if config.compile else layer_forward
+        self.average = WeightAverage(self.model, config.ema) if config.ema > 0 else None
         self.rng = random.Random(config.seed)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.step = 0
@@ -218,8 +243,16 @@ class Trainer:
         self.sampler = TrainSampler(pool, self.rng, config.min_clues, config.max_clues)
         self.valid = banded_set(config.eval_size, VALID_SEED, data_dir, bands=("36-45", "28-35"))
 
+    @property
+    def average_dir(self) -> Path:
+        """Where the averaged weights go: `<out>-ema/` beside `<out>/`."""
+        return self.out_dir.with_name(self.out_dir.name + "-ema")
+
     def save(self) -> None:
         save_checkpoint(self.model, self.init_dir, self.out_dir)
+        if self.average is not None:
+            with self.average.swapped_in(self.model):
+                save_checkpoint(self.model, self.init_dir, self.average_dir)
         state = {
             "step": self.step,
             "elapsed": self.elapsed,
@@ -228,6 +261,7 @@ class Trainer:
             "python_rng": self.rng.getstate(),
             "torch_rng": self.generator.get_state(),
             "config": asdict(self.config),
+            "average": None if self.average is None else self.average.state_dict(),
         }
         tmp = self.state_path.with_suffix(".tmp")
         torch.save(state, tmp)
@@ -239,6 +273,8 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.rng.setstate(state["python_rng"])
         self.generator.set_state(state["torch_rng"])
+        if self.average is not None and state.get("average") is not None:
+            self.average.load_state_dict(state["average"])
         self.step = state["step"]
         self.elapsed = state["elapsed"]
 
@@ -262,11 +298,15 @@ class Trainer:
         batch = self.sampler.batch(self.config.batch_size)
         self_cond = self.rng.random() < self.config.self_cond_prob
         own_canvas = self.progress >= self.config.own_canvas_from
-        loss, metrics = training_loss(self.model, batch, self.generator, self_cond, own_canvas)
+        loss, metrics = training_loss(
+            self.model, batch, self.generator, self_cond, own_canvas, self.forward_layer
+        )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip)
         self.optimizer.step()
+        if self.average is not None:
+            self.average.update(self.model)
         self.step += 1
         self.elapsed += time.monotonic() - start
         return metrics | {
@@ -275,6 +315,16 @@ class Trainer:
             "self_cond": float(self_cond),
             "min_clues": self.sampler.min_clues,
         }
+
+    def validate(self) -> dict[str, float | str]:
+        """Validation of the current weights, and of the averaged ones (keys `ema_*`) if kept."""
+        row: dict[str, float | str] = {"step": self.step, "kind": "valid"}
+        row |= validate(self.model, self.out_dir, self.valid)
+        if self.average is not None:
+            with self.average.swapped_in(self.model):
+                averaged = validate(self.model, self.out_dir, self.valid)
+            row |= {f"ema_{k}": v for k, v in averaged.items()}
+        return row
 
     def run(self, log_path: Path) -> None:
         config = self.config
@@ -298,10 +348,7 @@ class Trainer:
                 if self.step % config.eval_every == 0:
                     self.save()
                     last_save = time.monotonic()
-                    row = validate(self.model, self.out_dir, self.valid) | {
-                        "step": self.step,
-                        "kind": "valid",
-                    }
+                    row = self.validate()
                     tqdm.write(json.dumps(row))
                     log.write(json.dumps(row) + "\n")
                 elif time.monotonic() - last_save > 60 * config.save_minutes:
@@ -315,6 +362,12 @@ def _mean(rows: list[dict[str, float]]) -> dict[str, float]:
     return {k: round(sum(r[k] for r in rows) / len(rows), 5) for k in rows[0]}
 
 
+def _parse_bool(text: str) -> bool:
+    if text.lower() not in ("true", "false"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return text.lower() == "true"
+
+
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, TrainConfig]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=DATA_DIR / "run", help="checkpoint directory to write")
@@ -323,7 +376,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, TrainConfig]
     add_threads_option(parser)
     defaults = TrainConfig()
     for name, value in asdict(defaults).items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+        kind = _parse_bool if isinstance(value, bool) else type(value)
+        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=value)
     args = parser.parse_args(argv)
     fields = {name: getattr(args, name) for name in asdict(defaults)}
     return args, TrainConfig(**fields)

@@ -10,7 +10,13 @@ import torch
 from engine.model.diffusion_gemma import DiffusionGemma
 from engine.model.loader import load_checkpoint
 from engine.sampler import logits_for
-from recipes.sudoku.dense_forward import attention_mask, dense_forward, head_logits, lm_head
+from recipes.sudoku.dense_forward import (
+    attention_mask,
+    compiled_layer_forward,
+    dense_forward,
+    head_logits,
+    lm_head,
+)
 from tests.recipes.helpers import paged_forward, tiny_checkpoint
 
 
@@ -40,6 +46,23 @@ def test_dense_forward_matches_engine(tmp_path: Path, window: int) -> None:
         torch.testing.assert_close(ours, engine, atol=2e-5, rtol=1e-4)
     head = lm_head(model)
     torch.testing.assert_close(head_logits(ours[0], head), logits_for(ours[0], head))
+
+
+def test_compiled_layers_match_eager_values_and_gradients(tmp_path: Path) -> None:
+    model = _perturbed(tmp_path).requires_grad_(True)
+    gen = torch.Generator().manual_seed(2)
+    prompts = torch.randint(0, 32, (2, 82), generator=gen)
+    canvases = torch.randint(0, 32, (2, 82), generator=gen)
+    results = []
+    for forward_layer in (None, compiled_layer_forward()):
+        model.zero_grad()
+        kwargs = {} if forward_layer is None else {"forward_layer": forward_layer}
+        hidden = dense_forward(model, prompts, canvases, **kwargs)
+        hidden.square().mean().backward()
+        results.append((hidden.detach(), model.embed_tokens.weight.grad.clone()))
+    (eager, eager_grad), (compiled, compiled_grad) = results
+    torch.testing.assert_close(compiled, eager, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(compiled_grad, eager_grad, atol=2e-5, rtol=1e-3)
 
 
 def test_mask_semantics() -> None:
