@@ -11,6 +11,7 @@ from engine.model.attention import LayerCache, Segment
 from engine.model.cache_tensors import allocate_layer_caches
 from engine.model.diffusion_gemma import DiffusionGemma, ForwardBatch
 from recipes.sudoku.checkpoint import init_checkpoint
+from recipes.sudoku.train import TrainConfig, Trainer
 
 TINY: dict[str, Any] = dict(
     hidden_size=32,
@@ -28,6 +29,25 @@ TINY: dict[str, Any] = dict(
 def tiny_checkpoint(path: Path, seed: int = 0, **overrides: Any) -> Path:
     init_checkpoint(path, seed=seed, **(TINY | overrides))
     return path
+
+
+def straight_and_resumed(
+    config: TrainConfig, init_dir: Path, work: Path, data_dir: Path, steps: int = 4
+) -> tuple[Trainer, Trainer]:
+    """Two trainers after `steps` steps: one straight through, one saved half-way and resumed."""
+    straight = Trainer(config, init_dir, work / "a", work / "a.pt", data_dir)
+    for _ in range(steps):
+        straight.train_step()
+    interrupted = Trainer(config, init_dir, work / "b", work / "b.pt", data_dir)
+    for _ in range(steps // 2):
+        interrupted.train_step()
+    interrupted.save()
+    resumed = Trainer(config, init_dir, work / "b", work / "b.pt", data_dir)
+    resumed.resume()
+    assert resumed.step == steps // 2
+    for _ in range(steps - steps // 2):
+        resumed.train_step()
+    return straight, resumed
 
 
 def paged_forward(

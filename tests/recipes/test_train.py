@@ -21,7 +21,7 @@ from recipes.sudoku.train import (
     sampler_canvas,
     training_loss,
 )
-from tests.recipes.helpers import tiny_checkpoint
+from tests.recipes.helpers import straight_and_resumed, tiny_checkpoint
 
 CONFIG = TrainConfig(batch_size=8, lr=3e-3, warmup=2, steps=30, schedule="steps", pool_size=4, eval_size=1)
 
@@ -75,18 +75,7 @@ def test_sampler_canvas_keeps_the_most_confident_draws() -> None:
 
 
 def test_resume_continues_exactly(init_dir: Path, data_dir: Path, tmp_path: Path) -> None:
-    straight = Trainer(CONFIG, init_dir, tmp_path / "a", tmp_path / "a.pt", data_dir)
-    for _ in range(4):
-        straight.train_step()
-    interrupted = Trainer(CONFIG, init_dir, tmp_path / "b", tmp_path / "b.pt", data_dir)
-    for _ in range(2):
-        interrupted.train_step()
-    interrupted.save()
-    resumed = Trainer(CONFIG, init_dir, tmp_path / "b", tmp_path / "b.pt", data_dir)
-    resumed.resume()
-    assert resumed.step == 2
-    for _ in range(2):
-        resumed.train_step()
+    straight, resumed = straight_and_resumed(CONFIG, init_dir, tmp_path, data_dir)
     for (name, a), b in zip(
         straight.model.state_dict().items(), resumed.model.state_dict().values(), strict=True
     ):

@@ -10,9 +10,8 @@ import torch
 from torch import nn
 
 from engine.model.loader import load_checkpoint
-from recipes.sudoku.train import Trainer
 from recipes.sudoku.weight_average import WeightAverage
-from tests.recipes.helpers import tiny_checkpoint
+from tests.recipes.helpers import straight_and_resumed, tiny_checkpoint
 from tests.recipes.test_train import CONFIG
 
 
@@ -54,17 +53,7 @@ def test_decay_outside_zero_one_is_refused() -> None:
 def test_training_keeps_saves_and_resumes_the_average(tmp_path: Path) -> None:
     init_dir = tiny_checkpoint(tmp_path / "init")
     config = replace(CONFIG, ema=0.9)
-    straight = Trainer(config, init_dir, tmp_path / "a", tmp_path / "a.pt", tmp_path)
-    for _ in range(4):
-        straight.train_step()
-    interrupted = Trainer(config, init_dir, tmp_path / "b", tmp_path / "b.pt", tmp_path)
-    for _ in range(2):
-        interrupted.train_step()
-    interrupted.save()
-    resumed = Trainer(config, init_dir, tmp_path / "b", tmp_path / "b.pt", tmp_path)
-    resumed.resume()
-    for _ in range(2):
-        resumed.train_step()
+    straight, resumed = straight_and_resumed(config, init_dir, tmp_path, tmp_path)
     assert straight.average is not None and resumed.average is not None
     for a, b in zip(straight.average.averages, resumed.average.averages, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
