@@ -15,6 +15,7 @@ from recipes.sudoku.dense_forward import (
     compiled_layer_forward,
     dense_forward,
     head_logits,
+    layer_forward,
     lm_head,
 )
 from tests.recipes.helpers import paged_forward, tiny_checkpoint
@@ -54,10 +55,9 @@ def test_compiled_layers_match_eager_values_and_gradients(tmp_path: Path) -> Non
     prompts = torch.randint(0, 32, (2, 82), generator=gen)
     canvases = torch.randint(0, 32, (2, 82), generator=gen)
     results = []
-    for forward_layer in (None, compiled_layer_forward()):
+    for forward_layer in (layer_forward, compiled_layer_forward()):
         model.zero_grad()
-        kwargs = {} if forward_layer is None else {"forward_layer": forward_layer}
-        hidden = dense_forward(model, prompts, canvases, **kwargs)
+        hidden = dense_forward(model, prompts, canvases, forward_layer=forward_layer)
         hidden.square().mean().backward()
         results.append((hidden.detach(), model.embed_tokens.weight.grad.clone()))
     (eager, eager_grad), (compiled, compiled_grad) = results
