@@ -1,17 +1,21 @@
 """A training forward over fixed-shape examples that runs the engine's own modules.
 
-Every training example has the same shape: a causal prompt segment (positions 0..P-1) followed by a
-bidirectional canvas segment (positions P..P+C-1). The engine's `DiffusionGemma.forward` runs such a
-batch as a flat list of segments over a paged cache; here the same layers run on a dense (B, S, H)
-batch with one (S, S) attention mask, which autograd handles cheaply. Projections, norms, MLPs, router,
-experts, self-conditioning, `layer_scalar`s, RoPE and the tied head are the engine's modules and weights,
-so training and serving share one model definition; tests/recipes/test_dense_forward.py checks that
-this forward equals the engine's paged forward.
+Every training example is a causal prompt segment (positions 0..P-1) followed by a bidirectional
+canvas segment (positions P..P+C-1). The engine's `DiffusionGemma.forward` runs such a batch as a flat
+list of segments over a paged cache; here the same layers run on dense batches, in the engine's order:
+`encode_prompts` runs the prompts (B, P) causally and keeps each layer's prompt keys and values, as
+prefill fills the cache, and `decode_canvases` runs canvases (B * R, C) over them, R canvases per
+prompt. The prompt never sees its canvas, so one encoding serves every canvas drawn for it: R noise
+levels of one puzzle, and the self-conditioning pass and the graded pass of one step. Projections,
+norms, MLPs, router, experts, self-conditioning, `layer_scalar`s, RoPE and the tied head are the
+engine's modules and weights, so training and serving share one model definition;
+tests/recipes/test_dense_forward.py checks this forward against the engine's paged forward.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +25,10 @@ from engine.config import LayerKind
 from engine.model.diffusion_gemma import Attention, DiffusionGemma, Layer
 from engine.model.layers import apply_rope, rope_cos_sin
 from engine.sampler import LMHead
+
+Rope = tuple[Tensor, Tensor]
+PromptLayer = Callable[[Layer, Tensor, Rope, Tensor], tuple[Tensor, Tensor, Tensor]]
+CanvasLayer = Callable[[Layer, Tensor, Rope, Tensor, Tensor, Tensor], Tensor]
 
 
 def attention_mask(num_prompt: int, num_canvas: int, window: int | None, device: torch.device) -> Tensor:
@@ -40,24 +48,21 @@ def attention_mask(num_prompt: int, num_canvas: int, window: int | None, device:
     return mask
 
 
-def _attention(attn: Attention, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor) -> Tensor:
-    """`engine.model.diffusion_gemma.Attention.forward` on (B, S, H) with a dense mask."""
+def _project(attn: Attention, x: Tensor, rope: Rope) -> tuple[Tensor, Tensor, Tensor]:
+    """q (B, heads, S, d), k and v (B, kv_heads, S, d): normed, RoPE on q and k."""
     batch, size, _ = x.shape
-    q = attn.q_proj(x).view(batch, size, -1, attn.head_dim)  # (B, S, heads, d)
-    raw_k = attn.k_proj(x).view(batch, size, -1, attn.head_dim)  # (B, S, kv_heads, d)
+    q = attn.q_proj(x).view(batch, size, -1, attn.head_dim)
+    raw_k = attn.k_proj(x).view(batch, size, -1, attn.head_dim)
     raw_v = raw_k if attn.v_proj is None else attn.v_proj(x).view(batch, size, -1, attn.head_dim)
     q = apply_rope(attn.q_norm(q), *rope)
     k = apply_rope(attn.k_norm(raw_k), *rope)
-    v = attn.v_norm(raw_v)
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2),  # (B, heads, S, d)
-        k.transpose(1, 2),  # (B, kv_heads, S, d)
-        v.transpose(1, 2),
-        attn_mask=mask,
-        scale=1.0,
-        enable_gqa=True,
-    )
-    return attn.o_proj(out.transpose(1, 2).reshape(batch, size, -1))
+    return q.transpose(1, 2), k.transpose(1, 2), attn.v_norm(raw_v).transpose(1, 2)
+
+
+def _attend(attn: Attention, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """Scale-1 attention of q over k, v under `mask` (Sq, Sk), then o_proj: -> (B, Sq, H)."""
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0, enable_gqa=True)
+    return attn.o_proj(out.transpose(1, 2).flatten(2))
 
 
 @torch.compiler.disable
@@ -67,31 +72,118 @@ def _moe(layer: Layer, flat: Tensor) -> Tensor:
     return layer._moe(flat)  # (T, H)
 
 
-def layer_forward(
-    layer: Layer, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor, is_decoder: Tensor
-) -> Tensor:
-    """`engine.model.diffusion_gemma.Layer.forward` on (B, S, H); `is_decoder` is (S,) bool."""
-    attn = _attention(layer.self_attn, layer.input_layernorm(x), rope, mask)
+def _feed_forward(layer: Layer, x: Tensor, attn: Tensor, scalar: Tensor) -> Tensor:
+    """The rest of `engine.model.diffusion_gemma.Layer.forward` after attention, on (B, S, H)."""
     residual = x + layer.post_attention_layernorm(attn)
     dense = layer.post_feedforward_layernorm_1(layer.mlp(layer.pre_feedforward_layernorm(residual)))
     flat = residual.reshape(-1, residual.shape[-1])  # (B*S, H): router and experts take tokens
     moe = layer.post_feedforward_layernorm_2(_moe(layer, flat)).view_as(residual)
-    x = residual + layer.post_feedforward_layernorm(dense + moe)
-    return x * torch.where(is_decoder[:, None], layer.layer_scalar, layer.encoder_layer_scalar)  # (S, 1)
+    return (residual + layer.post_feedforward_layernorm(dense + moe)) * scalar
 
 
-LayerForward = Callable[[Layer, Tensor, tuple[Tensor, Tensor], Tensor, Tensor], Tensor]
+def prompt_layer(layer: Layer, x: Tensor, rope: Rope, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """One encoder layer over prompts (B, P, H) with a (P, P) mask -> (next x, k, v)."""
+    q, k, v = _project(layer.self_attn, layer.input_layernorm(x), rope)
+    attn = _attend(layer.self_attn, q, k, v, mask)
+    return _feed_forward(layer, x, attn, layer.encoder_layer_scalar), k, v
 
 
-def compiled_layer_forward() -> LayerForward:
-    """`layer_forward` through `torch.compile` (inductor, which needs a C compiler on CPU).
+def canvas_layer(
+    layer: Layer, x: Tensor, rope: Rope, mask: Tensor, prompt_k: Tensor, prompt_v: Tensor
+) -> Tensor:
+    """One decoder layer over canvases (B*R, C, H) reading their prompts' keys and values (B*R, ., P, d)
+    and their own, with a (C, P + C) mask."""
+    q, k, v = _project(layer.self_attn, layer.input_layernorm(x), rope)
+    keys, values = torch.cat([prompt_k, k], dim=2), torch.cat([prompt_v, v], dim=2)
+    attn = _attend(layer.self_attn, q, keys, values, mask)
+    return _feed_forward(layer, x, attn, layer.layer_scalar)
 
-    It fuses the norms, RoPE, GELU and residual arithmetic that the eager forward runs as separate
-    passes over memory; router and experts stay eager (`_moe`). Measured on an idle 2-core CPU
-    (`bench/train_step.py`), the Sudoku model's training step falls from 2.21 s to 1.97 s (2.67 s to
-    2.40 s with self-conditioning), after about 34 s of compiling.
-    """
-    return torch.compile(layer_forward, dynamic=False)  # type: ignore[return-value]
+
+@dataclass(frozen=True)
+class LayerForwards:
+    """The per-layer functions the forward runs: eager, or each through `torch.compile`."""
+
+    prompt: PromptLayer = prompt_layer
+    canvas: CanvasLayer = canvas_layer
+
+
+EAGER = LayerForwards()
+
+
+def compiled_layer_forwards() -> LayerForwards:
+    """`prompt_layer` and `canvas_layer` through `torch.compile` (inductor, which needs a C compiler on
+    CPU). It fuses the norms, RoPE, GELU and residual arithmetic that the eager forward runs as separate
+    passes over memory; router and experts stay eager (`_moe`). Measured in bench/RESULTS.md
+    (`bench/train_step.py`)."""
+    prompt = torch.compile(prompt_layer, dynamic=False)
+    canvas = torch.compile(canvas_layer, dynamic=False)
+    return LayerForwards(prompt=prompt, canvas=canvas)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class PromptCache:
+    """What the canvases read from their prompts: per layer k and v (B, kv_heads, P, d)."""
+
+    keys: list[Tensor]
+    values: list[Tensor]
+
+    @property
+    def num_prompt(self) -> int:
+        return self.keys[0].shape[2]
+
+    def detached(self) -> PromptCache:
+        return PromptCache([k.detach() for k in self.keys], [v.detach() for v in self.values])
+
+
+def _rope(model: DiffusionGemma, kind: LayerKind, positions: Tensor, dtype: torch.dtype) -> Rope:
+    return rope_cos_sin(getattr(model, f"{kind}_inv_freq"), positions, dtype)
+
+
+def _window(model: DiffusionGemma, kind: LayerKind) -> int | None:
+    return model.config.sliding_window if kind == "sliding" else None
+
+
+def encode_prompts(model: DiffusionGemma, prompts: Tensor, forwards: LayerForwards = EAGER) -> PromptCache:
+    """prompts (B, P) long -> every layer's prompt keys and values. The last layer's MLPs are skipped:
+    nothing reads the prompt rows' output."""
+    num_prompt = prompts.shape[1]
+    x = model.embed_tokens(prompts) * model.embed_scale  # (B, P, H)
+    positions = torch.arange(num_prompt, device=prompts.device)
+    keys, values = [], []
+    last = len(model.layers) - 1
+    for i, (layer, spec) in enumerate(zip(model.layers, model.config.layers, strict=True)):
+        rope = _rope(model, spec.kind, positions, x.dtype)
+        if i == last:
+            _, k, v = _project(layer.self_attn, layer.input_layernorm(x), rope)
+        else:
+            mask = attention_mask(num_prompt, 0, _window(model, spec.kind), prompts.device)
+            x, k, v = forwards.prompt(layer, x, rope, mask)
+        keys.append(k)
+        values.append(v)
+    return PromptCache(keys, values)
+
+
+def decode_canvases(
+    model: DiffusionGemma,
+    cache: PromptCache,
+    canvases: Tensor,
+    soft_embeds: Tensor | None = None,
+    forwards: LayerForwards = EAGER,
+) -> Tensor:
+    """canvases (B * R, C) long, R per prompt in prompt order; soft_embeds (B * R, C, H) or None ->
+    canvas hidden (B * R, C, H), final-normed like `DiffusionGemma.forward`'s decoder rows (feed it to
+    `head_logits`)."""
+    num_prompt, num_canvas = cache.num_prompt, canvases.shape[1]
+    repeats = canvases.shape[0] // cache.keys[0].shape[0]
+    embeds = model.embed_tokens(canvases) * model.embed_scale  # (B*R, C, H)
+    x = model.self_conditioning(embeds, soft_embeds)
+    positions = torch.arange(num_prompt, num_prompt + num_canvas, device=canvases.device)
+    for layer, spec, k, v in zip(model.layers, model.config.layers, cache.keys, cache.values, strict=True):
+        rope = _rope(model, spec.kind, positions, x.dtype)
+        full = attention_mask(num_prompt, num_canvas, _window(model, spec.kind), canvases.device)
+        prompt_k, prompt_v = k.repeat_interleave(repeats, dim=0), v.repeat_interleave(repeats, dim=0)
+        x = forwards.canvas(layer, x, rope, full[num_prompt:], prompt_k, prompt_v)
+    return model.norm(x)
 
 
 def dense_forward(
@@ -99,28 +191,10 @@ def dense_forward(
     prompts: Tensor,
     canvases: Tensor,
     soft_embeds: Tensor | None = None,
-    forward_layer: LayerForward = layer_forward,
+    forwards: LayerForwards = EAGER,
 ) -> Tensor:
-    """prompts (B, P), canvases (B, C) long, soft_embeds (B, C, H) or None -> canvas hidden (B, C, H).
-
-    The result is final-normed, like `DiffusionGemma.forward`'s decoder rows; feed it to `head_logits`.
-    """
-    num_prompt, num_canvas = prompts.shape[1], canvases.shape[1]
-    device = prompts.device
-    embeds = model.embed_tokens(torch.cat([prompts, canvases], dim=1)) * model.embed_scale  # (B, S, H)
-    canvas_in = model.self_conditioning(embeds[:, num_prompt:], soft_embeds)
-    x = torch.cat([embeds[:, :num_prompt], canvas_in], dim=1)
-    positions = torch.arange(num_prompt + num_canvas, device=device)
-    is_decoder = positions >= num_prompt
-    ropes: dict[LayerKind, tuple[Tensor, Tensor]] = {}
-    masks: dict[LayerKind, Tensor] = {}
-    for kind in model.rope_kinds:
-        ropes[kind] = rope_cos_sin(getattr(model, f"{kind}_inv_freq"), positions, x.dtype)
-        window = model.config.sliding_window if kind == "sliding" else None
-        masks[kind] = attention_mask(num_prompt, num_canvas, window, device)
-    for layer, spec in zip(model.layers, model.config.layers, strict=True):
-        x = forward_layer(layer, x, ropes[spec.kind], masks[spec.kind], is_decoder)
-    return model.norm(x[:, num_prompt:])
+    """prompts (B, P), canvases (B * R, C) long, soft_embeds (B * R, C, H) or None -> canvas hidden."""
+    return decode_canvases(model, encode_prompts(model, prompts, forwards), canvases, soft_embeds, forwards)
 
 
 def lm_head(model: DiffusionGemma) -> LMHead:

@@ -51,11 +51,13 @@ from recipes.sudoku.checkpoint import init_checkpoint, save_checkpoint
 from recipes.sudoku.cli import add_threads_option
 from recipes.sudoku.data import DATA_DIR, VALID_SEED, Batch, Pair, TrainSampler, banded_set, minimal_pool
 from recipes.sudoku.dense_forward import (
-    LayerForward,
-    compiled_layer_forward,
-    dense_forward,
+    EAGER,
+    LayerForwards,
+    PromptCache,
+    compiled_layer_forwards,
+    decode_canvases,
+    encode_prompts,
     head_logits,
-    layer_forward,
     lm_head,
 )
 from recipes.sudoku.puzzles import consistent, is_valid_solution
@@ -71,6 +73,10 @@ class TrainConfig:
     elapsed / minutes, so the run always ends its schedule inside its time budget however busy the
     (shared) CPU is; the data and noise stay seeded, only the number of steps varies."""
     batch_size: int = 64
+    """Canvases per step."""
+    canvases_per_puzzle: int = 1
+    """Canvases drawn (each at its own noise level) per puzzle of a step: `batch_size / this` puzzles,
+    each prompt encoded once for all its canvases."""
     lr: float = 2e-3
     min_lr_ratio: float = 0.1
     warmup: int = 100
@@ -111,14 +117,14 @@ def corrupt(targets: Tensor, t: Tensor, vocab_size: int, generator: torch.Genera
 def first_pass(
     model: DiffusionGemma,
     head: LMHead,
-    prompts: Tensor,
+    cache: PromptCache,
     noisy: Tensor,
     t: Tensor,
-    forward_layer: LayerForward = layer_forward,
+    forwards: LayerForwards = EAGER,
 ) -> Tensor:
     """No-grad logits (B, C, V) divided by the sampler's temperature for noise level t (0.4 + 0.4 t)."""
     with torch.no_grad():
-        hidden = dense_forward(model, prompts, noisy, forward_layer=forward_layer)
+        hidden = decode_canvases(model, cache.detached(), noisy, forwards=forwards)
         logits = head_logits(hidden, head)  # (B, C, V)
         return logits / (0.4 + 0.4 * t)[:, None, None]
 
@@ -139,30 +145,34 @@ def training_loss(
     generator: torch.Generator,
     use_self_cond: bool,
     own_canvas: bool = False,
-    forward_layer: LayerForward = layer_forward,
+    forwards: LayerForwards = EAGER,
+    canvases_per_puzzle: int = 1,
 ) -> tuple[Tensor, dict[str, float]]:
     """Cross-entropy of the denoiser on one corrupted batch, and accuracy figures for the log.
 
-    With `use_self_cond` the graded pass gets the first pass's soft embeddings, and with `own_canvas`
-    also its sampler-step canvas in place of the corrupted one.
+    Each puzzle's prompt is encoded once and read by `canvases_per_puzzle` canvases, each corrupted at
+    its own noise level. With `use_self_cond` the graded pass gets the first pass's soft embeddings, and
+    with `own_canvas` also its sampler-step canvas in place of the corrupted one.
     """
     head = lm_head(model)
     vocab_size = model.config.vocab_size
-    t = torch.rand(batch.targets.shape[0], generator=generator)
-    noisy = corrupt(batch.targets, t, vocab_size, generator)
+    targets = batch.targets.repeat_interleave(canvases_per_puzzle, dim=0)  # (B * R, C)
+    t = torch.rand(targets.shape[0], generator=generator)
+    noisy = corrupt(targets, t, vocab_size, generator)
+    cache = encode_prompts(model, batch.prompts, forwards)
     soft = None
     if use_self_cond:
-        processed = first_pass(model, head, batch.prompts, noisy, t, forward_layer)
+        processed = first_pass(model, head, cache, noisy, t, forwards)
         soft = soft_embedding(processed, head)
         if own_canvas:
             keep = ((1 - t) * noisy.shape[1]).round().long()
             noisy = sampler_canvas(processed, keep, vocab_size, generator)
-    hidden = dense_forward(model, batch.prompts, noisy, soft, forward_layer)
-    logits = head_logits(hidden, head)  # (B, C, V)
-    loss = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten())
+    hidden = decode_canvases(model, cache, noisy, soft, forwards)
+    logits = head_logits(hidden, head)  # (B * R, C, V)
+    loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
     with torch.no_grad():
-        correct = logits.argmax(-1) == batch.targets  # (B, C)
-        blank = batch.prompts[:, 1:] == tokens.BLANK  # (B, 81)
+        correct = logits.argmax(-1) == targets  # (B * R, C)
+        blank = (batch.prompts[:, 1:] == tokens.BLANK).repeat_interleave(canvases_per_puzzle, dim=0)
         metrics = {
             "loss": float(loss.detach()),
             "blank_acc": float(correct[:, :-1][blank].float().mean()),
@@ -232,7 +242,9 @@ class Trainer:
             lr=config.lr,
             betas=(0.9, 0.98),
         )
-        self.forward_layer = compiled_layer_forward() if config.compile else layer_forward
+        if config.batch_size % config.canvases_per_puzzle:
+            raise ValueError("batch_size must be a multiple of canvases_per_puzzle")
+        self.forwards = compiled_layer_forwards() if config.compile else EAGER
         self.average = WeightAverage(self.model, config.ema) if config.ema > 0 else None
         self.rng = random.Random(config.seed)
         self.generator = torch.Generator().manual_seed(config.seed)
@@ -295,11 +307,17 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.sampler.min_clues = min_clues_at(self.progress, self.config)
-        batch = self.sampler.batch(self.config.batch_size)
+        batch = self.sampler.batch(self.config.batch_size // self.config.canvases_per_puzzle)
         self_cond = self.rng.random() < self.config.self_cond_prob
         own_canvas = self.progress >= self.config.own_canvas_from
         loss, metrics = training_loss(
-            self.model, batch, self.generator, self_cond, own_canvas, self.forward_layer
+            self.model,
+            batch,
+            self.generator,
+            self_cond,
+            own_canvas,
+            self.forwards,
+            self.config.canvases_per_puzzle,
         )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -11,11 +11,11 @@ from engine.model.diffusion_gemma import DiffusionGemma
 from engine.model.loader import load_checkpoint
 from engine.sampler import logits_for
 from recipes.sudoku.dense_forward import (
+    EAGER,
     attention_mask,
-    compiled_layer_forward,
+    compiled_layer_forwards,
     dense_forward,
     head_logits,
-    layer_forward,
     lm_head,
 )
 from tests.recipes.helpers import paged_forward, tiny_checkpoint
@@ -49,15 +49,34 @@ def test_dense_forward_matches_engine(tmp_path: Path, window: int) -> None:
     torch.testing.assert_close(head_logits(ours[0], head), logits_for(ours[0], head))
 
 
+@pytest.mark.parametrize("window", [256, 5])
+def test_several_canvases_per_prompt_match_repeated_prompts(tmp_path: Path, window: int) -> None:
+    """Canvases 2i and 2i + 1 read prompt i: the same as giving each canvas its own copy of the prompt,
+    in values and in the gradients that flow back through the shared prompt encoding."""
+    model = _perturbed(tmp_path, sliding_window=window).requires_grad_(True)
+    gen = torch.Generator().manual_seed(3)
+    prompts = torch.randint(0, 32, (2, 82), generator=gen)
+    canvases = torch.randint(0, 32, (4, 82), generator=gen)
+    results = []
+    for prompt_rows in (prompts, prompts.repeat_interleave(2, dim=0)):
+        model.zero_grad()
+        hidden = dense_forward(model, prompt_rows, canvases)
+        hidden.square().mean().backward()
+        results.append((hidden.detach(), model.embed_tokens.weight.grad.clone()))
+    (shared, shared_grad), (repeated, repeated_grad) = results
+    torch.testing.assert_close(shared, repeated, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(shared_grad, repeated_grad, atol=2e-5, rtol=1e-3)
+
+
 def test_compiled_layers_match_eager_values_and_gradients(tmp_path: Path) -> None:
     model = _perturbed(tmp_path).requires_grad_(True)
     gen = torch.Generator().manual_seed(2)
     prompts = torch.randint(0, 32, (2, 82), generator=gen)
     canvases = torch.randint(0, 32, (2, 82), generator=gen)
     results = []
-    for forward_layer in (layer_forward, compiled_layer_forward()):
+    for forwards in (EAGER, compiled_layer_forwards()):
         model.zero_grad()
-        hidden = dense_forward(model, prompts, canvases, forward_layer=forward_layer)
+        hidden = dense_forward(model, prompts, canvases, forwards=forwards)
         hidden.square().mean().backward()
         results.append((hidden.detach(), model.embed_tokens.weight.grad.clone()))
     (eager, eager_grad), (compiled, compiled_grad) = results
