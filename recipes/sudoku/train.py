@@ -91,6 +91,9 @@ class TrainConfig:
     own_canvas_from: float = 1.0
     """From this fraction of the schedule on, self-conditioned steps grade the model on the sampler-step
     canvas of its first pass (see above); 1, the shipped recipe, never."""
+    short_chain_keep: float = 1.0
+    """Probability of keeping an example that singles solve in at most 6 rounds (`TrainSampler`); 1,
+    the shipped recipe, keeps all."""
     min_clues: int = 24
     max_clues: int = 50
     start_min_clues: int = 44
@@ -252,7 +255,9 @@ class Trainer:
         self.elapsed = 0.0
         """Seconds of training so far (carried across resumes; drives the "time" schedule)."""
         pool = minimal_pool(config.pool_size, data_dir=data_dir)
-        self.sampler = TrainSampler(pool, self.rng, config.min_clues, config.max_clues)
+        self.sampler = TrainSampler(
+            pool, self.rng, config.min_clues, config.max_clues, config.short_chain_keep
+        )
         self.valid = banded_set(config.eval_size, VALID_SEED, data_dir, bands=("36-45", "28-35"))
 
     @property

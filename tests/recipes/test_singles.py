@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import random
 
-from recipes.sudoku.chains import bucket, fill_singles, singles_rounds
+from recipes.sudoku.data import TrainSampler
 from recipes.sudoku.puzzles import make_puzzle, random_grid
+from recipes.sudoku.singles import bucket, fill_singles, singles_rounds
 
 
 def test_round_counts_of_simple_cases() -> None:
@@ -28,3 +29,18 @@ def test_singles_only_ever_fill_the_solution() -> None:
         assert rounds >= 1
         completed += all(grid)
     assert completed > 0  # most 28-clue puzzles fall to singles (86 of 100 held out)
+
+
+def test_sampler_weights_toward_long_chains() -> None:
+    rng = random.Random(2)
+    pool = [make_puzzle(rng) for _ in range(6)]  # minimal puzzles
+    plain = TrainSampler(pool, random.Random(3), 30, 36)
+    weighted = TrainSampler(pool, random.Random(3), 30, 36, short_chain_keep=0.0)
+    short = [_short(plain.example()[0]) for _ in range(40)]
+    assert 0 < sum(short) < 40  # the plain mix has both kinds
+    assert not any(_short(weighted.example()[0]) for _ in range(40))
+
+
+def _short(puzzle: list[int]) -> bool:
+    rounds = singles_rounds(puzzle)
+    return rounds is not None and rounds <= TrainSampler.SHORT_CHAIN
