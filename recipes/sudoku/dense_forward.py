@@ -186,17 +186,6 @@ def decode_canvases(
     return model.norm(x)
 
 
-def dense_forward(
-    model: DiffusionGemma,
-    prompts: Tensor,
-    canvases: Tensor,
-    soft_embeds: Tensor | None = None,
-    forwards: LayerForwards = EAGER,
-) -> Tensor:
-    """prompts (B, P), canvases (B * R, C) long, soft_embeds (B * R, C, H) or None -> canvas hidden."""
-    return decode_canvases(model, encode_prompts(model, prompts, forwards), canvases, soft_embeds, forwards)
-
-
 def lm_head(model: DiffusionGemma) -> LMHead:
     """The tied head the engine's sampler uses."""
     return LMHead(model.embed_tokens.weight, model.config.final_logit_softcapping, model.embed_scale)

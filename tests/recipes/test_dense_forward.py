@@ -14,7 +14,8 @@ from recipes.sudoku.dense_forward import (
     EAGER,
     attention_mask,
     compiled_layer_forwards,
-    dense_forward,
+    decode_canvases,
+    encode_prompts,
     head_logits,
     lm_head,
 )
@@ -42,7 +43,7 @@ def test_dense_forward_matches_engine(tmp_path: Path, window: int) -> None:
     soft = torch.randn(3, 82, model.config.hidden_size, generator=gen)
     for s in (None, soft):
         with torch.no_grad():
-            ours = dense_forward(model, prompts, canvases, s)
+            ours = decode_canvases(model, encode_prompts(model, prompts), canvases, s)
             engine = paged_forward(model, prompts, canvases, s)
         torch.testing.assert_close(ours, engine, atol=2e-5, rtol=1e-4)
     head = lm_head(model)
@@ -60,7 +61,7 @@ def test_several_canvases_per_prompt_match_repeated_prompts(tmp_path: Path, wind
     results = []
     for prompt_rows in (prompts, prompts.repeat_interleave(2, dim=0)):
         model.zero_grad()
-        hidden = dense_forward(model, prompt_rows, canvases)
+        hidden = decode_canvases(model, encode_prompts(model, prompt_rows), canvases)
         hidden.square().mean().backward()
         results.append((hidden.detach(), model.embed_tokens.weight.grad.clone()))
     (shared, shared_grad), (repeated, repeated_grad) = results
@@ -76,7 +77,7 @@ def test_compiled_layers_match_eager_values_and_gradients(tmp_path: Path) -> Non
     results = []
     for forwards in (EAGER, compiled_layer_forwards()):
         model.zero_grad()
-        hidden = dense_forward(model, prompts, canvases, forwards=forwards)
+        hidden = decode_canvases(model, encode_prompts(model, prompts, forwards), canvases, None, forwards)
         hidden.square().mean().backward()
         results.append((hidden.detach(), model.embed_tokens.weight.grad.clone()))
     (eager, eager_grad), (compiled, compiled_grad) = results
