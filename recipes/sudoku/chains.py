@@ -17,23 +17,18 @@ from pathlib import Path
 
 import torch
 
-from engine.generate import generate
 from engine.model.loader import load_checkpoint
-from engine.request import SamplingParams
-from recipes.sudoku import tokens
 from recipes.sudoku.cli import add_threads_option
 from recipes.sudoku.data import DATA_DIR, EVAL_SEED, Pair, banded_set
-from recipes.sudoku.eval import solves
+from recipes.sudoku.eval import adaptive, outcomes
 from recipes.sudoku.singles import BUCKETS, bucket, singles_rounds
 
 
 def solved(model_dir: Path, pairs: list[Pair]) -> list[bool]:
     """Per puzzle: does the model (with its saved sampler settings) solve it, as eval.py's adaptive row."""
     checkpoint = load_checkpoint(model_dir, with_tokenizer=False)
-    prompts = [tokens.prompt_ids(p) for p, _ in pairs]
-    params = [SamplingParams(seed=i) for i in range(len(pairs))]
-    results = generate(checkpoint.model.eval(), checkpoint.defaults, prompts, params)
-    return [solves(r.token_ids, p) for r, (p, _) in zip(results, pairs, strict=True)]
+    done = outcomes(checkpoint.model.eval(), checkpoint.defaults, pairs, adaptive, batch=50)
+    return [ok for ok, _ in done]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from recipes.sudoku.augment import augment
 from recipes.sudoku.puzzles import add_clues, from_string, make_puzzle, to_string
-from recipes.sudoku.singles import singles_rounds
+from recipes.sudoku.singles import is_short_chain
 from recipes.sudoku.tokens import canvas_ids, prompt_ids
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -94,12 +94,10 @@ class Batch:
 class TrainSampler:
     """Random augmented examples from a pool; clue counts uniform in [min_clues, max_clues].
 
-    With `short_chain_keep` < 1, an example that singles solve in at most `SHORT_CHAIN` rounds
-    (`singles.singles_rounds`) is kept only with that probability and drawn again otherwise, which
+    With `short_chain_keep` < 1, an example that singles solve in at most 6 rounds
+    (`singles.is_short_chain`) is kept only with that probability and drawn again otherwise, which
     weights the data toward the long deduction chains the models fail on.
     """
-
-    SHORT_CHAIN = 6
 
     def __init__(
         self,
@@ -120,14 +118,10 @@ class TrainSampler:
             puzzle, solution = augment(*self.rng.choice(self.pool), self.rng)
             target = self.rng.randint(self.min_clues, self.max_clues)
             example = add_clues(puzzle, solution, target, self.rng), solution
-            if self.short_chain_keep >= 1 or not self._short(example[0]):
+            if self.short_chain_keep >= 1 or not is_short_chain(example[0]):
                 return example
             if self.rng.random() < self.short_chain_keep:
                 return example
-
-    def _short(self, puzzle: list[int]) -> bool:
-        rounds = singles_rounds(puzzle)
-        return rounds is not None and rounds <= self.SHORT_CHAIN
 
     def batch(self, size: int) -> Batch:
         pairs = [self.example() for _ in range(size)]

@@ -74,21 +74,27 @@ def solves(token_ids: list[int], puzzle: list[int]) -> bool:
     return len(token_ids) == 81 and is_valid_solution(grid) and consistent(puzzle, grid)
 
 
-def run_band(
+def outcomes(
     model: DiffusionGemma, defaults: DiffusionDefaults, pairs: list[Pair], params_for: ParamsFor, batch: int
-) -> BandResult:
-    solved_steps: list[int] = []
-    all_steps: list[int] = []
-    start = time.perf_counter()
+) -> list[tuple[bool, int]]:
+    """Per puzzle: solved, and denoise steps taken; `batch` puzzles per `generate` call."""
+    out: list[tuple[bool, int]] = []
     for lo in range(0, len(pairs), batch):
         chunk = pairs[lo : lo + batch]
         prompts = [tokens.prompt_ids(p) for p, _ in chunk]
         params = [params_for(lo + i, p) for i, (p, _) in enumerate(chunk)]
         for result, (puzzle, _) in zip(generate(model, defaults, prompts, params), chunk, strict=True):
-            steps = sum(result.steps_per_block)
-            all_steps.append(steps)
-            if solves(result.token_ids, puzzle):
-                solved_steps.append(steps)
+            out.append((solves(result.token_ids, puzzle), sum(result.steps_per_block)))
+    return out
+
+
+def run_band(
+    model: DiffusionGemma, defaults: DiffusionDefaults, pairs: list[Pair], params_for: ParamsFor, batch: int
+) -> BandResult:
+    start = time.perf_counter()
+    done = outcomes(model, defaults, pairs, params_for, batch)
+    solved_steps = [steps for solved, steps in done if solved]
+    all_steps = [steps for _, steps in done]
     return BandResult(len(pairs), len(solved_steps), solved_steps, all_steps, time.perf_counter() - start)
 
 

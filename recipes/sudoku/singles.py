@@ -12,6 +12,8 @@ from __future__ import annotations
 from recipes.sudoku.puzzles import ALL, BOX, CELLS, COL, ROW
 
 UNITS = [[i for i in range(CELLS) if key[i] == u] for key in (ROW, COL, BOX) for u in range(9)]
+SHORT_CHAIN = 6
+"""Puzzles that singles solve in at most this many rounds are "short chains" (`is_short_chain`)."""
 BUCKETS = ("at most 4", "5-6", "7-9", "10 or more", "stuck")
 
 
@@ -80,3 +82,9 @@ def bucket(rounds: int | None) -> str:
     if rounds <= 4:
         return "at most 4"
     return "5-6" if rounds <= 6 else "7-9" if rounds <= 9 else "10 or more"
+
+
+def is_short_chain(puzzle: list[int]) -> bool:
+    """Solved by singles in at most `SHORT_CHAIN` rounds."""
+    rounds = singles_rounds(puzzle)
+    return rounds is not None and rounds <= SHORT_CHAIN

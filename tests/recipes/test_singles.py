@@ -6,7 +6,7 @@ import random
 
 from recipes.sudoku.data import TrainSampler
 from recipes.sudoku.puzzles import make_puzzle, random_grid
-from recipes.sudoku.singles import bucket, fill_singles, singles_rounds
+from recipes.sudoku.singles import bucket, fill_singles, is_short_chain, singles_rounds
 
 
 def test_round_counts_of_simple_cases() -> None:
@@ -36,11 +36,6 @@ def test_sampler_weights_toward_long_chains() -> None:
     pool = [make_puzzle(rng) for _ in range(6)]  # minimal puzzles
     plain = TrainSampler(pool, random.Random(3), 30, 36)
     weighted = TrainSampler(pool, random.Random(3), 30, 36, short_chain_keep=0.0)
-    short = [_short(plain.example()[0]) for _ in range(40)]
+    short = [is_short_chain(plain.example()[0]) for _ in range(40)]
     assert 0 < sum(short) < 40  # the plain mix has both kinds
-    assert not any(_short(weighted.example()[0]) for _ in range(40))
-
-
-def _short(puzzle: list[int]) -> bool:
-    rounds = singles_rounds(puzzle)
-    return rounds is not None and rounds <= TrainSampler.SHORT_CHAIN
+    assert not any(is_short_chain(weighted.example()[0]) for _ in range(40))
