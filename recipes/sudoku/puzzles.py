@@ -21,7 +21,7 @@ BOX = [(i // 27) * 3 + (i % 9) // 3 for i in range(CELLS)]
 _BIT_DIGIT = {1 << d: d + 1 for d in range(9)}
 
 
-def _masks(grid: list[int]) -> tuple[list[int], list[int], list[int]] | None:
+def digit_masks(grid: list[int]) -> tuple[list[int], list[int], list[int]] | None:
     """Used-digit bitmasks of every row, column and box; None if the clues already clash."""
     rows, cols, boxes = [0] * 9, [0] * 9, [0] * 9
     for i, d in enumerate(grid):
@@ -80,7 +80,7 @@ def _search(
 
 def solutions(grid: list[int], cap: int = 2, rng: random.Random | None = None) -> list[list[int]]:
     """Up to `cap` solutions of `grid` (random branch order when `rng` is given)."""
-    masks = _masks(grid)
+    masks = digit_masks(grid)
     if masks is None:
         return []
     found: list[list[int]] = []
@@ -108,7 +108,7 @@ def is_valid_solution(grid: list[int]) -> bool:
     """Every row, column and box holds each digit 1..9 exactly once."""
     if len(grid) != CELLS or any(not 1 <= d <= 9 for d in grid):
         return False
-    return _masks(grid) is not None
+    return digit_masks(grid) is not None
 
 
 def consistent(puzzle: list[int], grid: list[int]) -> bool:

@@ -9,7 +9,7 @@ as in puzzles.py: about 0.3 ms for a 28-35-clue puzzle.
 
 from __future__ import annotations
 
-from recipes.sudoku.puzzles import ALL, BOX, CELLS, COL, ROW
+from recipes.sudoku.puzzles import ALL, BOX, CELLS, COL, ROW, digit_masks
 
 UNITS = [[i for i in range(CELLS) if key[i] == u] for key in (ROW, COL, BOX) for u in range(9)]
 SHORT_CHAIN = 6
@@ -18,14 +18,12 @@ BUCKETS = ("at most 4", "5-6", "7-9", "10 or more", "stuck")
 
 
 def _candidates(grid: list[int]) -> dict[int, int] | None:
-    """Candidate bitmask (digit d as bit d - 1) of every blank; None if a blank has none."""
-    rows, cols, boxes = [0] * 9, [0] * 9, [0] * 9
-    for i, d in enumerate(grid):
-        if d:
-            bit = 1 << (d - 1)
-            rows[ROW[i]] |= bit
-            cols[COL[i]] |= bit
-            boxes[BOX[i]] |= bit
+    """Candidate bitmask (digit d as bit d - 1) of every blank; None if a blank has none or the digits
+    already clash."""
+    masks = digit_masks(grid)
+    if masks is None:
+        return None
+    rows, cols, boxes = masks
     candidates = {}
     for i in range(CELLS):
         if not grid[i]:
