@@ -149,15 +149,15 @@ def encode_prompts(model: DiffusionGemma, prompts: Tensor, forwards: LayerForwar
     num_prompt = prompts.shape[1]
     x = model.embed_tokens(prompts) * model.embed_scale  # (B, P, H)
     positions = torch.arange(num_prompt, device=prompts.device)
+    ropes = {kind: _rope(model, kind, positions, x.dtype) for kind in model.rope_kinds}
+    masks = {kind: attention_mask(num_prompt, 0, _window(model, kind), prompts.device) for kind in ropes}
     keys, values = [], []
     last = len(model.layers) - 1
     for i, (layer, spec) in enumerate(zip(model.layers, model.config.layers, strict=True)):
-        rope = _rope(model, spec.kind, positions, x.dtype)
         if i == last:
-            _, k, v = _project(layer.self_attn, layer.input_layernorm(x), rope)
+            _, k, v = _project(layer.self_attn, layer.input_layernorm(x), ropes[spec.kind])
         else:
-            mask = attention_mask(num_prompt, 0, _window(model, spec.kind), prompts.device)
-            x, k, v = forwards.prompt(layer, x, rope, mask)
+            x, k, v = forwards.prompt(layer, x, ropes[spec.kind], masks[spec.kind])
         keys.append(k)
         values.append(v)
     return PromptCache(keys, values)
@@ -178,11 +178,14 @@ def decode_canvases(
     embeds = model.embed_tokens(canvases) * model.embed_scale  # (B*R, C, H)
     x = model.self_conditioning(embeds, soft_embeds)
     positions = torch.arange(num_prompt, num_prompt + num_canvas, device=canvases.device)
+    ropes = {kind: _rope(model, kind, positions, x.dtype) for kind in model.rope_kinds}
+    masks = {  # the canvas rows: (C, P + C)
+        kind: attention_mask(num_prompt, num_canvas, _window(model, kind), canvases.device)[num_prompt:]
+        for kind in ropes
+    }
     for layer, spec, k, v in zip(model.layers, model.config.layers, cache.keys, cache.values, strict=True):
-        rope = _rope(model, spec.kind, positions, x.dtype)
-        full = attention_mask(num_prompt, num_canvas, _window(model, spec.kind), canvases.device)
         prompt_k, prompt_v = k.repeat_interleave(repeats, dim=0), v.repeat_interleave(repeats, dim=0)
-        x = forwards.canvas(layer, x, rope, full[num_prompt:], prompt_k, prompt_v)
+        x = forwards.canvas(layer, x, ropes[spec.kind], masks[spec.kind], prompt_k, prompt_v)
     return model.norm(x)
 
 
