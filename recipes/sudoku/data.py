@@ -94,7 +94,7 @@ class Batch:
 class TrainSampler:
     """Random augmented examples from a pool; clue counts uniform in [min_clues, max_clues].
 
-    With `short_chain_keep` < 1, an example that singles solve in at most 6 rounds
+    With `short_chain_keep` < 1, an example that singles solve in at most `SHORT_CHAIN` rounds
     (`singles.is_short_chain`) is kept only with that probability and drawn again otherwise, which
     weights the data toward the long deduction chains the models fail on.
     """
@@ -117,11 +117,10 @@ class TrainSampler:
         while True:
             puzzle, solution = augment(*self.rng.choice(self.pool), self.rng)
             target = self.rng.randint(self.min_clues, self.max_clues)
-            example = add_clues(puzzle, solution, target, self.rng), solution
-            if self.short_chain_keep >= 1 or not is_short_chain(example[0]):
-                return example
-            if self.rng.random() < self.short_chain_keep:
-                return example
+            clued = add_clues(puzzle, solution, target, self.rng)
+            keep = self.short_chain_keep
+            if keep >= 1 or not is_short_chain(clued) or self.rng.random() < keep:
+                return clued, solution
 
     def batch(self, size: int) -> Batch:
         pairs = [self.example() for _ in range(size)]

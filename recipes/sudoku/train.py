@@ -92,7 +92,8 @@ class TrainConfig:
     """From this fraction of the schedule on, self-conditioned steps grade the model on the sampler-step
     canvas of its first pass (see above); 1, the shipped recipe, never."""
     short_chain_keep: float = 1.0
-    """Probability of keeping an example that singles solve in at most 6 rounds (`TrainSampler`); 1,
+    """Probability of keeping an example that singles solve in at most `singles.SHORT_CHAIN` rounds
+    (`TrainSampler`); 1,
     the shipped recipe, keeps all."""
     min_clues: int = 24
     max_clues: int = 50
