@@ -21,7 +21,8 @@ sampler's own canvases").
 
 Run (the shipped recipe; see README.md):
     python -m recipes.sudoku.train --out recipes/sudoku/data/run --minutes 90
-Resume after an interruption with the same command plus `--resume`.
+Resume after an interruption with `--out` (and `--init`, if given) plus `--resume`: the run's saved
+settings are restored, and any option given beside them overrides them (`--minutes 120` to extend it).
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ import random
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -392,32 +394,50 @@ def _parse_bool(text: str) -> bool:
     return text.lower() == "true"
 
 
-def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, TrainConfig]:
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, Any]]:
+    """The command line: paths and threads, and the `TrainConfig` fields it names (and only those)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=DATA_DIR / "run", help="checkpoint directory to write")
     parser.add_argument("--init", type=Path, default=None, help="initial checkpoint (default: <out>-init)")
-    parser.add_argument("--resume", action="store_true", help="continue from <out>/../<name>-state.pt")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from <out>-state.pt with its saved settings; options given here override them",
+    )
     add_threads_option(parser)
-    defaults = TrainConfig()
-    for name, value in asdict(defaults).items():
+    for name, value in asdict(TrainConfig()).items():
         kind = _parse_bool if isinstance(value, bool) else type(value)
-        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=value)
+        flag = f"--{name.replace('_', '-')}"
+        parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=f"default: {value}")
     args = parser.parse_args(argv)
-    fields = {name: getattr(args, name) for name in asdict(defaults)}
-    return args, TrainConfig(**fields)
+    given = {name: getattr(args, name) for name in asdict(TrainConfig()) if hasattr(args, name)}
+    return args, given
+
+
+def run_config(given: dict[str, Any], saved: dict[str, Any] | None) -> TrainConfig:
+    """The settings of a run: the command line's over the saved run's when resuming, else the recipe's."""
+    base = TrainConfig() if saved is None else TrainConfig(**saved)
+    return replace(base, **given)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, config = parse_args(argv)
+    args, given = parse_args(argv)
+    out: Path = args.out
+    state_path = out.with_name(out.name + "-state.pt")
+    resuming = args.resume and state_path.is_file()
+    saved: dict[str, Any] | None = torch.load(state_path, weights_only=False)["config"] if resuming else None
+    config = run_config(given, saved)
     torch.set_num_threads(args.threads)
     torch.manual_seed(config.seed)
-    out: Path = args.out
     init_dir = args.init or out.with_name(out.name + "-init")
-    state_path = out.with_name(out.name + "-state.pt")
     trainer = Trainer(config, init_dir, out, state_path)
-    if args.resume and state_path.is_file():
+    if saved is not None:
         trainer.resume()
-        print(f"resumed at step {trainer.step}", file=sys.stderr)
+        changed = {k: v for k, v in given.items() if saved.get(k) != v}
+        print(
+            f"resumed at step {trainer.step}; changed from the saved run: {changed or 'nothing'}",
+            file=sys.stderr,
+        )
     out.mkdir(parents=True, exist_ok=True)
     trainer.run(out.with_name(out.name + "-log.jsonl"))
     return 0

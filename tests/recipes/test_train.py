@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,8 @@ from recipes.sudoku.train import (
     Trainer,
     lr_at,
     min_clues_at,
+    parse_args,
+    run_config,
     sampler_canvas,
     training_loss,
 )
@@ -116,3 +119,14 @@ def test_schedules() -> None:
         and min_clues_at(0.25, config) == 34
         and min_clues_at(0.9, config) == 24
     )
+
+
+def test_resume_keeps_the_saved_settings_unless_overridden() -> None:
+    saved = asdict(CONFIG)
+    args, given = parse_args(["--out", "x", "--resume", "--minutes", "120", "--compile", "true"])
+    assert args.resume and given == {"minutes": 120.0, "compile": True}
+    resumed = run_config(given, saved)
+    assert (resumed.batch_size, resumed.lr, resumed.schedule) == (8, 3e-3, "steps")
+    assert (resumed.minutes, resumed.compile) == (120.0, True)
+    fresh = run_config(parse_args(["--batch-size", "16"])[1], None)
+    assert fresh == TrainConfig(batch_size=16)
