@@ -287,8 +287,10 @@ class Trainer:
         torch.save(state, tmp)
         tmp.replace(self.state_path)
 
-    def resume(self) -> None:
-        state = torch.load(self.state_path, weights_only=False)
+    def resume(self, state: dict[str, Any] | None = None) -> None:
+        """Continue from the saved state: `state` if the caller has read it, else `state_path`'s."""
+        if state is None:
+            state = torch.load(self.state_path, weights_only=False)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.rng.setstate(state["python_rng"])
@@ -425,15 +427,15 @@ def main(argv: list[str] | None = None) -> int:
     out: Path = args.out
     state_path = out.with_name(out.name + "-state.pt")
     resuming = args.resume and state_path.is_file()
-    saved: dict[str, Any] | None = torch.load(state_path, weights_only=False)["config"] if resuming else None
-    config = run_config(given, saved)
+    state: dict[str, Any] | None = torch.load(state_path, weights_only=False) if resuming else None
+    config = run_config(given, None if state is None else state["config"])
     torch.set_num_threads(args.threads)
     torch.manual_seed(config.seed)
     init_dir = args.init or out.with_name(out.name + "-init")
     trainer = Trainer(config, init_dir, out, state_path)
-    if saved is not None:
-        trainer.resume()
-        changed = {k: v for k, v in given.items() if saved.get(k) != v}
+    if state is not None:
+        trainer.resume(state)
+        changed = {k: v for k, v in given.items() if state["config"].get(k) != v}
         print(
             f"resumed at step {trainer.step}; changed from the saved run: {changed or 'nothing'}",
             file=sys.stderr,
