@@ -96,8 +96,7 @@ class TrainConfig:
     canvas of its first pass (see above); 1, the shipped recipe, never."""
     short_chain_keep: float = 1.0
     """Probability of keeping an example that singles solve in at most `singles.SHORT_CHAIN` rounds
-    (`TrainSampler`); 1,
-    the shipped recipe, keeps all."""
+    (`TrainSampler`); 1, the shipped recipe, keeps all."""
     min_clues: int = 24
     max_clues: int = 50
     start_min_clues: int = 44
@@ -408,12 +407,13 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, An
         help="continue from <out>-state.pt with its saved settings; options given here override them",
     )
     add_threads_option(parser)
-    for name, value in asdict(TrainConfig()).items():
+    defaults = asdict(TrainConfig())
+    for name, value in defaults.items():
         kind = _parse_bool if isinstance(value, bool) else type(value)
         flag = f"--{name.replace('_', '-')}"
         parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=f"default: {value}")
     args = parser.parse_args(argv)
-    given = {name: getattr(args, name) for name in asdict(TrainConfig()) if hasattr(args, name)}
+    given = {name: getattr(args, name) for name in defaults if hasattr(args, name)}
     return args, given
 
 
