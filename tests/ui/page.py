@@ -30,11 +30,16 @@ def wait_state(card: Any, state: str, timeout_ms: int = TIMEOUT_MS) -> None:
     )
 
 
+def filled_text(field: Any, timeout_ms: int = TIMEOUT_MS) -> str:
+    """The text of `field` once the page has filled it in (fields start empty and fill asynchronously)."""
+    filled = "el => el.textContent.length > 0"
+    field.page.wait_for_function(filled, arg=field.element_handle(), timeout=timeout_ms)
+    return str(field.text_content())
+
+
 def engine_id(card: Any) -> str:
     """The engine's id of the card's request (the API id + "-0"), once the first chunk arrived."""
-    field = card.locator("[data-field=id]")
-    card.page.wait_for_function("el => el.textContent.length > 0", arg=field.element_handle())
-    return f"{field.text_content()}-0"
+    return f"{filled_text(card.locator('[data-field=id]'))}-0"
 
 
 def engine_row(page: Any, request_id: str) -> Any:

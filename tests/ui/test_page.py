@@ -13,7 +13,16 @@ from typing import Any
 import pytest
 
 from tests.server_process import REPO
-from tests.ui.page import LONG_RUN, engine_id, engine_row, screenshot, start, wait_state, wait_until
+from tests.ui.page import (
+    LONG_RUN,
+    engine_id,
+    engine_row,
+    filled_text,
+    screenshot,
+    start,
+    wait_state,
+    wait_until,
+)
 from tests.ui.server import UIServer
 
 pytestmark = [pytest.mark.ui, pytest.mark.slow]
@@ -42,7 +51,8 @@ def is_valid_solution(grid: str, puzzle: str) -> bool:
 def test_the_page_loads_only_from_its_own_server(server: UIServer, new_page: Any) -> None:
     page, log = new_page(server.url)
     assert page.title().startswith("canvas-serve")
-    assert "sudoku-untrained" in page.locator("#engine [data-field=model]").text_content()
+    # The engine panel fills in from its first snapshot poll; the form defaults come with it.
+    assert "sudoku-untrained" in filled_text(page.locator("#engine [data-field=model]"))
     assert page.locator("[name=max_denoising_steps]").input_value() == "48"  # the checkpoint's default
     foreign = [url for url in log.urls if not url.startswith((server.url, "data:"))]
     assert not foreign, foreign
