@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from recipes.sudoku.augment import augment
-from recipes.sudoku.puzzles import add_clues, from_string, make_puzzle, to_string
+from recipes.sudoku.puzzles import add_clues, dug_clues, from_string, make_dug_puzzle, make_puzzle, to_string
 from recipes.sudoku.singles import is_short_chain
 from recipes.sudoku.tokens import canvas_ids, prompt_ids
 
@@ -29,6 +29,8 @@ VALID_SEED = 3
 BANDS = {"36-45": (36, 45), "28-35": (28, 35), "22-27": (22, 27)}
 
 Pair = tuple[list[int], list[int]]
+Dug = tuple[list[int], list[int], list[int]]
+"""A minimal puzzle, its solution and its dig order (`puzzles.make_dug_puzzle`)."""
 
 
 def _read(path: Path) -> list[Pair]:
@@ -46,15 +48,28 @@ def _write(path: Path, pairs: list[Pair]) -> None:
     tmp.replace(path)
 
 
-def minimal_pool(count: int, seed: int = POOL_SEED, data_dir: Path = DATA_DIR) -> list[Pair]:
-    """`count` minimal unique puzzles with their solutions, cached in `data_dir`."""
-    path = data_dir / f"pool-s{seed}-n{count}.txt"
+def dug_pool(count: int, seed: int = POOL_SEED, data_dir: Path = DATA_DIR) -> list[Dug]:
+    """`count` minimal unique puzzles with their solutions and dig orders, cached in `data_dir`."""
+    path = data_dir / f"pool-s{seed}-n{count}-dug.txt"
     if path.is_file():
-        return _read(path)
+        return [_read_dug(line) for line in path.read_text().splitlines()]
     rng = random.Random(seed)
-    pairs = [make_puzzle(rng) for _ in range(count)]
-    _write(path, pairs)
-    return pairs
+    pool = [make_dug_puzzle(rng) for _ in range(count)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(f"{to_string(p)},{to_string(s)},{' '.join(map(str, o))}\n" for p, s, o in pool))
+    tmp.replace(path)
+    return pool
+
+
+def _read_dug(line: str) -> Dug:
+    puzzle, solution, order = line.split(",")
+    return from_string(puzzle), from_string(solution), [int(step) for step in order.split()]
+
+
+def minimal_pool(count: int, seed: int = POOL_SEED, data_dir: Path = DATA_DIR) -> list[Pair]:
+    """`count` minimal unique puzzles with their solutions (the dug pool's, without the dig orders)."""
+    return [(puzzle, solution) for puzzle, solution, _ in dug_pool(count, seed, data_dir)]
 
 
 def banded_set(
@@ -106,18 +121,35 @@ class TrainSampler:
         min_clues: int,
         max_clues: int,
         short_chain_keep: float = 1.0,
+        dig_orders: list[list[int]] | None = None,
+        dug_fraction: float = 0.0,
     ) -> None:
+        if dug_fraction > 0 and dig_orders is None:
+            raise ValueError("dug_fraction > 0 needs the pool's dig orders")
         self.pool = pool
         self.rng = rng
         self.min_clues = min_clues
         self.max_clues = max_clues
         self.short_chain_keep = short_chain_keep
+        self.dig_orders = dig_orders
+        self.dug_fraction = dug_fraction
+
+    def clued(self) -> Pair:
+        """A pool puzzle under a random symmetry at a random clue count: with probability `dug_fraction`
+        the puzzle its dig held at that count (how the evaluation sets are made), else the minimal
+        puzzle with random solution cells revealed."""
+        index = self.rng.randrange(len(self.pool))  # the draw `rng.choice(pool)` makes
+        if self.dig_orders is not None and self.dug_fraction > 0 and self.rng.random() < self.dug_fraction:
+            puzzle, solution = self.pool[index]
+            target = self.rng.randint(self.min_clues, self.max_clues)
+            return augment(dug_clues(puzzle, solution, self.dig_orders[index], target), solution, self.rng)
+        puzzle, solution = augment(*self.pool[index], self.rng)
+        target = self.rng.randint(self.min_clues, self.max_clues)
+        return add_clues(puzzle, solution, target, self.rng), solution
 
     def example(self) -> Pair:
         while True:
-            puzzle, solution = augment(*self.rng.choice(self.pool), self.rng)
-            target = self.rng.randint(self.min_clues, self.max_clues)
-            clued = add_clues(puzzle, solution, target, self.rng)
+            clued, solution = self.clued()
             keep = self.short_chain_keep
             if keep >= 1 or not is_short_chain(clued) or self.rng.random() < keep:
                 return clued, solution

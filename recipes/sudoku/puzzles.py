@@ -5,8 +5,10 @@ depth-first search that always branches on the blank with the fewest candidates 
 naked-single propagation for free). `count_solutions(grid, cap=2)` is the uniqueness test.
 
 `make_puzzle` takes a random full grid and removes clues in random order, keeping each removal only if
-the solution stays unique, until the requested number of clues is left. Pure Python: about 0.1-0.3 s for
-a near-minimal puzzle on one core (see recipes/sudoku/README.md).
+the solution stays unique, until the requested number of clues is left. Pure Python: about 0.1-0.3 s
+for a near-minimal puzzle on one core (see recipes/sudoku/README.md). `make_dug_puzzle` digs to a
+minimal puzzle and keeps the dig order, from which `dug_clues` rebuilds the puzzle at any clue count on
+the way: the evaluation sets' distribution, for training.
 """
 
 from __future__ import annotations
@@ -125,25 +127,47 @@ def make_puzzle(rng: random.Random, num_clues: int = 0, max_tries: int = 50) -> 
     """
     for _ in range(max_tries):
         solution = random_grid(rng)
-        puzzle = _remove_clues(list(solution), rng, num_clues)
+        puzzle, _ = _remove_clues(list(solution), rng, num_clues)
         if num_clues == 0 or sum(1 for d in puzzle if d) == num_clues:
             return puzzle, solution
     raise RuntimeError(f"no unique puzzle with {num_clues} clues in {max_tries} tries: ask for more clues")
 
 
-def _remove_clues(puzzle: list[int], rng: random.Random, num_clues: int) -> list[int]:
+def make_dug_puzzle(rng: random.Random) -> tuple[list[int], list[int], list[int]]:
+    """A minimal puzzle as `make_puzzle(rng)` makes it (the same draws), its solution, and its dig order:
+    per cell the 1-based step at which removing it kept the solution unique, 0 for the puzzle's clues.
+    `dug_clues` rebuilds from these the puzzle `make_puzzle` would have stopped at for any clue count."""
+    solution = random_grid(rng)
+    puzzle, removed = _remove_clues(list(solution), rng, 0)
+    order = [0] * CELLS
+    for step, cell in enumerate(removed, start=1):
+        order[cell] = step
+    return puzzle, solution, order
+
+
+def dug_clues(puzzle: list[int], solution: list[int], order: list[int], num_clues: int) -> list[int]:
+    """Put back the last-removed cells of the dig until `puzzle` has `num_clues` clues: the puzzle the
+    generator held when it had `num_clues` left (removals before that point are the same draws)."""
+    have = sum(1 for d in puzzle if d)
+    last = max(order) - max(0, num_clues - have)
+    return [s if o > last else p for p, s, o in zip(puzzle, solution, order, strict=True)]
+
+
+def _remove_clues(puzzle: list[int], rng: random.Random, num_clues: int) -> tuple[list[int], list[int]]:
+    """Remove clues in random order while the solution stays unique, down to `num_clues` (0: as far as
+    it goes): the puzzle, and the cells removed in the order they went."""
     order = list(range(CELLS))
     rng.shuffle(order)
-    clues = CELLS
+    removed: list[int] = []
     for cell in order:
-        if clues == num_clues:
+        if CELLS - len(removed) == num_clues:
             break
         digit, puzzle[cell] = puzzle[cell], 0
         if count_solutions(puzzle) == 1:
-            clues -= 1
+            removed.append(cell)
         else:
             puzzle[cell] = digit
-    return puzzle
+    return puzzle, removed
 
 
 def add_clues(puzzle: list[int], solution: list[int], num_clues: int, rng: random.Random) -> list[int]:

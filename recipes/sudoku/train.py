@@ -51,7 +51,7 @@ from engine.sampler import LMHead, sample_tokens, soft_embedding, token_entropy
 from recipes.sudoku import tokens
 from recipes.sudoku.checkpoint import init_checkpoint, save_checkpoint
 from recipes.sudoku.cli import add_threads_option
-from recipes.sudoku.data import DATA_DIR, VALID_SEED, Batch, Pair, TrainSampler, banded_set, minimal_pool
+from recipes.sudoku.data import DATA_DIR, VALID_SEED, Batch, Pair, TrainSampler, banded_set, dug_pool
 from recipes.sudoku.dense_forward import (
     EAGER,
     LayerForwards,
@@ -97,6 +97,9 @@ class TrainConfig:
     short_chain_keep: float = 1.0
     """Probability of keeping an example that singles solve in at most `singles.SHORT_CHAIN` rounds
     (`TrainSampler`); 1, the shipped recipe, keeps all."""
+    dug_fraction: float = 0.0
+    """Fraction of examples at a clue count built as the evaluation sets are (the puzzle the generator's
+    dig held at that count, `data.TrainSampler`); the rest reveal random cells of a minimal puzzle."""
     min_clues: int = 24
     max_clues: int = 50
     start_min_clues: int = 44
@@ -257,9 +260,15 @@ class Trainer:
         self.step = 0
         self.elapsed = 0.0
         """Seconds of training so far (carried across resumes; drives the "time" schedule)."""
-        pool = minimal_pool(config.pool_size, data_dir=data_dir)
+        pool = dug_pool(config.pool_size, data_dir=data_dir)
         self.sampler = TrainSampler(
-            pool, self.rng, config.min_clues, config.max_clues, config.short_chain_keep
+            [(puzzle, solution) for puzzle, solution, _ in pool],
+            self.rng,
+            config.min_clues,
+            config.max_clues,
+            config.short_chain_keep,
+            dig_orders=[order for _, _, order in pool],
+            dug_fraction=config.dug_fraction,
         )
         self.valid = banded_set(config.eval_size, VALID_SEED, data_dir, bands=("36-45", "28-35"))
 

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 
 from recipes.sudoku import tokens
 from recipes.sudoku.augment import augment
-from recipes.sudoku.data import TrainSampler, check_disjoint
+from recipes.sudoku.data import TrainSampler, check_disjoint, dug_pool, minimal_pool
 from recipes.sudoku.puzzles import (
     add_clues,
     consistent,
     count_solutions,
+    dug_clues,
     from_string,
     is_valid_solution,
+    make_dug_puzzle,
     make_puzzle,
     random_grid,
     solve,
@@ -56,6 +59,42 @@ def test_generated_puzzles_are_unique_and_consistent(num_clues: int) -> None:
 
 def test_generator_is_seeded() -> None:
     assert make_puzzle(random.Random(7), 35) == make_puzzle(random.Random(7), 35)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_the_dig_order_rebuilds_the_generators_puzzle_at_every_clue_count(seed: int) -> None:
+    puzzle, solution, order = make_dug_puzzle(random.Random(seed))
+    assert (puzzle, solution) == make_puzzle(random.Random(seed))  # the same draws
+    assert sorted(o for o in order if o) == list(range(1, 82 - sum(1 for d in puzzle if d)))
+    assert all((o == 0) == (d != 0) for o, d in zip(order, puzzle, strict=True))
+    low = sum(1 for d in puzzle if d)
+    for num_clues in (low, low + 1, 30, 36, 45):
+        dug = dug_clues(puzzle, solution, order, num_clues)
+        assert dug == make_puzzle(random.Random(seed), num_clues)[0]
+    assert dug_clues(puzzle, solution, order, low - 2) == puzzle  # below the minimal puzzle: itself
+
+
+def test_the_pool_file_keeps_the_dig_orders(tmp_path: Path) -> None:
+    made = dug_pool(3, seed=4, data_dir=tmp_path)
+    assert dug_pool(3, seed=4, data_dir=tmp_path) == made  # read back from the file
+    assert minimal_pool(3, seed=4, data_dir=tmp_path) == [(p, s) for p, s, _ in made]
+    assert made[0] == make_dug_puzzle(random.Random(4))
+
+
+def test_sampler_draws_dug_puzzles_on_request_and_keeps_its_stream_without() -> None:
+    dug = [make_dug_puzzle(random.Random(seed)) for seed in range(4)]
+    pool = [(p, s) for p, s, _ in dug]
+    orders = [o for _, _, o in dug]
+    plain = TrainSampler(pool, random.Random(5), 30, 40).batch(6)
+    same = TrainSampler(pool, random.Random(5), 30, 40, dig_orders=orders, dug_fraction=0.0).batch(6)
+    assert (plain.prompts == same.prompts).all()
+    sampler = TrainSampler(pool, random.Random(5), 30, 40, dig_orders=orders, dug_fraction=1.0)
+    for _ in range(6):
+        clued, solution = sampler.example()
+        assert 30 <= sum(1 for d in clued if d) <= 40
+        assert consistent(clued, solution) and count_solutions(clued) == 1
+    with pytest.raises(ValueError, match="dig orders"):
+        TrainSampler(pool, random.Random(5), 30, 40, dug_fraction=0.5)
     assert random_grid(random.Random(1)) != random_grid(random.Random(2))
 
 
