@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -77,8 +77,12 @@ def test_sampler_canvas_keeps_the_most_confident_draws() -> None:
     assert len(set(noise.tolist())) > 3  # not a copy of any prediction
 
 
-def test_resume_continues_exactly(init_dir: Path, data_dir: Path, tmp_path: Path) -> None:
-    straight, resumed = straight_and_resumed(CONFIG, init_dir, tmp_path, data_dir)
+@pytest.mark.parametrize("dug_fraction", [0.0, 1.0])
+def test_resume_continues_exactly(
+    init_dir: Path, data_dir: Path, tmp_path: Path, dug_fraction: float
+) -> None:
+    config = replace(CONFIG, dug_fraction=dug_fraction)
+    straight, resumed = straight_and_resumed(config, init_dir, tmp_path, data_dir)
     for (name, a), b in zip(
         straight.model.state_dict().items(), resumed.model.state_dict().values(), strict=True
     ):
