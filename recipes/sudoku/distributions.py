@@ -28,18 +28,23 @@ import torch
 from engine.model.loader import load_checkpoint
 from recipes.sudoku import MODEL_DIR
 from recipes.sudoku.cli import add_threads_option
-from recipes.sudoku.data import EVAL_SEED, Pair, TrainSampler, banded_set, dug_pool
+from recipes.sudoku.data import DATA_DIR, EVAL_SEED, Pair, TrainSampler, banded_set, dug_pool
 from recipes.sudoku.eval import adaptive, run_band
 from recipes.sudoku.puzzles import add_clues, make_puzzle
 
 LOW, HIGH = 28, 35
 
 
-def pool_sampler(seed: int, dug_fraction: float) -> TrainSampler:
-    pool = dug_pool(6000)
+def from_pool(
+    count: int, seed: int, dug_fraction: float, pool_size: int = 6000, data_dir: Path = DATA_DIR
+) -> list[Pair]:
+    """`count` draws of one `TrainSampler` over the training pool at 28-35 clues."""
+    pool = dug_pool(pool_size, data_dir=data_dir)
     pairs = [(puzzle, solution) for puzzle, solution, _ in pool]
     orders = [order for _, _, order in pool]
-    return TrainSampler(pairs, random.Random(seed), LOW, HIGH, dig_orders=orders, dug_fraction=dug_fraction)
+    rng = random.Random(seed)
+    sampler = TrainSampler(pairs, rng, LOW, HIGH, dig_orders=orders, dug_fraction=dug_fraction)
+    return [sampler.clued() for _ in range(count)]
 
 
 def new_revealed(count: int, seed: int) -> list[Pair]:
@@ -55,9 +60,9 @@ def new_dug(count: int, seed: int) -> list[Pair]:
 
 def puzzle_sets(count: int) -> dict[str, Callable[[], list[Pair]]]:
     return {
-        "pool, minimal + random reveals": lambda: [pool_sampler(123, 0.0).clued() for _ in range(count)],
+        "pool, minimal + random reveals": lambda: from_pool(count, 123, 0.0),
         "new, minimal + random reveals": lambda: new_revealed(count, 99),
-        "pool, dug to the clue count": lambda: [pool_sampler(11, 1.0).clued() for _ in range(count)],
+        "pool, dug to the clue count": lambda: from_pool(count, 11, 1.0),
         "new, dug to the clue count": lambda: new_dug(count, 7),
         "held-out set (new, dug)": lambda: banded_set(100, EVAL_SEED)["28-35"][:count],
     }
