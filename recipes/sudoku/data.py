@@ -41,10 +41,10 @@ def _read(path: Path) -> list[Pair]:
     return pairs
 
 
-def _write(path: Path, pairs: list[Pair]) -> None:
+def _write(path: Path, lines: list[str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(f"{to_string(p)},{to_string(s)}\n" for p, s in pairs))
+    tmp.write_text("".join(f"{line}\n" for line in lines))
     tmp.replace(path)
 
 
@@ -55,10 +55,7 @@ def dug_pool(count: int, seed: int = POOL_SEED, data_dir: Path = DATA_DIR) -> li
         return [_read_dug(line) for line in path.read_text().splitlines()]
     rng = random.Random(seed)
     pool = [make_dug_puzzle(rng) for _ in range(count)]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(f"{to_string(p)},{to_string(s)},{' '.join(map(str, o))}\n" for p, s, o in pool))
-    tmp.replace(path)
+    _write(path, [f"{to_string(p)},{to_string(s)},{' '.join(map(str, o))}" for p, s, o in pool])
     return pool
 
 
@@ -67,9 +64,14 @@ def _read_dug(line: str) -> Dug:
     return from_string(puzzle), from_string(solution), [int(step) for step in order.split()]
 
 
+def split_dug(pool: list[Dug]) -> tuple[list[Pair], list[list[int]]]:
+    """The (puzzle, solution) pairs and the dig orders of a dug pool, as `TrainSampler` takes them."""
+    return [(puzzle, solution) for puzzle, solution, _ in pool], [order for _, _, order in pool]
+
+
 def minimal_pool(count: int, seed: int = POOL_SEED, data_dir: Path = DATA_DIR) -> list[Pair]:
     """`count` minimal unique puzzles with their solutions (the dug pool's, without the dig orders)."""
-    return [(puzzle, solution) for puzzle, solution, _ in dug_pool(count, seed, data_dir)]
+    return split_dug(dug_pool(count, seed, data_dir))[0]
 
 
 def banded_set(
@@ -85,7 +87,7 @@ def banded_set(
             continue
         rng = random.Random(f"{seed}-{band}")
         pairs = [make_puzzle(rng, rng.randint(low, high), max_tries=400) for _ in range(per_band)]
-        _write(path, pairs)
+        _write(path, [f"{to_string(p)},{to_string(s)}" for p, s in pairs])
         sets[band] = pairs
     return sets
 

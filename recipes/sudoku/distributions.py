@@ -28,7 +28,7 @@ import torch
 from engine.model.loader import load_checkpoint
 from recipes.sudoku import MODEL_DIR
 from recipes.sudoku.cli import add_threads_option
-from recipes.sudoku.data import DATA_DIR, EVAL_SEED, Pair, TrainSampler, banded_set, dug_pool
+from recipes.sudoku.data import DATA_DIR, EVAL_SEED, Pair, TrainSampler, banded_set, dug_pool, split_dug
 from recipes.sudoku.eval import adaptive, run_band
 from recipes.sudoku.puzzles import add_clues, make_puzzle
 
@@ -39,9 +39,7 @@ def from_pool(
     count: int, seed: int, dug_fraction: float, pool_size: int = 6000, data_dir: Path = DATA_DIR
 ) -> list[Pair]:
     """`count` draws of one `TrainSampler` over the training pool at 28-35 clues."""
-    pool = dug_pool(pool_size, data_dir=data_dir)
-    pairs = [(puzzle, solution) for puzzle, solution, _ in pool]
-    orders = [order for _, _, order in pool]
+    pairs, orders = split_dug(dug_pool(pool_size, data_dir=data_dir))
     rng = random.Random(seed)
     sampler = TrainSampler(pairs, rng, LOW, HIGH, dig_orders=orders, dug_fraction=dug_fraction)
     return [sampler.clued() for _ in range(count)]

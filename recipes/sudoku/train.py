@@ -51,7 +51,16 @@ from engine.sampler import LMHead, sample_tokens, soft_embedding, token_entropy
 from recipes.sudoku import tokens
 from recipes.sudoku.checkpoint import init_checkpoint, save_checkpoint
 from recipes.sudoku.cli import add_threads_option
-from recipes.sudoku.data import DATA_DIR, VALID_SEED, Batch, Pair, TrainSampler, banded_set, dug_pool
+from recipes.sudoku.data import (
+    DATA_DIR,
+    VALID_SEED,
+    Batch,
+    Pair,
+    TrainSampler,
+    banded_set,
+    dug_pool,
+    split_dug,
+)
 from recipes.sudoku.dense_forward import (
     EAGER,
     LayerForwards,
@@ -260,14 +269,14 @@ class Trainer:
         self.step = 0
         self.elapsed = 0.0
         """Seconds of training so far (carried across resumes; drives the "time" schedule)."""
-        pool = dug_pool(config.pool_size, data_dir=data_dir)
+        pool, dig_orders = split_dug(dug_pool(config.pool_size, data_dir=data_dir))
         self.sampler = TrainSampler(
-            [(puzzle, solution) for puzzle, solution, _ in pool],
+            pool,
             self.rng,
             config.min_clues,
             config.max_clues,
             config.short_chain_keep,
-            dig_orders=[order for _, _, order in pool],
+            dig_orders=dig_orders,
             dug_fraction=config.dug_fraction,
         )
         self.valid = banded_set(config.eval_size, VALID_SEED, data_dir, bands=("36-45", "28-35"))
