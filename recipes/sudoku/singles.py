@@ -68,6 +68,24 @@ def fill_singles(puzzle: list[int]) -> tuple[list[int], int]:
     return grid, rounds
 
 
+def cell_rounds(puzzle: list[int]) -> list[int]:
+    """The round of singles that fills each cell: 0 for a clue, 1 for what the clues alone give, and so
+    on; a blank the rounds never fill gets one more than the last round (it needs more than singles).
+    The order a solver learns the cells in, which `train.py`'s deduction-order noise follows."""
+    grid = list(puzzle)
+    order = [0] * CELLS
+    rounds = 0
+    while not all(grid):
+        fills = _fills(grid)
+        if not fills:
+            break
+        rounds += 1
+        for cell, digit in fills.items():
+            grid[cell] = digit
+            order[cell] = rounds
+    return [rounds + 1 if not digit else round_ for digit, round_ in zip(grid, order, strict=True)]
+
+
 def singles_rounds(puzzle: list[int]) -> int | None:
     """Rounds of simultaneous singles that fill `puzzle`; 0 for a full grid, None if singles get stuck."""
     grid, rounds = fill_singles(puzzle)

@@ -19,6 +19,13 @@ every plausible digit it reads and keep its first wrong guesses. The extra cost 
 per step; the first pass is already run. Measured, it did not help (README.md, "Tried: training on the
 sampler's own canvases").
 
+Deduction-order noise (an experiment, off in the shipped recipe: `--ordered-fraction F` draws it for
+the fraction F of the canvases): the t * C corrupted cells are not random but the last ones a solver
+using singles would fill (`singles.cell_rounds`: latest round first, random within a round, cells
+singles never fill last of all), so the clean cells are the clues and the early deductions. That is
+the canvas the sampler builds at serving time, where the confident (easy) cells are accepted first and
+the hard ones stay noise, while uniform noise shows the model hard cells clean as often as easy ones.
+
 Run (the shipped recipe; see README.md):
     python -m recipes.sudoku.train --out recipes/sudoku/data/run --minutes 90
 Resume after an interruption with `--out` (and `--init`, if given) plus `--resume`: the run's saved
@@ -109,6 +116,8 @@ class TrainConfig:
     dug_fraction: float = 0.0
     """Fraction of examples at a clue count built as the evaluation sets are (the puzzle the generator's
     dig held at that count, `data.TrainSampler`); the rest reveal random cells of a minimal puzzle."""
+    ordered_fraction: float = 0.0
+    """Fraction of canvases corrupted in deduction order (see above); 0, the shipped recipe, none."""
     min_clues: int = 24
     max_clues: int = 50
     start_min_clues: int = 44
@@ -125,11 +134,31 @@ class TrainConfig:
     """Validation puzzles per band (36-45 and 28-35) solved through the engine every `eval_every` steps."""
 
 
-def corrupt(targets: Tensor, t: Tensor, vocab_size: int, generator: torch.Generator) -> Tensor:
-    """Replace each token by a uniform random one with probability t (per example): (B, C) -> (B, C)."""
+def corrupt(
+    targets: Tensor,
+    t: Tensor,
+    vocab_size: int,
+    generator: torch.Generator,
+    order: Tensor | None = None,
+    ordered_fraction: float = 0.0,
+) -> Tensor:
+    """Replace each token by a uniform random one with probability t (per example): (B, C) -> (B, C).
+    With `order` (B, C), a row drawn with probability `ordered_fraction` replaces instead the round(t * C)
+    tokens of the highest order (`ordered_hits`)."""
     noise = torch.randint(0, vocab_size, targets.shape, generator=generator)
     hit = torch.rand(targets.shape, generator=generator) < t[:, None]
+    if order is not None and ordered_fraction > 0:
+        rows = torch.rand(targets.shape[0], generator=generator) < ordered_fraction  # (B,)
+        hit = torch.where(rows[:, None], ordered_hits(order, t, generator), hit)
     return torch.where(hit, noise, targets)
+
+
+def ordered_hits(order: Tensor, t: Tensor, generator: torch.Generator) -> Tensor:
+    """The round(t * C) positions of each row with the highest `order`, ties broken at random:
+    (B, C) long, (B,) -> (B, C) bool."""
+    key = order.float() + torch.rand(order.shape, generator=generator)  # random within one order value
+    rank = key.argsort(dim=-1, descending=True).argsort(dim=-1)  # (B, C): 0 = highest order
+    return rank < (t * order.shape[1]).round()[:, None]
 
 
 def first_pass(
@@ -165,18 +194,23 @@ def training_loss(
     own_canvas: bool = False,
     forwards: LayerForwards = EAGER,
     canvases_per_puzzle: int = 1,
+    ordered_fraction: float = 0.0,
 ) -> tuple[Tensor, dict[str, float]]:
     """Cross-entropy of the denoiser on one corrupted batch, and accuracy figures for the log.
 
     Each puzzle's prompt is encoded once and read by `canvases_per_puzzle` canvases, each corrupted at
     its own noise level. With `use_self_cond` the graded pass gets the first pass's soft embeddings, and
-    with `own_canvas` also its sampler-step canvas in place of the corrupted one.
+    with `own_canvas` also its sampler-step canvas in place of the corrupted one. `ordered_fraction`
+    of the canvases are corrupted in deduction order (needs `batch.order`).
     """
     head = lm_head(model)
     vocab_size = model.config.vocab_size
     targets = batch.targets.repeat_interleave(canvases_per_puzzle, dim=0)  # (B * R, C)
     t = torch.rand(targets.shape[0], generator=generator)
-    noisy = corrupt(targets, t, vocab_size, generator)
+    if ordered_fraction > 0 and batch.order is None:
+        raise ValueError("ordered_fraction > 0 needs a batch drawn with_order")
+    order = None if batch.order is None else batch.order.repeat_interleave(canvases_per_puzzle, dim=0)
+    noisy = corrupt(targets, t, vocab_size, generator, order, ordered_fraction)
     cache = encode_prompts(model, batch.prompts, forwards)
     soft = None
     if use_self_cond:
@@ -335,7 +369,8 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.sampler.min_clues = min_clues_at(self.progress, self.config)
-        batch = self.sampler.batch(self.config.batch_size // self.config.canvases_per_puzzle)
+        puzzles = self.config.batch_size // self.config.canvases_per_puzzle
+        batch = self.sampler.batch(puzzles, with_order=self.config.ordered_fraction > 0)
         self_cond = self.rng.random() < self.config.self_cond_prob
         own_canvas = self.progress >= self.config.own_canvas_from
         loss, metrics = training_loss(
@@ -346,6 +381,7 @@ class Trainer:
             own_canvas,
             self.forwards,
             self.config.canvases_per_puzzle,
+            self.config.ordered_fraction,
         )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

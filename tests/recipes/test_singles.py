@@ -6,7 +6,7 @@ import random
 
 from recipes.sudoku.data import TrainSampler
 from recipes.sudoku.puzzles import make_puzzle, random_grid
-from recipes.sudoku.singles import bucket, fill_singles, is_short_chain, singles_rounds
+from recipes.sudoku.singles import bucket, cell_rounds, fill_singles, is_short_chain, singles_rounds
 
 
 def test_round_counts_of_simple_cases() -> None:
@@ -29,6 +29,22 @@ def test_singles_only_ever_fill_the_solution() -> None:
         assert rounds >= 1
         completed += all(grid)
     assert completed > 0  # most 28-clue puzzles fall to singles (86 of 100 held out)
+
+
+def test_cell_rounds_follow_the_rounds_of_singles() -> None:
+    rng = random.Random(4)
+    for _ in range(6):
+        puzzle, solution = make_puzzle(rng, 30)
+        order = cell_rounds(puzzle)
+        rounds = singles_rounds(puzzle)
+        assert all(r == 0 for r, d in zip(order, puzzle, strict=True) if d)
+        assert all(r > 0 for r, d in zip(order, puzzle, strict=True) if not d)
+        last = fill_singles(puzzle)[1]
+        assert max(order) == (last if rounds is not None else last + 1)  # stuck cells come last
+        # Revealing the cells of the first round leaves every other cell one round earlier.
+        revealed = [s if r == 1 else d for d, s, r in zip(puzzle, solution, order, strict=True)]
+        assert cell_rounds(revealed) == [max(0, r - 1) for r in order]
+    assert cell_rounds([0] * 81) == [1] * 81  # nothing forced: every cell is "after the last round"
 
 
 def test_sampler_weights_toward_long_chains() -> None:
