@@ -57,7 +57,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         init_checkpoint(work / "init", seed=0)
-        base = TrainConfig(schedule="steps", pool_size=64, eval_size=1, ema=args.ema)
+        base = TrainConfig(  # the step the bench has always timed: batch 64, uniform noise, eager
+            schedule="steps",
+            pool_size=64,
+            eval_size=1,
+            ema=args.ema,
+            batch_size=64,
+            compile=False,
+            dug_fraction=0.0,
+            ordered_fraction=0.0,
+        )
         compiled = replace(base, compile=True)
         trainers = {
             "eager": make_trainer(base, work, "eager"),

@@ -1,11 +1,12 @@
 """Puzzle sets: the training pool, the validation and held-out evaluation sets, and training batches.
 
 Training draws from a pool of *minimal* unique puzzles (22-26 clues, generated once with seed 1 and
-cached under recipes/sudoku/data/, which git ignores). Each example applies a random symmetry
-(recipes.sudoku.augment) and then reveals random solution cells up to a clue count drawn for that
-example; revealing cells of a unique puzzle keeps it unique, so any clue count from the pool's up to 81
-costs nothing. The evaluation and validation sets are generated directly at their clue counts with their
-own seeds, and `check_disjoint` verifies that none of their solution grids is in the pool.
+cached under recipes/sudoku/data/, which git ignores, with each cell's step in the dig). An example
+takes the puzzle the dig held at a clue count drawn for it (as the evaluation sets are made; the shipped
+recipe) or reveals random solution cells of the minimal puzzle up to that count, then applies a random
+symmetry (recipes.sudoku.augment); both keep the solution unique, so any clue count from the pool's up
+to 81 costs nothing. The evaluation and validation sets are generated directly at their clue counts with
+their own seeds, and `check_disjoint` verifies that none of their solution grids is in the pool.
 """
 
 from __future__ import annotations

@@ -28,7 +28,17 @@ from recipes.sudoku.train import (
 )
 from tests.recipes.helpers import straight_and_resumed, tiny_checkpoint
 
-CONFIG = TrainConfig(batch_size=8, lr=3e-3, warmup=2, steps=30, schedule="steps", pool_size=4, eval_size=1)
+CONFIG = TrainConfig(  # the recipe's data and noise; eager, no average, a step schedule
+    batch_size=8,
+    lr=3e-3,
+    warmup=2,
+    steps=30,
+    schedule="steps",
+    pool_size=4,
+    eval_size=1,
+    compile=False,
+    ema=0.0,
+)
 
 
 @pytest.fixture(scope="module")
