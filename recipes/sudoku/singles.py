@@ -54,36 +54,41 @@ def _fills(grid: list[int]) -> dict[int, int]:
     return fills
 
 
-def fill_singles(puzzle: list[int]) -> tuple[list[int], int]:
-    """Apply rounds of simultaneous singles until the grid is full or none is left: (grid, rounds)."""
+def _rounds(puzzle: list[int]) -> list[dict[int, int]]:
+    """The fills (cell -> digit) of each round of simultaneous singles, until the grid is full or none
+    is left."""
     grid = list(puzzle)
-    rounds = 0
+    rounds = []
     while not all(grid):
         fills = _fills(grid)
         if not fills:
             break
         for cell, digit in fills.items():
             grid[cell] = digit
-        rounds += 1
-    return grid, rounds
+        rounds.append(fills)
+    return rounds
+
+
+def fill_singles(puzzle: list[int]) -> tuple[list[int], int]:
+    """Apply rounds of simultaneous singles until the grid is full or none is left: (grid, rounds)."""
+    grid = list(puzzle)
+    rounds = _rounds(puzzle)
+    for fills in rounds:
+        for cell, digit in fills.items():
+            grid[cell] = digit
+    return grid, len(rounds)
 
 
 def cell_rounds(puzzle: list[int]) -> list[int]:
     """The round of singles that fills each cell: 0 for a clue, 1 for what the clues alone give, and so
     on; a blank the rounds never fill gets one more than the last round (it needs more than singles).
     The order a solver learns the cells in, which `train.py`'s deduction-order noise follows."""
-    grid = list(puzzle)
-    order = [0] * CELLS
-    rounds = 0
-    while not all(grid):
-        fills = _fills(grid)
-        if not fills:
-            break
-        rounds += 1
-        for cell, digit in fills.items():
-            grid[cell] = digit
-            order[cell] = rounds
-    return [rounds + 1 if not digit else round_ for digit, round_ in zip(grid, order, strict=True)]
+    rounds = _rounds(puzzle)
+    order = [0 if digit else len(rounds) + 1 for digit in puzzle]
+    for number, fills in enumerate(rounds, start=1):
+        for cell in fills:
+            order[cell] = number
+    return order
 
 
 def singles_rounds(puzzle: list[int]) -> int | None:

@@ -109,7 +109,7 @@ def test_deduction_order_noise_corrupts_the_late_cells() -> None:
             assert changed.any() and bool((order[row][changed] >= threshold).all())
     uniform = corrupt(batch.targets, t, 32, torch.Generator().manual_seed(0))
     unordered = corrupt(batch.targets, t, 32, torch.Generator().manual_seed(0), order, 0.0)
-    assert torch.equal(uniform, unordered)  # off, the noise is the shipped recipe's draw for draw
+    assert torch.equal(uniform, unordered)  # off, it is the uniform noise, draw for draw
 
 
 @pytest.mark.parametrize("dug_fraction", [0.0, 1.0])
