@@ -49,7 +49,7 @@ from bench.flops import active_params_per_token, forward_flops
 from bench.timing import Timings, matmul_gflops, time_interleaved, top_ops
 from engine.config import ModelConfig
 from engine.kv_cache import KVCacheManager
-from engine.model.attention import LayerCache, Segment
+from engine.attention.types import LayerCache, Segment
 from engine.model.cache_tensors import allocate_layer_caches, cache_groups
 from engine.model.diffusion_gemma import DiffusionGemma, ForwardBatch
 from engine.model.loader import load_checkpoint

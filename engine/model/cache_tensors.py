@@ -10,7 +10,7 @@ import torch
 
 from engine.config import ModelConfig
 from engine.kv_cache import CacheGroupSpec
-from engine.model.attention import LayerCache
+from engine.attention.types import LayerCache
 
 
 def cache_groups(config: ModelConfig, num_blocks: dict[str, int]) -> list[CacheGroupSpec]:
