@@ -40,17 +40,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from bench.flops import forward_flops
+from engine.attention.types import LayerCache, Segment
 from engine.config import ModelConfig
 from engine.kernels import dispatch
 from engine.kernels.grouped_experts import grouped_experts
-from engine.attention.types import LayerCache, Segment
 from engine.model.cache_tensors import allocate_layer_caches
 from engine.model.diffusion_gemma import DiffusionGemma, ForwardBatch
 from engine.model.methods.plain import LoopedExperts, looped_experts
 from engine.model.methods.selection import select_weight_methods
-from recipes.reference_config import DIFFUSIONGEMMA_26B_TEXT
 from engine.request import StepParams
 from engine.sampler import CanvasState, LMHead, denoise_step, init_canvas
+from recipes.reference_config import DIFFUSIONGEMMA_26B_TEXT
 
 TEXT_26B: dict[str, Any] = DIFFUSIONGEMMA_26B_TEXT
 # `--smoke`: the same code paths on a tiny model on the CPU (torch reference path), to check the script.

@@ -42,7 +42,9 @@ def plan_segment(segment: Segment, cache: LayerCache) -> SegmentPlan:
     device = cache.key.device
     lo = first_visible(segment, cache.window)
     if not segment.is_causal:
-        return SegmentPlan(segment.num_tokens, slot_ids(table, lo, segment.start_pos, cache.block_size, device))
+        return SegmentPlan(
+            segment.num_tokens, slot_ids(table, lo, segment.start_pos, cache.block_size, device)
+        )
     write = slot_ids(table, segment.start_pos, segment.end_pos, cache.block_size, device)
     read = slot_ids(table, lo, segment.end_pos, cache.block_size, device)
     q_pos = torch.arange(segment.start_pos, segment.end_pos, device=device)
@@ -110,7 +112,9 @@ class TorchAttention(AttentionBackend[ReferenceMetadata]):
             group: [plan_segment(s, cache) for s in segments] for group, cache in group_caches(caches).items()
         }
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, cache: LayerCache, metadata: ReferenceMetadata) -> Tensor:
+    def forward(
+        self, q: Tensor, k: Tensor, v: Tensor, cache: LayerCache, metadata: ReferenceMetadata
+    ) -> Tensor:
         outputs = []
         start = 0
         for plan in metadata[cache.group]:

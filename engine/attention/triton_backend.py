@@ -32,7 +32,9 @@ class TritonAttention(AttentionBackend[TritonMetadata]):
         for cache in caches:
             key = _key(cache)
             if key not in metadata:
-                metadata[key] = build_metadata(segments, cache.group, cache.block_size, key[1], cache.key.device)
+                metadata[key] = build_metadata(
+                    segments, cache.group, cache.block_size, key[1], cache.key.device
+                )
         return metadata
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, cache: LayerCache, metadata: TritonMetadata) -> Tensor:

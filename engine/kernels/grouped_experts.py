@@ -1,8 +1,8 @@
 """The MoE experts as two grouped matmuls over expert-sorted tokens, with no host synchronisation.
 
-The reference path (`engine.model.methods.plain.looped_experts`) loops over experts in Python and needs the token
-count of each on the host (one device-to-host sync per layer, plus one small matmul per expert). Here
-each (token, expert) pair becomes one row, rows are sorted by expert, and `torch.nn.functional.grouped_mm`
+The reference path (`engine.model.methods.plain.looped_experts`) loops over experts in Python and
+needs the token count of each on the host (one device-to-host sync per layer, plus one small matmul
+per expert). Here each (token, expert) pair becomes one row, rows are sorted by expert, and `torch.nn.functional.grouped_mm`
 multiplies every expert's slice of rows by its own weights in one call: on CUDA (bf16, SM >= 80) that
 is a single grouped GEMM launch; on the CPU it is torch's fallback, which the tests use.
 

@@ -75,7 +75,9 @@ class Attention(nn.Module):
         hidden, heads, kv_width = config.hidden_size, config.num_heads, spec.num_kv_heads * spec.head_dim
         self.q_proj = Linear(hidden, heads * spec.head_dim, methods.linear_for(f"{prefix}.q_proj"))
         self.k_proj = Linear(hidden, kv_width, methods.linear_for(f"{prefix}.k_proj"))
-        self.v_proj = Linear(hidden, kv_width, methods.linear_for(f"{prefix}.v_proj")) if spec.has_v_proj else None
+        self.v_proj = (
+            Linear(hidden, kv_width, methods.linear_for(f"{prefix}.v_proj")) if spec.has_v_proj else None
+        )
         self.o_proj = Linear(heads * spec.head_dim, hidden, methods.linear_for(f"{prefix}.o_proj"))
         self.q_norm = RMSNorm(spec.head_dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(spec.head_dim, config.rms_norm_eps)
@@ -170,7 +172,9 @@ class DiffusionGemma(nn.Module):
         methods = methods or WeightMethods()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(Layer(config, spec, methods, f"layers.{i}") for i, spec in enumerate(config.layers))
+        self.layers = nn.ModuleList(
+            Layer(config, spec, methods, f"layers.{i}") for i, spec in enumerate(config.layers)
+        )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_conditioning = SelfConditioning(config, methods)
         self.rope_kinds = {spec.kind: spec for spec in config.layers}
@@ -191,7 +195,9 @@ class DiffusionGemma(nn.Module):
     def forward(self, batch: ForwardBatch, caches: list[LayerCache]) -> Tensor:
         """(T,) tokens -> (T_dec, H) hidden states of the decoder tokens; causal segments fill the cache."""
         is_decoder = batch.decoder_mask()
-        attention = batch.attention or select_attention_backend(batch.input_ids.device).bind(batch.segments, caches)
+        attention = batch.attention or select_attention_backend(batch.input_ids.device).bind(
+            batch.segments, caches
+        )
         x = self._embed(batch, is_decoder)
         ropes = self._ropes(batch.positions, x.dtype)
         for layer, spec, cache in zip(self.layers, self.config.layers, caches, strict=True):

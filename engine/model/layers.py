@@ -73,7 +73,9 @@ class SelfConditioning(GatedMLP):
     zero, where the MLP outputs exactly zero (no biases), so `None` skips the MLP with the same result.
     """
 
-    def __init__(self, config: ModelConfig, methods: WeightMethods, prefix: str = "self_conditioning") -> None:
+    def __init__(
+        self, config: ModelConfig, methods: WeightMethods, prefix: str = "self_conditioning"
+    ) -> None:
         super().__init__(config.hidden_size, config.intermediate_size, methods, prefix)
         self.pre_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, with_scale=False)
@@ -106,7 +108,7 @@ class Router(nn.Module):
 
 
 class Experts(nn.Module):
-    """The MoE experts; plain weights are `gate_up_proj` (E, 2I, H) with gate rows first, `down_proj` (E, H, I)."""
+    """The MoE experts. Plain weights: `gate_up_proj` (E, 2I, H), gate rows first; `down_proj` (E, H, I)."""
 
     def __init__(self, config: ModelConfig, method: ExpertsMethod) -> None:
         super().__init__()

@@ -208,7 +208,9 @@ def load_weights(root: Path, config: ModelConfig, dtype: torch.dtype, device: to
     return model.eval().requires_grad_(False)
 
 
-def read_weight_methods(root: Path, config: ModelConfig, device: torch.device, dtype: torch.dtype) -> WeightMethods:
+def read_weight_methods(
+    root: Path, config: ModelConfig, device: torch.device, dtype: torch.dtype
+) -> WeightMethods:
     """The weight methods for this checkpoint on `device` (its config's `quantization_config`, if any)."""
     quantization = _read_json(root / CONFIG_FILE).get("quantization_config")
     if quantization is not None and not isinstance(quantization, dict):

@@ -14,8 +14,8 @@ import torch
 from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
 
 from engine.config import ModelConfig
-from recipes.reference_config import text_only_config
 from recipes.char_tokenizer import save_char_tokenizer
+from recipes.reference_config import text_only_config
 
 VOCAB = 128
 CANVAS = 16

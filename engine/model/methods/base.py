@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 
-class WeightMethod(ABC):
+class WeightMethod:
     """What every method shares: the post-load hook and the dtype each stored tensor loads in."""
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
@@ -39,7 +39,7 @@ class WeightMethod(ABC):
         return model_dtype
 
 
-class LinearMethod(WeightMethod):
+class LinearMethod(WeightMethod, ABC):
     """`y = x @ W.T` for one projection without bias: x (..., in) -> (..., out)."""
 
     @abstractmethod
@@ -52,7 +52,7 @@ class LinearMethod(WeightMethod):
         """x (..., in) -> (..., out) in x's dtype."""
 
 
-class ExpertsMethod(WeightMethod):
+class ExpertsMethod(WeightMethod, ABC):
     """The MoE experts: each token's k experts `down(gelu_tanh(gate(x)) * up(x))`, weighted and summed."""
 
     @abstractmethod
@@ -63,3 +63,10 @@ class ExpertsMethod(WeightMethod):
     @abstractmethod
     def apply(self, layer: nn.Module, x: Tensor, weights: Tensor, expert_ids: Tensor) -> Tensor:
         """x (T, H), weights (T, k) fp32, expert_ids (T, k) -> (T, H) in x's dtype."""
+
+
+def stored(layer: nn.Module, name: str) -> Tensor:
+    """The tensor a method registered on `layer` as `name` (typed for the methods' `apply`)."""
+    tensor = getattr(layer, name)
+    assert isinstance(tensor, Tensor), f"{type(layer).__name__}.{name} is not a tensor"
+    return tensor

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from engine.kernels.grouped_experts import grouped_experts, grouped_mm_fits
-from engine.model.methods.base import ExpertsMethod, LinearMethod
+from engine.model.methods.base import ExpertsMethod, LinearMethod, stored
 
 
 def gelu_tanh(x: Tensor) -> Tensor:
@@ -29,7 +29,7 @@ class UnquantizedLinear(LinearMethod):
         layer.register_parameter("weight", weight)
 
     def apply(self, layer: nn.Module, x: Tensor) -> Tensor:
-        return F.linear(x, layer.weight)
+        return F.linear(x, stored(layer, "weight"))
 
 
 class LoopedExperts(ExpertsMethod):
@@ -40,7 +40,9 @@ class LoopedExperts(ExpertsMethod):
         layer.register_parameter("down_proj", nn.Parameter(torch.empty(num_experts, hidden, inter)))
 
     def apply(self, layer: nn.Module, x: Tensor, weights: Tensor, expert_ids: Tensor) -> Tensor:
-        return looped_experts(x, weights, expert_ids, layer.gate_up_proj, layer.down_proj)
+        return looped_experts(
+            x, weights, expert_ids, stored(layer, "gate_up_proj"), stored(layer, "down_proj")
+        )
 
 
 class GroupedExperts(LoopedExperts):
@@ -53,12 +55,16 @@ class GroupedExperts(LoopedExperts):
     def apply(self, layer: nn.Module, x: Tensor, weights: Tensor, expert_ids: Tensor) -> Tensor:
         # Only torch's CPU fallback lacks a weight gradient: a training step there (grad mode is a fact
         # of the call, not of the load) takes the loop, as before this method existed.
-        if not grouped_mm_fits(x, layer.gate_up_proj, layer.down_proj):
+        if not grouped_mm_fits(x, stored(layer, "gate_up_proj"), stored(layer, "down_proj")):
             return super().apply(layer, x, weights, expert_ids)
-        return grouped_experts(x, weights, expert_ids, layer.gate_up_proj, layer.down_proj)
+        return grouped_experts(
+            x, weights, expert_ids, stored(layer, "gate_up_proj"), stored(layer, "down_proj")
+        )
 
 
-def looped_experts(x: Tensor, weights: Tensor, expert_ids: Tensor, gate_up_proj: Tensor, down_proj: Tensor) -> Tensor:
+def looped_experts(
+    x: Tensor, weights: Tensor, expert_ids: Tensor, gate_up_proj: Tensor, down_proj: Tensor
+) -> Tensor:
     """Sum over each token's k experts of `weight * expert(x)`: x (T, H), weights and ids (T, k)."""
     out = torch.zeros_like(x)  # (T, H)
     flat_experts = expert_ids.flatten()  # (T*k,)

@@ -127,7 +127,8 @@ def select_weight_methods(
     if quant_method not in _FORMATS:
         known = ", ".join(registered_formats()) or "none"
         raise UnsupportedWeightFormat(
-            f"quantization_config.quant_method {quant_method!r} is not supported (registered formats: {known})"
+            f"quantization_config.quant_method {quant_method!r} is not supported "
+            f"(registered formats: {known})"
         )
     return _FORMATS[quant_method](quantization_config, plain)
 
