@@ -1,11 +1,12 @@
 # ruff: noqa: N803  (Triton convention: compile-time constants are UPPER_CASE kernel arguments)
 """Varlen attention over the paged KV cache: one launch per layer for a whole mixed batch.
 
-Same contract as `engine.attention.base` (the reference: `engine.attention.reference`): causal
-segments write their K/V into the cache (one torch `index_copy_` per layer for all of them, before the
-kernel) and attend to cache positions [first_visible, end) with kv <= q (sliding layers: kv > q - W); bidirectional segments
-read cache positions [first_visible, start) plus their own K/V straight from `k`/`v`, with no mask, and
-write nothing. Scale 1.0, GQA (query head h reads kv head h // (heads / kv_heads)), softmax in fp32.
+Same contract as `engine.attention.base` (the reference: `engine.attention.reference`): causal segments
+write their K/V into the cache (one torch `index_copy_` per layer for all of them, before the kernel)
+and attend to cache positions [first_visible, end) with kv <= q (sliding layers: kv > q - W);
+bidirectional segments read cache positions [first_visible, start) plus their own K/V straight from
+`k`/`v`, with no mask, and write nothing. Scale 1.0, GQA (query head h reads kv head h // (heads /
+kv_heads)), softmax in fp32.
 
 Grid: (query tiles, heads). A query tile is BLOCK_M consecutive tokens of one segment; `tile_seg` and
 `tile_q0` map a program to its segment and first row. Per-segment metadata is packed into one int32
