@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from transformers import DiffusionGemmaForBlockDiffusion
 
-from engine.model.reference_config import text_only_config
+from recipes.reference_config import text_only_config
 
 SMALL_TEXT: dict[str, Any] = dict(
     vocab_size=4096,

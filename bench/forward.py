@@ -47,9 +47,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from bench.common import load_average, machine_header, save_random_checkpoint
 from bench.flops import active_params_per_token, forward_flops
 from bench.timing import Timings, matmul_gflops, time_interleaved, top_ops
+from engine.attention.types import LayerCache, Segment
 from engine.config import ModelConfig
 from engine.kv_cache import KVCacheManager
-from engine.model.attention import LayerCache, Segment
 from engine.model.cache_tensors import allocate_layer_caches, cache_groups
 from engine.model.diffusion_gemma import DiffusionGemma, ForwardBatch
 from engine.model.loader import load_checkpoint

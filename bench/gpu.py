@@ -30,7 +30,8 @@ import json
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -39,15 +40,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from bench.flops import forward_flops
+from engine.attention.types import LayerCache, Segment
 from engine.config import ModelConfig
 from engine.kernels import dispatch
 from engine.kernels.grouped_experts import grouped_experts
-from engine.model.attention import LayerCache, Segment
 from engine.model.cache_tensors import allocate_layer_caches
 from engine.model.diffusion_gemma import DiffusionGemma, ForwardBatch
-from engine.model.reference_config import DIFFUSIONGEMMA_26B_TEXT
+from engine.model.methods.plain import LoopedExperts, looped_experts
+from engine.model.methods.selection import select_weight_methods
 from engine.request import StepParams
 from engine.sampler import CanvasState, LMHead, denoise_step, init_canvas
+from recipes.reference_config import DIFFUSIONGEMMA_26B_TEXT
 
 TEXT_26B: dict[str, Any] = DIFFUSIONGEMMA_26B_TEXT
 # `--smoke`: the same code paths on a tiny model on the CPU (torch reference path), to check the script.
@@ -94,7 +97,7 @@ def random_model(config: ModelConfig) -> DiffusionGemma:
     torch.set_default_dtype(torch.bfloat16)
     try:
         with DEVICE:
-            model = DiffusionGemma(config)
+            model = DiffusionGemma(config, select_weight_methods(None, config, DEVICE, torch.bfloat16))
     finally:
         torch.set_default_dtype(torch.float32)
     gen = torch.Generator(device=DEVICE).manual_seed(0)
@@ -227,10 +230,23 @@ def measure_batch(
         "tflops": flops / step / 1e12,
     }
     if torch_ref:
-        with dispatch.force(False):
+        with dispatch.force(False), looped_experts_in(model):
             row["torch_step_ms"] = sync_time(bench.step, reps=max(1, reps // 2), warmup=1) * 1e3
     del bench
     return row | expert_times(model, n * model.config.canvas_length, reps)
+
+
+@contextmanager
+def looped_experts_in(model: DiffusionGemma) -> Iterator[None]:
+    """Within the block every layer's experts run the reference loop (their method is chosen at load)."""
+    methods = [layer.experts.method for layer in model.layers]
+    for layer in model.layers:
+        layer.experts.method = LoopedExperts()
+    try:
+        yield
+    finally:
+        for layer, method in zip(model.layers, methods, strict=True):
+            layer.experts.method = method
 
 
 @torch.no_grad()
@@ -244,7 +260,9 @@ def expert_times(model: DiffusionGemma, num_tokens: int, reps: int) -> dict[str,
     grouped = sync_time(
         lambda: grouped_experts(x, weights, expert_ids, experts.gate_up_proj, experts.down_proj), reps
     )
-    looped = sync_time(lambda: experts.looped(x, weights, expert_ids), reps)
+    looped = sync_time(
+        lambda: looped_experts(x, weights, expert_ids, experts.gate_up_proj, experts.down_proj), reps
+    )
     return {"moe_grouped_ms": grouped * 1e3, "moe_loop_ms": looped * 1e3}
 
 

@@ -6,6 +6,10 @@ never allocates cache blocks: block tables arrive with the work, decided by the 
 Ordering invariant: in every layer, causal work runs before denoise work, so a request's denoise may
 read K/V that a causal work of the same step wrote (its prompt's last chunk or the commit of its
 previous canvas). This saves one forward per block.
+
+The attention backend is chosen once, at construction, for the model's device
+(`engine.attention.selection`); each batch binds it to that batch's metadata, prepared once for all
+layers.
 """
 
 from __future__ import annotations
@@ -13,7 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from engine.model.attention import LayerCache, Segment
+from engine.attention.selection import select_attention_backend
+from engine.attention.types import LayerCache, Segment
 from engine.model.diffusion_gemma import DiffusionGemma, ForwardBatch
 from engine.outputs import DenoiseOutcome, DenoiseWork, NewCanvas, RunnerOutput, SchedulerOutput
 from engine.sampler import CanvasState, LMHead, StepResult, denoise_step, init_canvas
@@ -36,6 +41,7 @@ class ModelRunner:
         self.caches = caches
         weight = model.embed_tokens.weight
         self.device = weight.device
+        self.attention = select_attention_backend(self.device)
         self.head = LMHead(weight, model.config.final_logit_softcapping, model.embed_scale)
         self.canvases: dict[str, CanvasState] = {}
 
@@ -78,22 +84,20 @@ class ModelRunner:
         )
 
     def _build_batch(self, work: SchedulerOutput) -> ForwardBatch:
-        tokens: list[Tensor] = []
-        positions: list[Tensor] = []
-        segments: list[Segment] = []
-        for c in work.causal:
-            tokens.append(torch.tensor(c.token_ids, dtype=torch.long))
-            segments.append(Segment(len(c.token_ids), c.start_pos, True, c.block_tables))
-        for d in work.denoise:
-            tokens.append(self.canvases[d.request_id].tokens)
-            segments.append(Segment(self.model.config.canvas_length, d.start_pos, False, d.block_tables))
-        for s in segments:
-            positions.append(torch.arange(s.start_pos, s.end_pos))
+        """Causal token ids and all positions go to the device in one copy each; canvases are there."""
+        prompt_ids = [t for c in work.causal for t in c.token_ids]
+        segments = [Segment(len(c.token_ids), c.start_pos, True, c.block_tables) for c in work.causal]
+        canvas_length = self.model.config.canvas_length
+        segments += [Segment(canvas_length, d.start_pos, False, d.block_tables) for d in work.denoise]
+        tokens = [torch.tensor(prompt_ids, dtype=torch.long).to(self.device)]
+        tokens += [self.canvases[d.request_id].tokens for d in work.denoise]
+        positions = torch.cat([torch.arange(s.start_pos, s.end_pos) for s in segments])  # (T,) host
         return ForwardBatch(
-            input_ids=torch.cat([t.to(self.device) for t in tokens]),
-            positions=torch.cat(positions).to(self.device),
+            input_ids=torch.cat(tokens),
+            positions=positions.to(self.device),
             segments=segments,
             soft_embeds=self._soft_embeds(work.denoise),
+            attention=self.attention.bind(segments, self.caches),
         )
 
     def _soft_embeds(self, denoise: list[DenoiseWork]) -> Tensor | None:

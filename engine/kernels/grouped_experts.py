@@ -1,10 +1,11 @@
 """The MoE experts as two grouped matmuls over expert-sorted tokens, with no host synchronisation.
 
-The reference path (`engine.model.layers.Experts`) loops over experts in Python and needs the token
-count of each on the host (one device-to-host sync per layer, plus one small matmul per expert). Here
-each (token, expert) pair becomes one row, rows are sorted by expert, and `torch.nn.functional.grouped_mm`
-multiplies every expert's slice of rows by its own weights in one call: on CUDA (bf16, SM >= 80) that
-is a single grouped GEMM launch; on the CPU it is torch's fallback, which the tests use.
+The reference path (`engine.model.methods.plain.looped_experts`) loops over experts in Python and needs
+the token count of each on the host (one device-to-host sync per layer, plus one small matmul per
+expert). Here each (token, expert) pair becomes one row, rows are sorted by expert, and
+`torch.nn.functional.grouped_mm` multiplies every expert's slice of rows by its own weights in one call:
+on CUDA (bf16, SM >= 80) that is a single grouped GEMM launch; on the CPU it is torch's fallback, which
+the tests use.
 
 Example, 3 tokens, k = 2, 4 experts, expert_ids [[2, 0], [0, 1], [2, 3]]:
 flat experts [2, 0, 0, 1, 2, 3] -> sorted rows for tokens [0, 1, 1, 0, 2, 2] with experts
@@ -42,7 +43,7 @@ def _backend_takes(x: Tensor, needs_grad: bool) -> bool:
 def grouped_experts(
     x: Tensor, weights: Tensor, expert_ids: Tensor, gate_up_proj: Tensor, down_proj: Tensor
 ) -> Tensor:
-    """Sum over each token's k experts of `weight * expert(x)`, as `Experts.forward` computes it.
+    """Sum over each token's k experts of `weight * expert(x)`, as `looped_experts` computes it.
 
     x (T, H); weights (T, k) fp32; expert_ids (T, k); gate_up_proj (E, 2I, H) with gate rows first;
     down_proj (E, H, I). Returns (T, H) in x's dtype.

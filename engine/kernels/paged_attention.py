@@ -1,16 +1,17 @@
 # ruff: noqa: N803  (Triton convention: compile-time constants are UPPER_CASE kernel arguments)
 """Varlen attention over the paged KV cache: one launch per layer for a whole mixed batch.
 
-Same contract as `engine.model.attention.batch_attention` (the reference): causal segments write their
-K/V into the cache (one torch `index_copy_` per layer for all of them, before the kernel) and attend to
-cache positions [first_visible, end) with kv <= q (sliding layers: kv > q - W); bidirectional segments
-read cache positions [first_visible, start) plus their own K/V straight from `k`/`v`, with no mask, and
-write nothing. Scale 1.0, GQA (query head h reads kv head h // (heads / kv_heads)), softmax in fp32.
+Same contract as `engine.attention.base` (the reference: `engine.attention.reference`): causal segments
+write their K/V into the cache (one torch `index_copy_` per layer for all of them, before the kernel)
+and attend to cache positions [first_visible, end) with kv <= q (sliding layers: kv > q - W);
+bidirectional segments read cache positions [first_visible, start) plus their own K/V straight from
+`k`/`v`, with no mask, and write nothing. Scale 1.0, GQA (query head h reads kv head h // (heads /
+kv_heads)), softmax in fp32.
 
 Grid: (query tiles, heads). A query tile is BLOCK_M consecutive tokens of one segment; `tile_seg` and
 `tile_q0` map a program to its segment and first row. Per-segment metadata is packed into one int32
-tensor (one host-to-device copy per batch and cache group) and memoised across the layers of a forward
-that share a group.
+tensor (one host-to-device copy per batch and cache group); `engine.attention.triton_backend` builds it
+once per forward and passes it to every layer of the group.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from engine.model.attention import LayerCache, Segment, slot_ids
+from engine.attention.types import LayerCache, Segment, slot_ids
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class BatchMetadata:
     block_tables: Tensor  # (S, max_blocks) physical block ids, zero-padded
     write_rows: Tensor  # (W,) int64 rows of causal tokens in the flat batch
     write_slots: Tensor  # (W,) int64 flat cache slots they go to
+    block_m: int  # the query tile height the tiles were cut with
 
     @property
     def num_tiles(self) -> int:
@@ -92,26 +94,8 @@ def build_metadata(
         block_tables=parts[6].view(len(segments), width),
         write_rows=writes[0],
         write_slots=writes[1],
+        block_m=block_m,
     )
-
-
-_memo: tuple[list[Segment], dict[tuple[object, ...], BatchMetadata]] | None = None
-
-
-def cached_metadata(
-    segments: list[Segment], group: str, block_size: int, block_m: int, device: torch.device
-) -> BatchMetadata:
-    """`build_metadata`, reused while the same segments list (same object) runs through its layers.
-
-    Holding the list itself (not its id) keeps it alive, so a new batch can never alias an old entry.
-    """
-    global _memo
-    if _memo is None or _memo[0] is not segments:
-        _memo = (segments, {})
-    key = (group, block_size, block_m, device)
-    if key not in _memo[1]:
-        _memo[1][key] = build_metadata(segments, group, block_size, block_m, device)
-    return _memo[1][key]
 
 
 def block_shape(head_dim: int, device: torch.device) -> tuple[int, int, int, int]:
@@ -128,13 +112,21 @@ def block_shape(head_dim: int, device: torch.device) -> tuple[int, int, int, int
 
 
 def paged_attention(q: Tensor, k: Tensor, v: Tensor, segments: list[Segment], cache: LayerCache) -> Tensor:
-    """Drop-in for `batch_attention`: q (T, heads, d), k/v (T, kv_heads, d) -> (T, heads, d)."""
+    """One-shot drop-in for `batch_attention`: builds the metadata, then `paged_attention_with`."""
+    block_m = block_shape(q.shape[-1], q.device)[0]
+    meta = build_metadata(segments, cache.group, cache.block_size, block_m, q.device)
+    return paged_attention_with(q, k, v, cache, meta)
+
+
+def paged_attention_with(q: Tensor, k: Tensor, v: Tensor, cache: LayerCache, meta: BatchMetadata) -> Tensor:
+    """One layer over prepared metadata (built with this head dim's BLOCK_M and the cache's group):
+    q (T, heads, d), k/v (T, kv_heads, d) -> (T, heads, d)."""
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     assert num_heads % num_kv_heads == 0 and head_dim & (head_dim - 1) == 0, "GQA groups, power-of-2 d"
     assert cache.key.stride() == cache.value.stride() and cache.key.stride(-1) == 1
     block_m, block_n, num_warps, num_stages = block_shape(head_dim, q.device)
-    meta = cached_metadata(segments, cache.group, cache.block_size, block_m, q.device)
+    assert meta.block_m == block_m, f"metadata cut for BLOCK_M {meta.block_m}, this head dim runs {block_m}"
     if meta.write_rows.numel():
         flat_key = cache.key.view(-1, *cache.key.shape[2:])  # (slots, kv_heads, d)
         flat_value = cache.value.view(-1, *cache.value.shape[2:])

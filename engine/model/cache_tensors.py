@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
+from engine.attention.types import LayerCache
 from engine.config import ModelConfig
 from engine.kv_cache import CacheGroupSpec
-from engine.model.attention import LayerCache
 
 
 def cache_groups(config: ModelConfig, num_blocks: dict[str, int]) -> list[CacheGroupSpec]:

@@ -1,7 +1,9 @@
 """The building blocks of a DiffusionGemma layer: norms, rotary embedding, MLPs, router and experts.
 
 Each module is written against the reference (transformers 5.23, `modeling_diffusion_gemma.py`);
-parameter names match the checkpoint's so the loader can assign tensors by name.
+parameter names match the checkpoint's so the loader can assign tensors by name. Every projection a
+quantized checkpoint may store differently (`Linear`, `Experts`) holds a weight method chosen at load
+(`engine.model.methods`): the method registers the parameters and computes the output.
 """
 
 from __future__ import annotations
@@ -11,8 +13,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from engine.config import ModelConfig, RopeSpec
-from engine.kernels.dispatch import use_kernels
-from engine.kernels.grouped_experts import grouped_experts, grouped_mm_fits
+from engine.model.methods.base import ExpertsMethod, LinearMethod
+from engine.model.methods.plain import gelu_tanh
+from engine.model.methods.selection import WeightMethods
 
 
 class RMSNorm(nn.Module):
@@ -34,18 +37,30 @@ class RMSNorm(nn.Module):
         return h.type_as(x)
 
 
-def gelu_tanh(x: Tensor) -> Tensor:
-    return F.gelu(x, approximate="tanh")
+class Linear(nn.Module):
+    """A projection without bias, x (..., in) -> (..., out); its `method` owns the weights' layout."""
+
+    def __init__(self, in_features: int, out_features: int, method: LinearMethod) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.method = method
+        method.create_weights(self, in_features, out_features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.method.apply(self, x)
 
 
 class GatedMLP(nn.Module):
-    """`down(gelu_tanh(gate(x)) * up(x))`: the dense MLP of every layer and the self-conditioning MLP."""
+    """`down(gelu_tanh(gate(x)) * up(x))`: the dense MLP of every layer and the self-conditioning MLP.
 
-    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+    `prefix` is the module's name in the model (e.g. `layers.3.mlp`), which picks each projection's method.
+    """
+
+    def __init__(self, hidden_size: int, intermediate_size: int, methods: WeightMethods, prefix: str) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_proj = Linear(hidden_size, intermediate_size, methods.linear_for(f"{prefix}.gate_proj"))
+        self.up_proj = Linear(hidden_size, intermediate_size, methods.linear_for(f"{prefix}.up_proj"))
+        self.down_proj = Linear(intermediate_size, hidden_size, methods.linear_for(f"{prefix}.down_proj"))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(gelu_tanh(self.gate_proj(x)) * self.up_proj(x))
@@ -58,8 +73,10 @@ class SelfConditioning(GatedMLP):
     zero, where the MLP outputs exactly zero (no biases), so `None` skips the MLP with the same result.
     """
 
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__(config.hidden_size, config.intermediate_size)
+    def __init__(
+        self, config: ModelConfig, methods: WeightMethods, prefix: str = "self_conditioning"
+    ) -> None:
+        super().__init__(config.hidden_size, config.intermediate_size, methods, prefix)
         self.pre_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, with_scale=False)
 
@@ -72,12 +89,12 @@ class SelfConditioning(GatedMLP):
 class Router(nn.Module):
     """Softmax over experts of a scaled, normed residual; top-k, renormalised, times a per-expert scale."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, methods: WeightMethods, prefix: str) -> None:
         super().__init__()
         self.top_k = config.top_k_experts
         self.root_size = config.hidden_size**-0.5
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, with_scale=False)
-        self.proj = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.proj = Linear(config.hidden_size, config.num_experts, methods.linear_for(f"{prefix}.proj"))
         self.scale = nn.Parameter(torch.ones(config.hidden_size))
         self.per_expert_scale = nn.Parameter(torch.ones(config.num_experts))
 
@@ -91,44 +108,16 @@ class Router(nn.Module):
 
 
 class Experts(nn.Module):
-    """Fused expert weights: `gate_up_proj` (E, 2I, H) with gate rows first, `down_proj` (E, H, I)."""
+    """The MoE experts. Plain weights: `gate_up_proj` (E, 2I, H), gate rows first; `down_proj` (E, H, I)."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, method: ExpertsMethod) -> None:
         super().__init__()
-        num, hidden, inter = config.num_experts, config.hidden_size, config.moe_intermediate_size
-        self.gate_up_proj = nn.Parameter(torch.empty(num, 2 * inter, hidden))
-        self.down_proj = nn.Parameter(torch.empty(num, hidden, inter))
+        self.method = method
+        method.create_weights(self, config.num_experts, config.hidden_size, config.moe_intermediate_size)
 
     def forward(self, x: Tensor, weights: Tensor, expert_ids: Tensor) -> Tensor:
-        """Sum over each token's k experts of `weight * expert(x)`: x (T, H), weights and ids (T, k).
-
-        On CUDA (and under `engine.kernels.dispatch.force(True)`) two grouped matmuls do all experts at
-        once (`engine.kernels.grouped_experts`); otherwise `looped` is the reference.
-        """
-        if use_kernels(x.device) and grouped_mm_fits(x, self.gate_up_proj, self.down_proj):
-            return grouped_experts(x, weights, expert_ids, self.gate_up_proj, self.down_proj)
-        return self.looped(x, weights, expert_ids)
-
-    def looped(self, x: Tensor, weights: Tensor, expert_ids: Tensor) -> Tensor:
-        """The reference: tokens grouped by expert, one expert at a time (a host sync for the counts)."""
-        out = torch.zeros_like(x)  # (T, H)
-        flat_experts = expert_ids.flatten()  # (T*k,)
-        order = torch.argsort(flat_experts, stable=True)
-        counts = torch.bincount(flat_experts, minlength=self.gate_up_proj.shape[0]).tolist()
-        token_ids = order // expert_ids.shape[1]
-        flat_weights = weights.flatten()[order]
-        start = 0
-        for expert, count in enumerate(counts):
-            if count:
-                rows = token_ids[start : start + count]
-                y = self._expert(x[rows], expert) * flat_weights[start : start + count, None]
-                out.index_add_(0, rows, y.to(out.dtype))
-            start += count
-        return out
-
-    def _expert(self, x: Tensor, expert: int) -> Tensor:
-        gate, up = F.linear(x, self.gate_up_proj[expert]).chunk(2, dim=-1)
-        return F.linear(gelu_tanh(gate) * up, self.down_proj[expert])
+        """Sum over each token's k experts of `weight * expert(x)`: x (T, H), weights and ids (T, k)."""
+        return self.method.apply(self, x, weights, expert_ids)
 
 
 def rope_inv_freq(spec: RopeSpec, head_dim: int) -> Tensor:

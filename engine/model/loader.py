@@ -9,8 +9,12 @@ placed one at a time, so at most one tensor exists twice at any moment. When the
 device already match (fp32 on the CPU), parameters stay views of the private file mapping: replace a
 served checkpoint by writing a new file and renaming it, never by rewriting it in place. Vision
 weights are skipped.
-Any missing file, missing or mis-shaped tensor, or unsupported architecture raises `CheckpointError`
-naming it.
+Tensors are assigned by name into whatever each module's weight method registered
+(`engine.model.methods`, chosen once from the config's optional `quantization_config`, the device and
+the dtype), after the format's `remap` of the stream; then every method's
+`process_weights_after_loading` runs once.
+Any missing file, missing, unused or mis-shaped tensor, unsupported architecture or weight format
+raises `CheckpointError` naming it.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from torch import Tensor, nn
 
 from engine.config import ConfigError, DiffusionDefaults, ModelConfig
 from engine.model.diffusion_gemma import DiffusionGemma
+from engine.model.methods.base import WeightMethod
+from engine.model.methods.selection import UnsupportedWeightFormat, WeightMethods, select_weight_methods
 
 CONFIG_FILE = "config.json"
 GENERATION_FILE = "generation_config.json"
@@ -178,23 +184,60 @@ def _get_tensor(handle: Any, name: str, file: Path) -> Tensor:
 
 def load_weights(root: Path, config: ModelConfig, dtype: torch.dtype, device: torch.device) -> DiffusionGemma:
     """Build the model on the meta device and fill it tensor by tensor from the checkpoint."""
+    methods = read_weight_methods(root, config, device, dtype)
     with torch.device("meta"):
-        model = DiffusionGemma(config)
+        model = DiffusionGemma(config, methods)
     expected = dict(model.named_parameters()) | dict(model.named_buffers())
     loaded: set[str] = set()
-    for name, tensor in _read_tensors(weight_files(root)):
+    for name, tensor in methods.remap(_read_tensors(weight_files(root))):
         if name not in expected:
-            continue
+            raise CheckpointError(
+                f"checkpoint tensor {_checkpoint_name(name)} is not used by the model "
+                f"(weight format {methods.format!r} registers no {name})"
+            )
         want = tuple(expected[name].shape)
         if tuple(tensor.shape) != want:
             raise CheckpointError(
                 f"tensor {_checkpoint_name(name)} has shape {tuple(tensor.shape)}; expected {want}"
             )
-        _assign(model, name, tensor.to(device=device, dtype=dtype))
+        _assign(model, name, tensor.to(device=device, dtype=_load_dtype(model, name, dtype)))
         loaded.add(name)
     _check_complete(model, loaded)
+    _process_after_loading(model)
     model.reset_rope_buffers(device)
     return model.eval().requires_grad_(False)
+
+
+def read_weight_methods(
+    root: Path, config: ModelConfig, device: torch.device, dtype: torch.dtype
+) -> WeightMethods:
+    """The weight methods for this checkpoint on `device` (its config's `quantization_config`, if any)."""
+    quantization = _read_json(root / CONFIG_FILE).get("quantization_config")
+    if quantization is not None and not isinstance(quantization, dict):
+        raise CheckpointError(f"{root / CONFIG_FILE}: quantization_config must be a JSON object")
+    try:
+        return select_weight_methods(quantization, config, device, dtype)
+    except UnsupportedWeightFormat as err:
+        raise CheckpointError(f"{root / CONFIG_FILE}: {err}") from err
+
+
+def _method_of(model: nn.Module, name: str) -> WeightMethod | None:
+    """The weight method of the module owning parameter `name`, if it has one."""
+    method = getattr(model.get_submodule(name.rpartition(".")[0]), "method", None)
+    return method if isinstance(method, WeightMethod) else None
+
+
+def _load_dtype(model: nn.Module, name: str, dtype: torch.dtype) -> torch.dtype:
+    method = _method_of(model, name)
+    return dtype if method is None else method.load_dtype(name.rpartition(".")[2], dtype)
+
+
+def _process_after_loading(model: nn.Module) -> None:
+    """Each weight method's post-load step, once per module (e.g. repacking into a kernel's layout)."""
+    for module in model.modules():
+        method = getattr(module, "method", None)
+        if isinstance(method, WeightMethod):
+            method.process_weights_after_loading(module)
 
 
 def _assign(model: nn.Module, name: str, tensor: Tensor) -> None:

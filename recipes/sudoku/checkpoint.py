@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from engine.model.diffusion_gemma import DiffusionGemma
-from engine.model.reference_config import MINIMAL_VISION_CONFIG
+from recipes.reference_config import MINIMAL_VISION_CONFIG
 from recipes.sudoku import tokens
 
 WEIGHTS = "model.safetensors"

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from engine.config import LayerKind
 from engine.model.diffusion_gemma import Attention, DiffusionGemma, Layer
-from engine.model.layers import apply_rope, rope_cos_sin
+from engine.model.layers import rope_cos_sin
 from engine.sampler import LMHead
 
 Rope = tuple[Tensor, Tensor]
@@ -49,36 +49,27 @@ def attention_mask(num_prompt: int, num_canvas: int, window: int | None, device:
 
 
 def _project(attn: Attention, x: Tensor, rope: Rope) -> tuple[Tensor, Tensor, Tensor]:
-    """q (B, heads, S, d), k and v (B, kv_heads, S, d): normed, RoPE on q and k."""
-    batch, size, _ = x.shape
-    q = attn.q_proj(x).view(batch, size, -1, attn.head_dim)
-    raw_k = attn.k_proj(x).view(batch, size, -1, attn.head_dim)
-    raw_v = raw_k if attn.v_proj is None else attn.v_proj(x).view(batch, size, -1, attn.head_dim)
-    q = apply_rope(attn.q_norm(q), *rope)
-    k = apply_rope(attn.k_norm(raw_k), *rope)
-    return q.transpose(1, 2), k.transpose(1, 2), attn.v_norm(raw_v).transpose(1, 2)
+    """q (B, heads, S, d), k and v (B, kv_heads, S, d): `Attention.project`, heads before positions."""
+    q, k, v = attn.project(x, rope)
+    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
 
 def _attend(attn: Attention, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     """Scale-1 attention of q over k, v under `mask` (Sq, Sk), then o_proj: -> (B, Sq, H)."""
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0, enable_gqa=True)
-    return attn.o_proj(out.transpose(1, 2).flatten(2))
+    return attn.output(out.transpose(1, 2))
 
 
 @torch.compiler.disable
-def _moe(layer: Layer, flat: Tensor) -> Tensor:
-    """Router and experts, always eager: the experts group tokens by a host-side count whose values
-    change every step, so a compiled version would recompile at every batch."""
-    return layer._moe(flat)  # (T, H)
+def _eager_moe(layer: Layer, flat: Tensor) -> Tensor:
+    """`Layer.moe`, always eager: the experts group tokens by a host-side count whose values change
+    every step, so a compiled version would recompile at every batch."""
+    return layer.moe(flat)  # (T, H)
 
 
 def _feed_forward(layer: Layer, x: Tensor, attn: Tensor, scalar: Tensor) -> Tensor:
-    """The rest of `engine.model.diffusion_gemma.Layer.forward` after attention, on (B, S, H)."""
-    residual = x + layer.post_attention_layernorm(attn)
-    dense = layer.post_feedforward_layernorm_1(layer.mlp(layer.pre_feedforward_layernorm(residual)))
-    flat = residual.reshape(-1, residual.shape[-1])  # (B*S, H): router and experts take tokens
-    moe = layer.post_feedforward_layernorm_2(_moe(layer, flat)).view_as(residual)
-    return (residual + layer.post_feedforward_layernorm(dense + moe)) * scalar
+    """`Layer.feed_forward` on (B, S, H) with the MoE kept eager, times the mode's scalar."""
+    return layer.feed_forward(x, attn, moe=lambda flat: _eager_moe(layer, flat)) * scalar
 
 
 def prompt_layer(layer: Layer, x: Tensor, rope: Rope, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -113,7 +104,7 @@ EAGER = LayerForwards()
 def compiled_layer_forwards() -> LayerForwards:
     """`prompt_layer` and `canvas_layer` through `torch.compile` (inductor, which needs a C compiler on
     CPU). It fuses the norms, RoPE, GELU and residual arithmetic that the eager forward runs as separate
-    passes over memory; router and experts stay eager (`_moe`). Measured in bench/RESULTS.md
+    passes over memory; router and experts stay eager (`_eager_moe`). Measured in bench/RESULTS.md
     (`bench/train_step.py`)."""
     prompt = torch.compile(prompt_layer, dynamic=False)
     canvas = torch.compile(canvas_layer, dynamic=False)

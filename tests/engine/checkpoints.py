@@ -13,8 +13,9 @@ from typing import Any
 import torch
 from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
 
-from engine.model.reference_config import text_only_config
+from engine.config import ModelConfig
 from recipes.char_tokenizer import save_char_tokenizer
+from recipes.reference_config import text_only_config
 
 VOCAB = 128
 CANVAS = 16
@@ -99,3 +100,9 @@ def save_servable(path: Path, seed: int = 0) -> Path:
     save_reference(path, seed=seed)
     save_tokenizer(path)
     return path
+
+
+def tiny_model_config(**text_overrides: Any) -> ModelConfig:
+    """Our `ModelConfig` of the tiny checkpoint's config (no files written)."""
+    data = reference_config(**text_overrides).to_dict()
+    return ModelConfig.from_hf(data | {"architectures": ["DiffusionGemmaForBlockDiffusion"]})

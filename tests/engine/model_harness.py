@@ -8,8 +8,8 @@ import torch
 from torch import Tensor
 from transformers import DiffusionGemmaForBlockDiffusion, DynamicCache
 
+from engine.attention.types import LayerCache, Segment
 from engine.kv_cache import KVCacheManager
-from engine.model.attention import LayerCache, Segment
 from engine.model.cache_tensors import allocate_layer_caches, cache_groups
 from engine.model.diffusion_gemma import DiffusionGemma, ForwardBatch
 from engine.sampler import LMHead, logits_for, soft_embedding

@@ -13,7 +13,7 @@ from transformers.models.diffusion_gemma.modeling_diffusion_gemma import Diffusi
 
 from engine.config import ConfigError, ModelConfig
 from engine.model.layers import rope_inv_freq
-from engine.model.reference_config import DIFFUSIONGEMMA_26B_TEXT, FULL, SLIDING
+from recipes.reference_config import DIFFUSIONGEMMA_26B_TEXT, FULL, SLIDING
 from tests.engine.checkpoints import TEXT, save_reference
 
 TEXT_26B = DIFFUSIONGEMMA_26B_TEXT

@@ -154,6 +154,18 @@ BROKEN: dict[str, tuple[Callable[[Path], None], str]] = {
         drop_tensor("model.encoder.language_model.layers.0.layer_scalar"),
         "checkpoint is missing tensor model.encoder.language_model.layers.0.layer_scalar",
     ),
+    "unused tensor": (
+        lambda path: rewrite_weights(
+            path, lambda tensors: tensors.update({"model.decoder.layers.0.mlp.extra.weight": torch.ones(2)})
+        ),
+        "checkpoint tensor model.decoder.layers.0.mlp.extra.weight is not used by the model",
+    ),
+    "unsupported weight format": (
+        lambda path: rewrite_json(
+            path / "config.json", lambda data: data.update(quantization_config={"quant_method": "nope"})
+        ),
+        "config.json: quantization_config.quant_method 'nope' is not supported",
+    ),
     "mis-shaped tensor": (
         reshape_up_proj,
         "tensor model.decoder.layers.0.mlp.up_proj.weight has shape (95, 64); expected (96, 64)",

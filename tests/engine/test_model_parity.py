@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from transformers import DiffusionGemmaForBlockDiffusion
 
-from engine.model.attention import read_kv
+from engine.attention.reference import read_kv
 from engine.model.loader import load_checkpoint
 from tests.engine.checkpoints import CANVAS, VOCAB, WINDOW, save_reference
 from tests.engine.model_harness import Harness, Part, Reference

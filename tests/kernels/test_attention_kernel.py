@@ -5,9 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from engine.attention.reference import TorchAttention, batch_attention
+from engine.attention.selection import select_attention_backend
+from engine.attention.triton_backend import TritonAttention
+from engine.attention.types import LayerCache, Segment
 from engine.kernels import dispatch
-from engine.kernels.paged_attention import build_metadata, paged_attention
-from engine.model.attention import LayerCache, Segment, attend, batch_attention
+from engine.kernels.paged_attention import block_shape, build_metadata, paged_attention
 
 # (num_tokens, start_pos, is_causal, request): causal work first, as the runner orders it. Request 0's
 # canvas starts where its prompt chunk ends, so it reads K/V written in the same launch.
@@ -109,8 +112,34 @@ def test_attend_dispatches_to_kernel(device: torch.device) -> None:
     q, k, v, segments, cache = case
     expected = batch_attention(q, k, v, segments, clone(cache))
     with dispatch.force(True):
-        got = attend(q, k, v, segments, clone(cache))
+        backend = select_attention_backend(device)
+    kernel_cache = clone(cache)
+    got = backend.bind(segments, [kernel_cache])(q, k, v, kernel_cache)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_backend_is_chosen_by_device_and_force() -> None:
+    """The reference on the CPU, Triton when forced; the choice is made once, not per layer."""
+    cpu = torch.device("cpu")
+    assert isinstance(select_attention_backend(cpu), TorchAttention)
+    with dispatch.force(True):
+        assert isinstance(select_attention_backend(cpu), TritonAttention)
+    with dispatch.force(False):
+        assert isinstance(select_attention_backend(torch.device("cuda")), TorchAttention)
+
+
+def test_prepared_metadata_serves_every_layer_of_a_group(device: torch.device) -> None:
+    """One prepare per forward: two layers of one group reuse the same metadata, and each layer's result
+    matches the one-shot reference (the second layer reads what the first wrote in its own cache)."""
+    q, k, v, segments, cache = make_case(MIXED, 4, 2, 16, 4, 8, torch.float32, device, seed=4)
+    caches = [clone(cache), clone(cache)]
+    bound = TritonAttention().bind(segments, caches)
+    assert list(bound.metadata) == [("g", block_shape(16, device)[0])]
+    for layer_cache in caches:
+        ref_cache = clone(cache)
+        expected = batch_attention(q, k, v, segments, ref_cache)
+        torch.testing.assert_close(bound(q, k, v, layer_cache), expected, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(layer_cache.key, ref_cache.key, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize(("heads", "kv_heads", "head_dim", "window"), [(4, 2, 256, 8), (8, 1, 512, None)])

@@ -1,4 +1,4 @@
-"""The grouped-matmul experts against the reference loop over experts (`Experts.looped`)."""
+"""The grouped-matmul experts against the reference loop over experts (`looped_experts`)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,15 @@ import torch
 from engine.kernels import dispatch
 from engine.kernels.grouped_experts import grouped_experts, grouped_mm_fits
 from engine.model.layers import Experts
+from engine.model.methods.plain import GroupedExperts, LoopedExperts, looped_experts
+from engine.model.methods.selection import plain_experts_method
+from tests.engine.checkpoints import tiny_model_config
 
 
 def experts(num: int, hidden: int, inter: int, dtype: torch.dtype, device: torch.device) -> Experts:
     module = Experts.__new__(Experts)
     torch.nn.Module.__init__(module)
+    module.method = LoopedExperts()
     gen = torch.Generator().manual_seed(num * hidden + inter)
     module.gate_up_proj = torch.nn.Parameter(torch.randn(num, 2 * inter, hidden, generator=gen) * 0.2)
     module.down_proj = torch.nn.Parameter(torch.randn(num, hidden, inter, generator=gen) * 0.2)
@@ -49,26 +53,39 @@ def test_grouped_matches_loop(
     weights, ids = routing(tokens, num, k, used, device)
     assert grouped_mm_fits(x, module.gate_up_proj, module.down_proj)
     got = grouped_experts(x, weights, ids, module.gate_up_proj, module.down_proj)
-    expected = module.looped(x, weights, ids)
+    expected = looped_experts(x, weights, ids, module.gate_up_proj, module.down_proj)
     if dtype == torch.float32:
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
         return
     # bf16: the two paths round in different places; each must be as close to fp32 as the other.
-    exact = module.float().looped(x.float(), weights, ids)
+    exact_module = module.float()
+    exact = looped_experts(x.float(), weights, ids, exact_module.gate_up_proj, exact_module.down_proj)
     loop_error = (expected.float() - exact).abs().max()
     assert (got.float() - exact).abs().max() <= 2 * loop_error + 1e-3
 
 
 def test_forward_takes_grouped_path_only_when_selected(device: torch.device) -> None:
+    """The method is picked once (per device, dtype and widths), and `forward` runs only that one."""
+    config = tiny_model_config()
+    with dispatch.force(True):
+        selected = plain_experts_method(config, device, torch.float32)
+    with dispatch.force(False):
+        reference = plain_experts_method(config, device, torch.float32)
+    assert isinstance(selected, GroupedExperts) and type(reference) is LoopedExperts
     module = experts(4, 32, 16, torch.float32, device)
     x = torch.randn(9, 32, device=device)
     weights, ids = routing(9, 4, 2, 4, device)
     calls: list[str] = []
-    module.looped = lambda *args: calls.append("loop") or Experts.looped(module, *args)  # type: ignore[method-assign]
-    with dispatch.force(True):
-        module(x, weights, ids)
-    with dispatch.force(False):
-        module(x, weights, ids)
+
+    class Counted(LoopedExperts):
+        def apply(self, layer: torch.nn.Module, *args: torch.Tensor) -> torch.Tensor:
+            calls.append("loop")
+            return super().apply(layer, *args)
+
+    module.method = GroupedExperts()
+    grouped = module(x, weights, ids)
+    module.method = Counted()
+    torch.testing.assert_close(module(x, weights, ids), grouped, atol=1e-5, rtol=1e-5)
     assert calls == ["loop"]
 
 

@@ -26,8 +26,8 @@ def tokens(n: int, seed: int) -> torch.Tensor:
 
 def run(path: Path, kernels: bool) -> list[torch.Tensor]:
     """A prompt longer than the window, then one mixed step: a prefill, a commit and two canvases."""
-    harness = Harness(load_checkpoint(path, with_tokenizer=False).model, block_size=4)
-    with dispatch.force(kernels):
+    with dispatch.force(kernels):  # the experts' method is chosen at load, attention per batch
+        harness = Harness(load_checkpoint(path, with_tokenizer=False).model, block_size=4)
         harness.run([Part("a", tokens(11, 1), 0, True), Part("c", tokens(5, 2), 0, True)])
         return harness.run(
             [

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from engine.model.attention import LayerCache, Segment
+from engine.attention.types import LayerCache, Segment
 from engine.model.cache_tensors import allocate_layer_caches
 from engine.model.diffusion_gemma import DiffusionGemma, ForwardBatch
 from recipes.sudoku.checkpoint import init_checkpoint

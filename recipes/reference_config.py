@@ -2,7 +2,8 @@
 
 Tests, benchmarks and recipes save checkpoints with transformers so that they are genuine
 DiffusionGemma checkpoints; the config class insists on a vision tower, so they all get this minimal
-one (its weights are skipped by our loader) and image token ids at the top of the vocabulary.
+one (its weights are skipped by our loader) and image token ids at the top of the vocabulary. It
+lives outside the engine package because it needs transformers, which serving does not.
 """
 
 from __future__ import annotations

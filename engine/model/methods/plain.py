@@ -1,0 +1,83 @@
+"""The unquantized methods: plain linear, and the experts looped (reference) or as two grouped matmuls.
+
+Parameters keep the checkpoint's names and layouts (`weight` (out, in); `gate_up_proj` (E, 2I, H),
+`down_proj` (E, H, I)), so `state_dict()` names equal the checkpoint's (minus its prefix).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from engine.kernels.grouped_experts import grouped_experts, grouped_mm_fits
+from engine.model.methods.base import ExpertsMethod, LinearMethod, stored
+
+
+def gelu_tanh(x: Tensor) -> Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+class UnquantizedLinear(LinearMethod):
+    """`F.linear(x, weight)`; `weight` (out, in) initialised as `nn.Linear` does (loads overwrite it)."""
+
+    def create_weights(self, layer: nn.Module, in_features: int, out_features: int) -> None:
+        weight = nn.Parameter(torch.empty(out_features, in_features))
+        nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+        layer.register_parameter("weight", weight)
+
+    def apply(self, layer: nn.Module, x: Tensor) -> Tensor:
+        return F.linear(x, stored(layer, "weight"))
+
+
+class LoopedExperts(ExpertsMethod):
+    """The reference: tokens grouped by expert, one expert at a time (a host sync for the counts)."""
+
+    def create_weights(self, layer: nn.Module, num_experts: int, hidden: int, inter: int) -> None:
+        layer.register_parameter("gate_up_proj", nn.Parameter(torch.empty(num_experts, 2 * inter, hidden)))
+        layer.register_parameter("down_proj", nn.Parameter(torch.empty(num_experts, hidden, inter)))
+
+    def apply(self, layer: nn.Module, x: Tensor, weights: Tensor, expert_ids: Tensor) -> Tensor:
+        return looped_experts(
+            x, weights, expert_ids, stored(layer, "gate_up_proj"), stored(layer, "down_proj")
+        )
+
+
+class GroupedExperts(LoopedExperts):
+    """The same weights through `engine.kernels.grouped_experts` (two grouped matmuls, no host sync).
+
+    Chosen at load where `grouped_mm` takes the device, dtype and widths
+    (`engine.model.methods.selection`); the reference loop stays `LoopedExperts`.
+    """
+
+    def apply(self, layer: nn.Module, x: Tensor, weights: Tensor, expert_ids: Tensor) -> Tensor:
+        # Only torch's CPU fallback lacks a weight gradient: a training step there (grad mode is a fact
+        # of the call, not of the load) takes the loop, as before this method existed.
+        if not grouped_mm_fits(x, stored(layer, "gate_up_proj"), stored(layer, "down_proj")):
+            return super().apply(layer, x, weights, expert_ids)
+        return grouped_experts(
+            x, weights, expert_ids, stored(layer, "gate_up_proj"), stored(layer, "down_proj")
+        )
+
+
+def looped_experts(
+    x: Tensor, weights: Tensor, expert_ids: Tensor, gate_up_proj: Tensor, down_proj: Tensor
+) -> Tensor:
+    """Sum over each token's k experts of `weight * expert(x)`: x (T, H), weights and ids (T, k)."""
+    out = torch.zeros_like(x)  # (T, H)
+    flat_experts = expert_ids.flatten()  # (T*k,)
+    order = torch.argsort(flat_experts, stable=True)
+    counts = torch.bincount(flat_experts, minlength=gate_up_proj.shape[0]).tolist()
+    token_ids = order // expert_ids.shape[1]
+    flat_weights = weights.flatten()[order]
+    start = 0
+    for expert, count in enumerate(counts):
+        if count:
+            rows = token_ids[start : start + count]
+            gate, up = F.linear(x[rows], gate_up_proj[expert]).chunk(2, dim=-1)
+            y = F.linear(gelu_tanh(gate) * up, down_proj[expert]) * flat_weights[start : start + count, None]
+            out.index_add_(0, rows, y.to(out.dtype))
+        start += count
+    return out
