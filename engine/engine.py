@@ -156,15 +156,15 @@ class Engine:
         t2 = time.perf_counter()
         outputs = self._finalise(self.scheduler.update(scheduled, result))
         t3 = time.perf_counter()
-        committed = sum(len(o.new_token_ids) for o in outputs)
-        self.stats.record_step(self.scheduler.last_step, StepTiming(t1 - t0, t2 - t1, t3 - t2), committed)
+        num_output = sum(len(o.new_token_ids) for o in outputs)
+        self.stats.record_step(self.scheduler.last_step, StepTiming(t1 - t0, t2 - t1, t3 - t2), num_output)
         return outputs
 
     def _finalise(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
         """Detokenise, count committed tokens, record finished requests, refresh gauges."""
         finalised = []
         for output in outputs:
-            self.stats.num_committed_tokens += len(output.new_token_ids)
+            self.stats.num_output_tokens += len(output.new_token_ids)
             detokenizer = self._detokenizers.get(output.request_id)
             text = detokenizer.push(output.new_token_ids, output.finished) if detokenizer else ""
             if output.finished:

@@ -150,7 +150,7 @@ class Request:
     The cache must hold `cache_token_ids` = prompt + every committed canvas, in order. Positions
     [0, num_computed_tokens) are in the cache; the rest are causal work still to schedule (a prompt
     not yet prefilled, a canvas waiting for its commit, or everything after a preemption). Once they
-    are all in, the request denoises block `block_index` at positions [num_computed_tokens, +C).
+    are all in, the request denoises its canvas number `canvas_index` at positions [num_computed_tokens, +C).
     """
 
     request_id: str
@@ -166,11 +166,11 @@ class Request:
     output_token_ids: list[int] = field(default_factory=list)
     """What the client receives: committed canvases cut at the first stop id and at max_tokens."""
     num_computed_tokens: int = 0
-    block_index: int = 0
+    canvas_index: int = 0
     canvas_started: bool = False
     denoise_steps: int = 0
     """Denoise steps over the whole request (preempted work counts again)."""
-    steps_per_block: list[int] = field(default_factory=list)
+    steps_per_canvas: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     scheduled_time: float | None = None
     """When the request was last admitted to run (monotonic clock)."""
@@ -195,7 +195,7 @@ class Request:
 class CanvasSnapshot:
     """A live view of a canvas after one denoise step (for streaming)."""
 
-    block_index: int
+    canvas_index: int
     step: int
     token_ids: list[int]
     confidence: list[float]

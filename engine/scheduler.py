@@ -10,7 +10,7 @@ Every step packs, under a token budget, into one forward:
 Long prompts are chunked to the leftover budget, so they never stall running canvases. Each canvas
 converges, commits and finishes on its own schedule. When cache blocks run out, the newest running
 request is preempted: its blocks are freed and it is recomputed later from its prompt and committed
-canvases (its canvases are seeded per block, so it draws the same tokens again).
+canvases (its canvases are seeded per canvas index, so it draws the same tokens again).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from engine.block_end import end_block
+from engine.canvas_end import end_canvas
 from engine.kv_cache import KVCacheManager, num_blocks_for
 from engine.outputs import CausalWork, DenoiseOutcome, DenoiseWork, NewCanvas, RunnerOutput, SchedulerOutput
 from engine.request import (
@@ -189,8 +189,8 @@ class Scheduler:
         params = self._step_params[request.request_id]
         new_canvas = None
         if not request.canvas_started:
-            pinned = request.params.pinned_canvas if request.block_index == 0 else None
-            new_canvas = NewCanvas(request.seed, request.block_index, params.stability_threshold, pinned)
+            pinned = request.params.pinned_canvas if request.canvas_index == 0 else None
+            new_canvas = NewCanvas(request.seed, request.canvas_index, params.stability_threshold, pinned)
             request.canvas_started = True
         return DenoiseWork(
             request.request_id,
@@ -299,16 +299,16 @@ class Scheduler:
         if not outcome.finished:
             return RequestOutput(request.request_id, canvas=snapshot) if snapshot else None
         assert outcome.argmax is not None, "a finished canvas must come with its argmax"
-        return self._end_block(request, outcome.argmax, outcome.step, snapshot)
+        return self._end_canvas(request, outcome.argmax, outcome.step, snapshot)
 
-    def _end_block(
+    def _end_canvas(
         self, request: Request, canvas: list[int], steps: int, snapshot: CanvasSnapshot | None
     ) -> RequestOutput:
         params = request.params
         assert params.max_tokens is not None and params.stop_token_ids is not None
-        end = end_block(canvas, len(request.output_token_ids), params.max_tokens, params.stop_token_ids)
+        end = end_canvas(canvas, len(request.output_token_ids), params.max_tokens, params.stop_token_ids)
         request.output_token_ids += end.new_token_ids
-        request.steps_per_block.append(steps)
+        request.steps_per_canvas.append(steps)
         if request.first_token_time is None and end.new_token_ids:
             request.first_token_time = time.monotonic()
         if end.finish_reason is not None:
@@ -321,7 +321,7 @@ class Scheduler:
                 usage=finished.usage,
             )
         request.committed_token_ids += canvas
-        request.block_index += 1
+        request.canvas_index += 1
         request.canvas_started = False
         return RequestOutput(request.request_id, end.new_token_ids, canvas=snapshot)
 
@@ -344,8 +344,8 @@ def usage_of(request: Request) -> Usage:
         prompt_tokens=len(request.prompt_token_ids),
         completion_tokens=len(request.output_token_ids),
         denoise_steps=request.denoise_steps,
-        canvases=len(request.steps_per_block),
-        steps_per_canvas=tuple(request.steps_per_block),
+        canvases=len(request.steps_per_canvas),
+        steps_per_canvas=tuple(request.steps_per_canvas),
     )
 
 
@@ -353,7 +353,7 @@ def _snapshot(request: Request, outcome: DenoiseOutcome) -> CanvasSnapshot | Non
     if outcome.argmax is None:
         return None
     return CanvasSnapshot(
-        block_index=request.block_index,
+        canvas_index=request.canvas_index,
         step=outcome.step,
         token_ids=outcome.argmax,
         confidence=outcome.confidence or [],

@@ -156,7 +156,7 @@ def run_generate(args: argparse.Namespace) -> int:
     (result,) = generate(checkpoint.model, checkpoint.defaults, [prompt], params, tokenizer=tokenizer)
     elapsed = time.perf_counter() - start
     print(result.text)
-    summary = f"steps per block={result.steps_per_block}, {elapsed:.2f}s"
+    summary = f"steps per canvas={result.steps_per_canvas}, {elapsed:.2f}s"
     print(f"[{len(result.token_ids)} tokens, finish={result.finish_reason}, {summary}]", file=sys.stderr)
     return 0
 

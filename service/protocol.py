@@ -26,7 +26,7 @@ class StreamOptions(OpenAIModel):
     include_canvas: bool = False
     """Stream live canvases: chunks with empty text and a top-level `canvas` object."""
     canvas_min_interval_ms: float | None = Field(None, ge=0)
-    """Least time between two canvas chunks of one choice (each block's last canvas always comes)."""
+    """Least time between two canvas chunks of one choice (each canvas's final snapshot always comes)."""
 
 
 class DiffusionParams(OpenAIModel):

@@ -41,7 +41,7 @@ def test_outputs_are_identical_alone_and_among_16_concurrent_requests(checkpoint
     for i in (0, 5, 15):
         (alone,) = LLM(make_engine(checkpoint, **config)).generate([prompt(i)], [params(i)])
         assert alone.token_ids == together[i].token_ids, f"request {i}"
-        assert alone.steps_per_block == together[i].steps_per_block
+        assert alone.steps_per_canvas == together[i].steps_per_canvas
     assert all(len(r.token_ids) == 2 * CANVAS and r.finish_reason == "length" for r in together)
 
 
@@ -76,7 +76,7 @@ def test_canvas_snapshots_and_text(checkpoint: Checkpoint) -> None:
         ["hi"], [params(3, steps=3)], callback=lambda i, snap: snapshots.append(snap)
     )
     assert [s.step for s in snapshots] == [1, 2, 3, 1, 2, 3]
-    assert [s.block_index for s in snapshots] == [0, 0, 0, 1, 1, 1]
+    assert [s.canvas_index for s in snapshots] == [0, 0, 0, 1, 1, 1]
     assert all(len(s.token_ids) == CANVAS and len(s.confidence) == CANVAS for s in snapshots)
     assert snapshots[2].token_ids == result.token_ids[:CANVAS]
     assert result.text == checkpoint.tokenizer.decode(result.token_ids, skip_special_tokens=True)
@@ -87,7 +87,7 @@ def test_stats_count_steps_tokens_and_requests(checkpoint: Checkpoint) -> None:
     engine = make_engine(checkpoint)
     LLM(engine).generate([prompt(1), prompt(2)], [params(1, steps=2), params(2, steps=3)])
     stats = engine.stats
-    assert stats.num_committed_tokens == 4 * CANVAS
+    assert stats.num_output_tokens == 4 * CANVAS
     assert stats.num_denoise_passes == 2 * 2 + 2 * 3
     assert stats.num_prefill_tokens == len(prompt(1)) + len(prompt(2))
     assert stats.num_commit_tokens == 2 * CANVAS

@@ -79,7 +79,7 @@ class Script:
 
 @dataclass
 class _Canvas:
-    block_index: int
+    canvas_index: int
     step: int = 0
 
 
@@ -120,10 +120,10 @@ class FakeRunner:
         block, rest = divmod(work.start_pos - len(script.prompt), C)
         assert rest == 0 and block >= 0
         if work.new_canvas is not None:
-            assert (work.new_canvas.seed, work.new_canvas.block_index) == (script.seed, block)
+            assert (work.new_canvas.seed, work.new_canvas.canvas_index) == (script.seed, block)
             self.canvases[work.request_id] = _Canvas(block)
         canvas = self.canvases[work.request_id]  # KeyError: a canvas denoised before it was started
-        assert canvas.block_index == block
+        assert canvas.canvas_index == block
         canvas.step += 1
         finished = canvas.step >= script.steps_for(block)
         show = finished or work.want_canvas
@@ -325,7 +325,7 @@ def test_prefill_then_denoise_then_commit_then_next_block_in_the_same_steps() ->
     (denoise,) = first.denoise
     assert (causal.start_pos, causal.token_ids) == (0, s.prompt)
     assert denoise.start_pos == 5 and denoise.new_canvas is not None
-    assert (denoise.new_canvas.block_index, denoise.new_canvas.seed) == (0, 3)
+    assert (denoise.new_canvas.canvas_index, denoise.new_canvas.seed) == (0, 3)
     assert denoise.new_canvas.stability_threshold == DEFAULTS.stability_threshold
     assert h.events["a"] == []
     second = h.step()
@@ -336,7 +336,7 @@ def test_prefill_then_denoise_then_commit_then_next_block_in_the_same_steps() ->
     (next_block,) = third.denoise
     assert (commit.start_pos, list(commit.token_ids)) == (5, s.final(0, 8))
     assert next_block.start_pos == 13 and next_block.new_canvas is not None
-    assert next_block.new_canvas.block_index == 1
+    assert next_block.new_canvas.canvas_index == 1
     h.run()
     assert h.finish("a").usage is not None and h.finish("a").usage.steps_per_canvas == (2, 1, 3)
     assert_finished_as_scripted(h)

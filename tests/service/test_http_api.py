@@ -12,7 +12,7 @@ import httpx
 import pytest
 from transformers import AutoTokenizer
 
-from engine.block_end import end_block
+from engine.canvas_end import end_canvas
 from tests.service.conftest import FAST_STEPS, RemoteServer, assert_openai_error, sse_payloads
 
 CANVAS = 16
@@ -78,23 +78,23 @@ def test_canvases_arrive_in_order_and_each_block_ends_with_its_committed_tokens(
             assert choice["text"] == "" and choice["finish_reason"] is None
             canvases[index].append(chunk["canvas"])
         elif canvases[index]:
-            text_of_block[index][canvases[index][-1]["block"]] += choice["text"]
+            text_of_block[index][canvases[index][-1]["canvas_index"]] += choice["text"]
         if choice["finish_reason"] is not None:
             reasons[index] = choice["finish_reason"]
     assert sorted(reasons) == list(range(n))
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     for index in range(n):
-        order = [(c["block"], c["step"]) for c in canvases[index]]
+        order = [(c["canvas_index"], c["step"]) for c in canvases[index]]
         assert order == sorted(order) and len(set(order)) == len(order), order
         assert order[0] == (0, 1)
-        last_of_block = {c["block"]: c for c in canvases[index]}  # the later one wins
+        last_of_block = {c["canvas_index"]: c for c in canvases[index]}  # the later one wins
         assert sorted(last_of_block) == list(range(len(last_of_block)))
         num_output = 0
         for block, canvas in sorted(last_of_block.items()):
             assert len(canvas["token_ids"]) == CANVAS
             assert canvas["text"] == tokenizer.decode(canvas["token_ids"], skip_special_tokens=False)
-            end = end_block(canvas["token_ids"], num_output, max_tokens, (EOS,))
+            end = end_canvas(canvas["token_ids"], num_output, max_tokens, (EOS,))
             committed = tokenizer.decode(end.new_token_ids, skip_special_tokens=True)
             assert text_of_block[index][block] == committed, (index, block)
             num_output += len(end.new_token_ids)
