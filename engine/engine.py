@@ -7,51 +7,25 @@ the server, and `engine.llm.LLM` drives it directly for offline use.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import torch
 
 from engine.config import DiffusionDefaults, ModelConfig
 from engine.detokenizer import IncrementalDetokenizer
+from engine.engine_config import EngineConfig
 from engine.kv_cache import KVCacheManager, num_blocks_for
 from engine.model.cache_tensors import allocate_layer_caches, bytes_per_block, cache_groups
 from engine.model.diffusion_gemma import DiffusionGemma
 from engine.request import InvalidParams, RequestOutput, SamplingParams
 from engine.runner import ModelRunner
-from engine.scheduler import Scheduler, SchedulerConfig
+from engine.scheduler import Scheduler
 from engine.stats import EngineStats, StepTiming
 
 
-@dataclass(frozen=True)
-class EngineConfig:
-    """How one engine uses its model and memory. Every field has a serving default."""
-
-    max_num_seqs: int = 16
-    """Canvases in flight at most (running requests)."""
-    max_num_batched_tokens: int = 4096
-    """Tokens per forward; each denoised canvas counts its canvas_length."""
-    max_waiting: int = 1024
-    """Bound of the waiting queue; beyond it requests are refused (HTTP 429)."""
-    max_model_len: int | None = None
-    """Positions per request (prompt + every canvas); None: the model's max_position_embeddings."""
-    block_size: int = 16
-    """Positions per KV cache block."""
-    num_full_blocks: int | None = None
-    """Blocks of the full-attention cache group; None: enough for max_num_seqs requests of
-    max_model_len, unless `kv_cache_bytes` caps it."""
-    kv_cache_bytes: int | None = None
-    """Total K/V budget across groups; None: no cap (see `num_full_blocks`)."""
-
-    def __post_init__(self) -> None:
-        if self.block_size < 1 or self.max_num_seqs < 1:
-            raise ValueError("block_size and max_num_seqs must be >= 1")
-
-
-def cache_blocks(
-    model: ModelConfig, config: EngineConfig, max_model_len: int, dtype: torch.dtype
-) -> dict[str, int]:
-    """Blocks per cache group.
+def cache_blocks(model: ModelConfig, config: EngineConfig, dtype: torch.dtype) -> dict[str, int]:
+    """Blocks per cache group, for a `config` resolved against `model`.
 
     Sliding groups need at most a window plus one chunk per running request:
     ceil((W - 1 + max_num_batched_tokens) / block_size) + 1 blocks each. The full group gets
@@ -60,18 +34,17 @@ def cache_blocks(
     blocks: dict[str, int] = {}
     bs = config.block_size
     if "sliding" in model.layer_kinds:
-        span = model.sliding_window - 1 + config.max_num_batched_tokens
+        span = model.sliding_window - 1 + config.resolved_max_num_batched_tokens
         blocks["sliding"] = config.max_num_seqs * (num_blocks_for(span, bs) + 1)
     if "full" in model.layer_kinds:
-        blocks["full"] = _full_blocks(model, config, max_model_len, dtype, blocks.get("sliding", 0))
+        blocks["full"] = _full_blocks(model, config, dtype, blocks.get("sliding", 0))
     return blocks
 
 
-def _full_blocks(
-    model: ModelConfig, config: EngineConfig, max_model_len: int, dtype: torch.dtype, sliding_blocks: int
-) -> int:
+def _full_blocks(model: ModelConfig, config: EngineConfig, dtype: torch.dtype, sliding_blocks: int) -> int:
     if config.num_full_blocks is not None:
         return config.num_full_blocks
+    max_model_len = config.resolved_max_model_len
     wanted = config.max_num_seqs * num_blocks_for(max_model_len, config.block_size)
     if config.kv_cache_bytes is None:
         return wanted
@@ -100,23 +73,19 @@ class Engine:
         self.model = model
         self.defaults = defaults
         self.tokenizer = tokenizer
-        self.config = config or EngineConfig()
         model_config = model.config
-        self.max_model_len = self.config.max_model_len or model_config.max_position_embeddings
+        self.config = (config or EngineConfig()).resolve(
+            model_config.canvas_length, model_config.max_position_embeddings
+        )
         weight = model.embed_tokens.weight
-        blocks = cache_blocks(model_config, self.config, self.max_model_len, weight.dtype)
+        blocks = cache_blocks(model_config, self.config, weight.dtype)
         caches = allocate_layer_caches(
             model_config, blocks, self.config.block_size, weight.dtype, weight.device
         )
         self.runner = ModelRunner(model, caches)
         self.scheduler = Scheduler(
-            SchedulerConfig(
-                canvas_length=model_config.canvas_length,
-                max_model_len=self.max_model_len,
-                max_num_seqs=self.config.max_num_seqs,
-                max_num_batched_tokens=self.config.max_num_batched_tokens,
-                max_waiting=self.config.max_waiting,
-            ),
+            self.config,
+            model_config.canvas_length,
             KVCacheManager(cache_groups(model_config, blocks), self.config.block_size),
         )
         self.stats = EngineStats()
@@ -139,6 +108,11 @@ class Engine:
             raise InvalidParams(f"prompt token id {bad} is outside the vocabulary [0, {config.vocab_size})")
         self.scheduler.add_request(request_id, prompt_token_ids, resolved, want_canvas, arrival_time)
         self._detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer)
+
+    @property
+    def max_model_len(self) -> int:
+        """Positions per request: the config's, else the model's max_position_embeddings."""
+        return self.config.resolved_max_model_len
 
     def abort(self, request_id: str) -> RequestOutput | None:
         output = self.scheduler.abort(request_id)

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from engine.engine import Engine, EngineConfig
+from engine.engine import Engine
+from engine.engine_config import EngineConfig
 from engine.model.loader import load_checkpoint
 from engine.request import CanvasSnapshot, FinishReason, InvalidParams, RequestOutput, SamplingParams, Usage
 

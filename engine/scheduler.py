@@ -21,6 +21,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from engine.canvas_end import end_canvas
+from engine.engine_config import EngineConfig
 from engine.kv_cache import KVCacheManager, num_blocks_for
 from engine.outputs import CausalWork, DenoiseOutcome, DenoiseWork, NewCanvas, RunnerOutput, SchedulerOutput
 from engine.request import (
@@ -40,39 +41,19 @@ class QueueFull(RuntimeError):
     """The waiting queue is at its bound; the client should retry later."""
 
 
-@dataclass(frozen=True)
-class SchedulerConfig:
-    """Limits of one engine."""
-
-    canvas_length: int
-    """Tokens per canvas (the model's `canvas_length`)."""
-    max_model_len: int
-    """Positions a request may use: prompt plus every canvas it may fill."""
-    max_num_seqs: int = 16
-    """Running requests (canvases in flight) at most."""
-    max_num_batched_tokens: int = 4096
-    """Tokens per forward: prefill chunks, commits and C per denoised canvas."""
-    max_waiting: int = 1024
-    """Waiting requests at most; beyond it `add_request` raises `QueueFull`."""
-
-    def __post_init__(self) -> None:
-        if self.max_num_batched_tokens < self.canvas_length:
-            raise ValueError(
-                f"max_num_batched_tokens={self.max_num_batched_tokens} cannot hold one canvas of "
-                f"{self.canvas_length} tokens: raise it"
-            )
-        if self.max_num_seqs < 1 or self.max_waiting < 0:
-            raise ValueError("max_num_seqs must be >= 1 and max_waiting >= 0")
-
-
 @dataclass
 class StepComposition:
     """What one scheduled step holds (for metrics)."""
 
     num_prefill_tokens: int = 0
+    """Prompt tokens written to the KV cache (a prompt chunk, or a prompt recomputed after preemption)."""
     num_commit_tokens: int = 0
+    """Tokens of committed canvases written to the KV cache (commit passes and their recomputation);
+    not the tokens added to outputs, which `EngineStats.num_output_tokens` counts."""
     num_denoise_canvases: int = 0
+    """Canvases given one denoise pass."""
     num_preempted: int = 0
+    """Running requests preempted to make room in the cache."""
 
 
 @dataclass
@@ -93,8 +74,12 @@ class Scheduler:
     aborted request holds none and is reported once in the next `SchedulerOutput.dropped_request_ids`.
     """
 
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
-        self.config = config
+    def __init__(self, config: EngineConfig, canvas_length: int, kv: KVCacheManager) -> None:
+        """`config.max_model_len` must be set (the engine resolves it from the model); an unset token
+        budget is sized here. Raises ValueError when the budget cannot hold one canvas."""
+        self.config = config.resolve(canvas_length, config.resolved_max_model_len)
+        self.canvas_length = canvas_length
+        """Tokens per canvas (the model's `canvas_length`)."""
         self.kv = kv
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -134,17 +119,20 @@ class Scheduler:
         assert params.max_tokens is not None
         if not prompt:
             raise InvalidParams("prompt is empty: give at least one token")
-        canvas = self.config.canvas_length
+        canvas = self.canvas_length
         needed = len(prompt) + num_blocks_for(params.max_tokens, canvas) * canvas
-        if needed > self.config.max_model_len:
+        if needed > self.config.resolved_max_model_len:
             raise InvalidParams(
                 f"prompt ({len(prompt)} tokens) plus max_tokens={params.max_tokens} needs {needed} positions "
-                f"(whole canvases of {canvas}); max_model_len is {self.config.max_model_len}: "
+                f"(whole canvases of {canvas}); max_model_len is {self.config.resolved_max_model_len}: "
                 "shorten the prompt or lower max_tokens"
             )
         for group in self.kv.group_names:
             total = self.kv.num_free_blocks(group) + self.kv.num_used_blocks(group)
-            if self.kv.max_blocks_held(group, needed - canvas, self.config.max_num_batched_tokens) > total:
+            if (
+                self.kv.max_blocks_held(group, needed - canvas, self.config.resolved_max_num_batched_tokens)
+                > total
+            ):
                 raise InvalidParams(
                     f"this request needs more KV cache than the whole cache holds ({total} blocks of "
                     f"{self.kv.block_size} in group {group!r}): shorten the prompt or lower max_tokens"
@@ -166,7 +154,7 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         """Build one step's work under the token and sequence budgets."""
-        plan = _Plan(budget=self.config.max_num_batched_tokens)
+        plan = _Plan(budget=self.config.resolved_max_num_batched_tokens)
         for request in list(self.running):
             if request.num_pending_causal == 0:
                 self._try_denoise(request, plan)
@@ -179,9 +167,9 @@ class Scheduler:
         return SchedulerOutput(plan.causal, plan.denoise, dropped)
 
     def _try_denoise(self, request: Request, plan: _Plan) -> None:
-        if plan.budget < self.config.canvas_length:
+        if plan.budget < self.canvas_length:
             return
-        plan.budget -= self.config.canvas_length
+        plan.budget -= self.canvas_length
         plan.composition.num_denoise_canvases += 1
         plan.denoise.append(self._denoise_work(request))
 
@@ -258,7 +246,7 @@ class Scheduler:
             plan.budget += len(causal.token_ids)
         num_denoise = sum(d.request_id == request.request_id for d in plan.denoise)
         plan.composition.num_denoise_canvases -= num_denoise
-        plan.budget += self.config.canvas_length * num_denoise
+        plan.budget += self.canvas_length * num_denoise
         plan.causal = [c for c in plan.causal if c.request_id != request.request_id]
         plan.denoise = [d for d in plan.denoise if d.request_id != request.request_id]
 

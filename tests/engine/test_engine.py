@@ -7,7 +7,8 @@ import asyncio
 import pytest
 
 from engine.async_engine import AsyncEngine, EngineDead
-from engine.engine import Engine, EngineConfig
+from engine.engine import Engine
+from engine.engine_config import EngineConfig
 from engine.llm import LLM
 from engine.model.loader import Checkpoint, load_checkpoint
 from engine.request import RequestOutput, SamplingParams

@@ -19,10 +19,11 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from engine.config import DiffusionDefaults
+from engine.engine_config import EngineConfig
 from engine.kv_cache import NULL_BLOCK, CacheGroupSpec, KVCacheManager, num_blocks_for
 from engine.outputs import CausalWork, DenoiseOutcome, DenoiseWork, RunnerOutput, SchedulerOutput
 from engine.request import InvalidParams, RequestOutput, RequestStatus, SamplingParams
-from engine.scheduler import QueueFull, Scheduler, SchedulerConfig
+from engine.scheduler import QueueFull, Scheduler
 
 STOP = 1
 VOCAB = 40
@@ -209,7 +210,8 @@ def make(
 ) -> Harness:
     groups = [CacheGroupSpec("full", num_full, None), CacheGroupSpec("sliding", num_sliding, window)]
     config.setdefault("max_model_len", 1024)
-    sched = Scheduler(SchedulerConfig(canvas_length=canvas, **config), KVCacheManager(groups, block_size))
+    config.setdefault("max_num_batched_tokens", 4096)
+    sched = Scheduler(EngineConfig(**config), canvas, KVCacheManager(groups, block_size))
     return Harness(sched, FakeRunner({}, groups, block_size, canvas), {g.name: g.num_blocks for g in groups})
 
 
@@ -217,7 +219,10 @@ def check_step(sched: Scheduler, out: SchedulerOutput, running_before: list[str]
     """Budgets hold, each request has at most one work of each kind, and preemption took the newest
     running requests and put them back at the front of the queue. Returns the preempted ids."""
     config = sched.config
-    assert out.num_causal_tokens + config.canvas_length * len(out.denoise) <= config.max_num_batched_tokens
+    assert (
+        out.num_causal_tokens + sched.canvas_length * len(out.denoise)
+        <= config.resolved_max_num_batched_tokens
+    )
     assert len(sched.running) <= config.max_num_seqs
     for works in (out.causal, out.denoise):
         ids = [w.request_id for w in works]
@@ -271,7 +276,7 @@ def script(
 
 
 def assert_finished_as_scripted(h: Harness) -> None:
-    C = h.sched.config.canvas_length
+    C = h.sched.canvas_length
     for request_id, s in h.runner.scripts.items():
         tokens, reason = s.expected(C)
         finish = h.finish(request_id)
