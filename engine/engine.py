@@ -18,9 +18,9 @@ from engine.engine_config import EngineConfig
 from engine.kv_cache import KVCacheManager, num_blocks_for
 from engine.model.cache_tensors import allocate_layer_caches, bytes_per_block, cache_groups
 from engine.model.diffusion_gemma import DiffusionGemma
-from engine.request import InvalidParams, RequestOutput, SamplingParams
+from engine.request import RequestOutput, SamplingParams, check_prompt_ids
 from engine.runner import ModelRunner
-from engine.scheduler import Scheduler
+from engine.scheduler import Scheduler, context_error
 from engine.stats import EngineStats, StepTiming
 
 
@@ -77,6 +77,7 @@ class Engine:
         self.config = (config or EngineConfig()).resolve(
             model_config.canvas_length, model_config.max_position_embeddings
         )
+        SamplingParams().resolve(defaults)  # the defaults obey the request ranges, or InvalidParams now
         weight = model.embed_tokens.weight
         blocks = cache_blocks(model_config, self.config, weight.dtype)
         caches = allocate_layer_caches(
@@ -99,13 +100,15 @@ class Engine:
         want_canvas: bool = False,
         arrival_time: float | None = None,
     ) -> None:
-        """Validate and queue a request; raises `InvalidParams` or `QueueFull` with a message."""
+        """Validate and queue a request; raises `InvalidParams` or `QueueFull` with a message.
+
+        The one place a request is checked: `SamplingParams` checks its own fields, this the prompt's ids,
+        the pinned canvas and the default max_tokens, the scheduler the context and the cache.
+        """
         config = self.model.config
-        resolved = (params or SamplingParams()).resolve(self.defaults)
+        check_prompt_ids(prompt_token_ids, config.vocab_size)
+        resolved = self._resolve(params or SamplingParams(), len(prompt_token_ids))
         resolved.check_canvas(config.canvas_length, config.vocab_size)
-        bad = next((t for t in prompt_token_ids if not 0 <= t < config.vocab_size), None)
-        if bad is not None:
-            raise InvalidParams(f"prompt token id {bad} is outside the vocabulary [0, {config.vocab_size})")
         self.scheduler.add_request(request_id, prompt_token_ids, resolved, want_canvas, arrival_time)
         self._detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer)
 
@@ -113,6 +116,20 @@ class Engine:
     def max_model_len(self) -> int:
         """Positions per request: the config's, else the model's max_position_embeddings."""
         return self.config.resolved_max_model_len
+
+    def _resolve(self, params: SamplingParams, num_prompt: int) -> SamplingParams:
+        """Unset fields take the checkpoint's defaults; an unset max_tokens takes the default cut to the
+        whole canvases left in the context (the client did not ask for more, so a long prompt still fits).
+        """
+        if params.max_tokens is None:
+            canvas = self.model.config.canvas_length
+            room = (self.max_model_len - num_prompt) // canvas * canvas
+            if room < 1:
+                raise context_error(
+                    num_prompt, f"one canvas of {canvas}", num_prompt + canvas, self.max_model_len
+                )
+            params = replace(params, max_tokens=min(self.defaults.max_new_tokens, room))
+        return params.resolve(self.defaults)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         output = self.scheduler.abort(request_id)

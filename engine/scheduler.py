@@ -116,17 +116,16 @@ class Scheduler:
         return request
 
     def _check_fits(self, prompt: list[int], params: SamplingParams) -> None:
+        """The prompt is not empty, it and max_tokens fit the context, and the cache can hold them."""
         assert params.max_tokens is not None
         if not prompt:
-            raise InvalidParams("prompt is empty: give at least one token")
+            raise InvalidParams("prompt is empty: give at least one token", "prompt")
         canvas = self.canvas_length
         needed = len(prompt) + num_blocks_for(params.max_tokens, canvas) * canvas
-        if needed > self.config.resolved_max_model_len:
-            raise InvalidParams(
-                f"prompt ({len(prompt)} tokens) plus max_tokens={params.max_tokens} needs {needed} positions "
-                f"(whole canvases of {canvas}); max_model_len is {self.config.resolved_max_model_len}: "
-                "shorten the prompt or lower max_tokens"
-            )
+        max_model_len = self.config.resolved_max_model_len
+        if needed > max_model_len:
+            asked = f"max_tokens={params.max_tokens} (whole canvases of {canvas})"
+            raise context_error(len(prompt), asked, needed, max_model_len, "max_tokens")
         for group in self.kv.group_names:
             total = self.kv.num_free_blocks(group) + self.kv.num_used_blocks(group)
             if (
@@ -325,6 +324,23 @@ class Scheduler:
         self._dropped.append(request.request_id)
         self.newly_finished.append(request)
         return RequestOutput(request.request_id, finish_reason=reason, usage=usage_of(request))
+
+
+def context_error(
+    num_prompt: int, asked: str, needed: int, max_model_len: int, param: str = "prompt"
+) -> InvalidParams:
+    """The error of a request whose prompt plus output (`asked`, `needed` positions) exceeds the context.
+
+    Example: "This model's maximum context length is 128 tokens: a prompt of 120 tokens plus
+    max_tokens=9 (whole canvases of 8) needs 136 positions, and max_model_len is 128: shorten the prompt
+    or lower max_tokens".
+    """
+    fix = "shorten the prompt or lower max_tokens" if param == "max_tokens" else "shorten the prompt"
+    return InvalidParams(
+        f"This model's maximum context length is {max_model_len} tokens: a prompt of {num_prompt} tokens "
+        f"plus {asked} needs {needed} positions, and max_model_len is {max_model_len}: {fix}",
+        param,
+    )
 
 
 def usage_of(request: Request) -> Usage:

@@ -101,9 +101,7 @@ def build_service(settings: Settings) -> tuple[Service, Metrics]:
     except ValueError as error:
         raise SetupError(str(error)) from error
     name = settings.served_model_name or path.name
-    served = ServedModel(
-        name, canvas, checkpoint.config.vocab_size, engine.max_model_len, defaults.max_new_tokens
-    )
+    served = ServedModel(name, canvas, checkpoint.config.vocab_size, engine.max_model_len)
     logger.info(
         "serving %s from %s on %s (%s), max_model_len %d", name, path, device, dtype, engine.max_model_len
     )

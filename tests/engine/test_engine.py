@@ -11,7 +11,7 @@ from engine.engine import Engine
 from engine.engine_config import EngineConfig
 from engine.llm import LLM
 from engine.model.loader import Checkpoint, load_checkpoint
-from engine.request import RequestOutput, SamplingParams
+from engine.request import InvalidParams, RequestOutput, SamplingParams
 from engine.scheduler import QueueFull
 from tests.engine.checkpoints import CANVAS, save_servable
 
@@ -209,3 +209,25 @@ def test_a_failing_loop_fails_every_request_and_reports_dead(
         asyncio.run(asyncio.wait_for(main(), timeout=60))
     finally:
         async_engine.shutdown()
+
+
+def test_context_checks_name_the_field_and_an_unset_max_tokens_fits_the_context(
+    checkpoint: Checkpoint,
+) -> None:
+    engine = make_engine(checkpoint, max_model_len=4 * CANVAS)
+    vocab = checkpoint.model.config.vocab_size
+    checks = [
+        ([2, vocab], SamplingParams(max_tokens=1), "prompt", f"prompt token id {vocab} is outside"),
+        ([], SamplingParams(max_tokens=1), "prompt", "prompt is empty"),
+        ([2] * (3 * CANVAS + 1), SamplingParams(), "prompt", "maximum context length is 64 tokens"),
+        ([2] * 3, SamplingParams(max_tokens=4 * CANVAS), "max_tokens", "lower max_tokens"),
+        ([2] * 3, SamplingParams(pinned_canvas=(5,)), "pinned_canvas", "1 positions"),
+    ]
+    for prompt_ids, request_params, param, phrase in checks:
+        with pytest.raises(InvalidParams, match=phrase) as raised:
+            engine.add_request("bad", prompt_ids, request_params)
+        assert raised.value.param == param
+    assert not engine.has_unfinished()
+    long_prompt = [2] + [5] * (3 * CANVAS - 1)  # room for one canvas: the default max_tokens is cut to it
+    (result,) = LLM(engine).generate([long_prompt], SamplingParams(max_denoising_steps=2, stop_token_ids=()))
+    assert len(result.token_ids) == CANVAS and result.finish_reason == "length"

@@ -152,6 +152,56 @@ def test_bad_completion_requests_get_400(http: httpx.Client, body: dict[str, Any
         assert error["param"] == param, error
 
 
+FIELD_ERRORS: list[tuple[str, bytes, str, str]] = [
+    # (case, raw JSON body, param, a phrase of the message); raw, since JSON has no NaN but Python's parser
+    # (and so the server's) reads NaN, Infinity, and 1e999 as inf
+    ("NaN temperature", b'{"prompt": "hi", "temperature": NaN}', "temperature", "finite number, got nan"),
+    ("infinite t_min", b'{"prompt": "hi", "t_min": Infinity}', "t_min", "finite number, got inf"),
+    ("1e999 entropy_bound", b'{"prompt": "hi", "entropy_bound": 1e999}', "entropy_bound", "got inf"),
+    ("NaN confidence", b'{"prompt": "hi", "confidence_threshold": NaN}', "confidence_threshold", "got nan"),
+    ("NaN top_p", b'{"prompt": "hi", "top_p": NaN}', "top_p", "finite number"),
+    ("t_min 0", b'{"prompt": "hi", "t_min": 0}', "t_min", "t_min=0.0 must be > 0"),
+    ("t_max below t_min", b'{"prompt": "hi", "t_min": 0.5, "t_max": 0.1}', "t_max", "make t_max >= t_min"),
+    ("temperature 99", b'{"prompt": "hi", "temperature": 99}', "temperature", "must be <= 10"),
+    ("out-of-vocab id", b'{"prompt": [5, 6, 128]}', "prompt", "outside the vocabulary"),
+    (
+        "pinned too long",
+        b'{"prompt": "hi", "pinned_canvas": [5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5]}',
+        "pinned_canvas",
+        "17 positions; the canvas has 16",
+    ),
+    (
+        "65 stop strings",
+        b'{"prompt": "hi", "stop": [' + b", ".join([b'"s"'] * 65) + b"]}",
+        "stop",
+        "at most 64",
+    ),
+    (
+        "a 257-character stop",
+        b'{"prompt": "hi", "stop": "' + b"s" * 257 + b'"}',
+        "stop",
+        "at most 256 characters",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "phrase"), [c[1:] for c in FIELD_ERRORS], ids=[c[0] for c in FIELD_ERRORS]
+)
+def test_bad_field_values_get_400_naming_the_field(
+    http: httpx.Client, body: bytes, param: str, phrase: str
+) -> None:
+    headers = {"content-type": "application/json"}
+    error = assert_openai_error(http.post("/v1/completions", content=body, headers=headers), 400)
+    assert error["param"] == param, error
+    assert phrase in error["message"], error
+
+
+def test_64_stop_strings_are_accepted(http: httpx.Client) -> None:
+    stops = [f"never-{i}" for i in range(63)] + ["s" * 256]
+    assert complete(http, prompt="hi", max_tokens=4, stop=stops)["choices"]
+
+
 CHAT_ERRORS: list[tuple[str, dict[str, Any]]] = [
     ("no messages", {"messages": []}),
     ("unknown role", {"messages": [{"role": "wizard", "content": "hi"}]}),
