@@ -69,10 +69,6 @@ class SchedulerOutput:
     def is_empty(self) -> bool:
         return not self.causal and not self.denoise
 
-    @property
-    def num_causal_tokens(self) -> int:
-        return sum(len(c.token_ids) for c in self.causal)
-
 
 @dataclass(frozen=True)
 class DenoiseOutcome:

@@ -234,10 +234,6 @@ class Request:
         """Tokens that must be written into the cache before the next denoise step."""
         return len(self.prompt_token_ids) + len(self.committed_token_ids) - self.num_computed_tokens
 
-    @property
-    def is_finished(self) -> bool:
-        return self.status is RequestStatus.FINISHED
-
 
 @dataclass(frozen=True)
 class CanvasSnapshot:

@@ -52,9 +52,6 @@ class ModelRunner:
             self.device,
         )
 
-    def canvas(self, request_id: str) -> CanvasState:
-        return self.canvases[request_id]
-
     def drop_canvas(self, request_id: str) -> None:
         self.canvases.pop(request_id, None)
 

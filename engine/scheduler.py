@@ -89,7 +89,6 @@ class Scheduler:
         self.newly_finished: list[Request] = []
         """Requests finished since the engine last drained this list (for statistics)."""
         self.last_step = StepComposition()
-        self.num_preemptions = 0
 
     # -- admission and abort ---------------------------------------------------------------------
 
@@ -191,11 +190,12 @@ class Scheduler:
     def _tables(self, request: Request) -> dict[str, list[int]]:
         return {g: self.kv.block_table(request.request_id, g) for g in self.kv.group_names}
 
-    def _schedule_causal(self, request: Request, plan: _Plan) -> bool:
-        """Schedule the next chunk of the request's pending causal tokens; False if it got none."""
+    def _schedule_causal(self, request: Request, plan: _Plan) -> None:
+        """Schedule the next chunk of the request's pending causal tokens (none when the budget is spent
+        or the request itself had to be preempted to make room)."""
         num_tokens = min(request.num_pending_causal, plan.budget)
         if num_tokens == 0 or not self._make_room(request, num_tokens, plan):
-            return False
+            return
         start = request.num_computed_tokens
         chunk = tuple(request.cache_token_ids[start : start + num_tokens])
         num_prompt = max(0, min(len(request.prompt_token_ids) - start, num_tokens))
@@ -206,7 +206,6 @@ class Scheduler:
         request.num_computed_tokens += num_tokens
         if request.num_pending_causal == 0:
             self._try_denoise(request, plan)
-        return True
 
     def _make_room(self, request: Request, num_tokens: int, plan: _Plan) -> bool:
         """Allocate blocks for the chunk, preempting the newest running requests if needed.
@@ -231,7 +230,6 @@ class Scheduler:
         request.num_computed_tokens = 0
         request.canvas_started = False
         request.num_preemptions += 1
-        self.num_preemptions += 1
         plan.composition.num_preempted += 1
         self._dropped.append(request.request_id)
         self.waiting.appendleft(request)

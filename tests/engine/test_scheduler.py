@@ -158,7 +158,9 @@ class Harness:
     events: dict[str, list[RequestOutput]] = field(default_factory=lambda: defaultdict(list))
     outputs: list[SchedulerOutput] = field(default_factory=list)
     preempted: list[tuple[int, str]] = field(default_factory=list)
-    """(step index, request id) of every preemption."""
+    """(step index, request id) of every preemption of a request that was running before the step."""
+    num_preempted: int = 0
+    """Preemptions over all steps (the scheduler's own count, step by step)."""
 
     def add(self, request_id: str, script: Script, want_canvas: bool = False) -> None:
         self.sched.add_request(request_id, list(script.prompt), script.params(), want_canvas)
@@ -169,6 +171,7 @@ class Harness:
         out = self.sched.schedule()
         preempted = check_step(self.sched, out, running_before)
         self.preempted += [(len(self.outputs), request_id) for request_id in preempted]
+        self.num_preempted += self.sched.last_step.num_preempted
         self.outputs.append(out)
         for event_ in self.sched.update(out, self.runner.execute(out)):
             self.events[event_.request_id].append(event_)
@@ -215,12 +218,16 @@ def make(
     return Harness(sched, FakeRunner({}, groups, block_size, canvas), {g.name: g.num_blocks for g in groups})
 
 
+def num_causal_tokens(out: SchedulerOutput) -> int:
+    return sum(len(c.token_ids) for c in out.causal)
+
+
 def check_step(sched: Scheduler, out: SchedulerOutput, running_before: list[str]) -> list[str]:
     """Budgets hold, each request has at most one work of each kind, and preemption took the newest
     running requests and put them back at the front of the queue. Returns the preempted ids."""
     config = sched.config
     assert (
-        out.num_causal_tokens + sched.canvas_length * len(out.denoise)
+        num_causal_tokens(out) + sched.canvas_length * len(out.denoise)
         <= config.resolved_max_num_batched_tokens
     )
     assert len(sched.running) <= config.max_num_seqs
@@ -230,7 +237,7 @@ def check_step(sched: Scheduler, out: SchedulerOutput, running_before: list[str]
         assert all(sched.requests[i].status is RequestStatus.RUNNING for i in ids)
     assert all(c.token_ids for c in out.causal)
     composition = sched.last_step
-    assert composition.num_prefill_tokens + composition.num_commit_tokens == out.num_causal_tokens
+    assert composition.num_prefill_tokens + composition.num_commit_tokens == num_causal_tokens(out)
     assert composition.num_denoise_canvases == len(out.denoise)
     preempted = [i for i in running_before if i in out.dropped_request_ids and i in sched.requests]
     assert preempted == running_before[len(running_before) - len(preempted) :], "newest go first"
@@ -250,7 +257,7 @@ def check_invariants(sched: Scheduler, totals: dict[str, int]) -> None:
     kv = sched.kv
     for r in sched.waiting:
         assert r.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED)
-        assert not kv.has_request(r.request_id) and r.num_computed_tokens == 0
+        assert r.request_id not in kv.request_ids and r.num_computed_tokens == 0
     for r in sched.running:
         assert r.status is RequestStatus.RUNNING and r.num_computed_tokens > 0
         assert len(kv.block_table(r.request_id, "full")) >= num_blocks_for(
@@ -294,7 +301,7 @@ def test_budget_and_sequence_limits_hold_every_step() -> None:
         h.add(f"r{i}", script(i, prompt_len=1 + 7 * i % 30, max_tokens=4 + 5 * i % 20, steps=(1 + i % 3, 2)))
     h.run()  # check_step asserts both limits after every schedule()
     assert max(len(out.denoise) for out in h.outputs) == 3  # the sequence limit binds, not only budget
-    assert max(o.num_causal_tokens + 8 * len(o.denoise) for o in h.outputs) == 40
+    assert max(num_causal_tokens(o) + 8 * len(o.denoise) for o in h.outputs) == 40
     assert_finished_as_scripted(h)
 
 
@@ -406,7 +413,7 @@ def _preemption_workload(num_full: int) -> Harness:
 def test_preemption_frees_requeues_and_reproduces_the_unpreempted_outputs() -> None:
     roomy = _preemption_workload(num_full=256)
     tight = _preemption_workload(num_full=8)  # one request needs at most 7 blocks of 4
-    assert roomy.sched.num_preemptions == 0 and tight.sched.num_preemptions > 0
+    assert roomy.num_preempted == 0 and tight.num_preempted > 0
     for request_id in roomy.runner.scripts:
         assert tight.output(request_id) == roomy.output(request_id)
         assert tight.finish(request_id).finish_reason == roomy.finish(request_id).finish_reason
@@ -426,7 +433,7 @@ def test_preempted_request_goes_back_to_the_front_of_the_queue() -> None:
     out = h.step()  # old commits to 20 positions (5 blocks); new cannot: it is the newest, so it goes
     assert h.preempted == [(2, "new")] and "new" in out.dropped_request_ids
     assert [r.request_id for r in h.sched.waiting] == ["new", "queued"]
-    assert h.sched.requests["new"].status is RequestStatus.PREEMPTED and not h.sched.kv.has_request("new")
+    assert h.sched.requests["new"].status is RequestStatus.PREEMPTED and "new" not in h.sched.kv.request_ids
     assert [c.request_id for c in out.causal] == ["old"]
     h.run()
     starts = [c.request_id for o in h.outputs[3:] for c in o.causal if c.start_pos == 0]
@@ -480,7 +487,7 @@ def test_abort_in_any_state_frees_blocks_and_reports_once(state: str) -> None:
     other_blocks = {g: h.sched.kv.num_used_blocks(g) for g in h.totals}
     finished = h.abort("a")
     assert finished is not None and finished.finish_reason == "abort" and finished.usage is not None
-    assert not h.sched.kv.has_request("a")
+    assert "a" not in h.sched.kv.request_ids
     other = {g: len([b for b in h.sched.kv.block_table("other", g) if b != NULL_BLOCK]) for g in h.totals}
     assert {g: h.sched.kv.num_used_blocks(g) for g in h.totals} == other
     assert all(other[g] <= other_blocks[g] for g in h.totals)
@@ -605,7 +612,7 @@ def test_random_lifecycles_keep_invariants_and_end_clean(
         h.step()
     else:
         raise AssertionError("random lifecycle did not finish")
-    event(f"preempted: {h.sched.num_preemptions > 0}")
+    event(f"preempted: {h.num_preempted > 0}")
     event(f"aborted: {any(h.finish(i).finish_reason == 'abort' for i in ids)}")
     C = config["canvas"]
     for request_id, life in zip(ids, lifecycles, strict=True):
