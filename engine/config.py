@@ -68,7 +68,7 @@ class ModelConfig:
     sliding_window: int
     """Causal window of sliding layers: a token sees itself and the `sliding_window - 1` before it."""
     num_experts: int
-    """Experts of each layer's MoE block."""
+    """Experts of each layer's mixture of experts."""
     top_k_experts: int
     """Experts the router picks per token."""
     moe_intermediate_size: int

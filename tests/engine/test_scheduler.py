@@ -3,7 +3,7 @@
 `FakeRunner` plays the model runner: it keeps a stand-in cache per request (the tokens written by
 causal work, checked to be contiguous and to equal prompt + committed canvases), a canvas step count
 (reset on `new_canvas`, forgotten on `dropped_request_ids`), and answers each denoise with an argmax
-canvas that depends only on (seed, block, step). Block b of a request converges after `steps[b]`
+canvas that depends only on (seed, canvas_index, step). Canvas b of a request converges after `steps[b]`
 steps, and its converged canvas holds the stop id where the script says. Outputs are therefore the
 same however the scheduler batches, chunks or preempts, and `Script.expected` computes them directly.
 """
@@ -38,22 +38,26 @@ class Script:
     seed: int
     max_tokens: int
     steps: tuple[int, ...] = (2,)
-    """Block b converges after steps[b] denoise steps; the last entry repeats."""
+    """Canvas b converges after steps[b] denoise steps; the last entry repeats."""
     stop_at: tuple[int, int] | None = None
-    """(block, position) where the converged canvas holds the stop id."""
+    """(canvas_index, position) where the converged canvas holds the stop id."""
 
-    def steps_for(self, block: int) -> int:
-        return self.steps[min(block, len(self.steps) - 1)]
+    def steps_for(self, canvas_index: int) -> int:
+        return self.steps[min(canvas_index, len(self.steps) - 1)]
 
-    def canvas(self, block: int, step: int, canvas_length: int) -> list[int]:
-        rng = random.Random(f"{self.seed}/{block}/{step}")
+    def canvas(self, canvas_index: int, step: int, canvas_length: int) -> list[int]:
+        rng = random.Random(f"{self.seed}/{canvas_index}/{step}")
         tokens = [rng.randrange(STOP + 1, VOCAB) for _ in range(canvas_length)]
-        if step == self.steps_for(block) and self.stop_at is not None and self.stop_at[0] == block:
+        if (
+            step == self.steps_for(canvas_index)
+            and self.stop_at is not None
+            and self.stop_at[0] == canvas_index
+        ):
             tokens[self.stop_at[1]] = STOP
         return tokens
 
-    def final(self, block: int, canvas_length: int) -> list[int]:
-        return self.canvas(block, self.steps_for(block), canvas_length)
+    def final(self, canvas_index: int, canvas_length: int) -> list[int]:
+        return self.canvas(canvas_index, self.steps_for(canvas_index), canvas_length)
 
     def cache(self, num_tokens: int, canvas_length: int) -> list[int]:
         """The first `num_tokens` positions the cache must hold: prompt, then committed canvases."""
@@ -65,8 +69,8 @@ class Script:
     def expected(self, canvas_length: int) -> tuple[list[int], str]:
         """Output and finish reason, computed without the scheduler."""
         out: list[int] = []
-        for block in range(self.max_tokens + 1):
-            for token in self.final(block, canvas_length):
+        for canvas_index in range(self.max_tokens + 1):
+            for token in self.final(canvas_index, canvas_length):
                 if len(out) == self.max_tokens:
                     return out, "length"
                 if token == STOP:
@@ -118,17 +122,17 @@ class FakeRunner:
         script, C = self.scripts[work.request_id], self.canvas_length
         assert work.start_pos == len(self.cache[work.request_id]), "denoise must follow a complete prefix"
         self._check_tables(work.block_tables, work.start_pos, work.start_pos)
-        block, rest = divmod(work.start_pos - len(script.prompt), C)
-        assert rest == 0 and block >= 0
+        canvas_index, rest = divmod(work.start_pos - len(script.prompt), C)
+        assert rest == 0 and canvas_index >= 0
         if work.new_canvas is not None:
-            assert (work.new_canvas.seed, work.new_canvas.canvas_index) == (script.seed, block)
-            self.canvases[work.request_id] = _Canvas(block)
+            assert (work.new_canvas.seed, work.new_canvas.canvas_index) == (script.seed, canvas_index)
+            self.canvases[work.request_id] = _Canvas(canvas_index)
         canvas = self.canvases[work.request_id]  # KeyError: a canvas denoised before it was started
-        assert canvas.canvas_index == block
+        assert canvas.canvas_index == canvas_index
         canvas.step += 1
-        finished = canvas.step >= script.steps_for(block)
+        finished = canvas.step >= script.steps_for(canvas_index)
         show = finished or work.want_canvas
-        argmax = script.canvas(block, canvas.step, C) if show else None
+        argmax = script.canvas(canvas_index, canvas.step, C) if show else None
         return DenoiseOutcome(canvas.step, finished, num_accepted=1, mean_entropy=0.5, argmax=argmax)
 
     def _check_tables(self, tables: dict[str, list[int]], query_start: int, cache_end: int) -> None:
@@ -342,7 +346,7 @@ def test_prefill_then_denoise_then_commit_then_next_block_in_the_same_steps() ->
     assert h.events["a"] == []
     second = h.step()
     assert second.causal == [] and second.denoise[0].new_canvas is None
-    assert h.output("a") == s.final(0, 8)  # converged at step 2: block 0 committed to the output
+    assert h.output("a") == s.final(0, 8)  # converged at step 2: canvas 0 committed to the output
     third = h.step()
     (commit,) = third.causal
     (next_block,) = third.denoise
@@ -376,9 +380,9 @@ def test_requests_with_different_step_counts_leave_independently() -> None:
 @pytest.mark.parametrize(
     ("max_tokens", "stop_at", "output_len", "reason"),
     [
-        (24, (1, 3), 11, "stop"),  # stop id at position 3 of block 1
+        (24, (1, 3), 11, "stop"),  # stop id at position 3 of canvas 1
         (24, (0, 0), 0, "stop"),  # stop id first: nothing out
-        (13, None, 13, "length"),  # cut inside block 1
+        (13, None, 13, "length"),  # cut inside canvas 1
         (16, None, 16, "length"),  # exactly two canvases
         (10, (1, 4), 10, "length"),  # the stop id lies beyond max_tokens
         (12, (1, 4), 12, "length"),  # the stop id just past max_tokens
@@ -428,7 +432,7 @@ def test_preempted_request_goes_back_to_the_front_of_the_queue() -> None:
     h = make(num_full=8, max_num_batched_tokens=48, max_num_seqs=2)
     for i, request_id in enumerate(["old", "new", "queued"]):
         h.add(request_id, script(i, prompt_len=4, max_tokens=24, steps=(1,)))
-    h.step()  # both prefill and converge block 0
+    h.step()  # both prefill and converge canvas 0
     h.step()  # both commit: 12 positions, 3 blocks each
     out = h.step()  # old commits to 20 positions (5 blocks); new cannot: it is the newest, so it goes
     assert h.preempted == [(2, "new")] and "new" in out.dropped_request_ids

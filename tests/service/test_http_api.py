@@ -49,10 +49,10 @@ def complete(http: httpx.Client, **body: Any) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("n", [1, 2])
-def test_canvases_arrive_in_order_and_each_block_ends_with_its_committed_tokens(
+def test_canvases_arrive_in_order_and_each_canvas_ends_with_its_committed_tokens(
     http: httpx.Client, tiny_model_dir: Path, n: int
 ) -> None:
-    max_tokens = 3 * CANVAS - 5  # the last block is cut at max_tokens (or at EOS)
+    max_tokens = 3 * CANVAS - 5  # the last canvas is cut at max_tokens (or at EOS)
     chunks = stream(
         http,
         "/v1/completions",
@@ -66,7 +66,7 @@ def test_canvases_arrive_in_order_and_each_block_ends_with_its_committed_tokens(
         },
     )
     canvases: dict[int, list[dict[str, Any]]] = defaultdict(list)
-    text_of_block: dict[int, dict[int, str]] = defaultdict(lambda: defaultdict(str))
+    text_of_canvas: dict[int, dict[int, str]] = defaultdict(lambda: defaultdict(str))
     reasons: dict[int, str] = {}
     for chunk in chunks:
         (choice,) = chunk["choices"]
@@ -78,7 +78,7 @@ def test_canvases_arrive_in_order_and_each_block_ends_with_its_committed_tokens(
             assert choice["text"] == "" and choice["finish_reason"] is None
             canvases[index].append(chunk["canvas"])
         elif canvases[index]:
-            text_of_block[index][canvases[index][-1]["canvas_index"]] += choice["text"]
+            text_of_canvas[index][canvases[index][-1]["canvas_index"]] += choice["text"]
         if choice["finish_reason"] is not None:
             reasons[index] = choice["finish_reason"]
     assert sorted(reasons) == list(range(n))
@@ -88,19 +88,19 @@ def test_canvases_arrive_in_order_and_each_block_ends_with_its_committed_tokens(
         order = [(c["canvas_index"], c["step"]) for c in canvases[index]]
         assert order == sorted(order) and len(set(order)) == len(order), order
         assert order[0] == (0, 1)
-        last_of_block = {c["canvas_index"]: c for c in canvases[index]}  # the later one wins
-        assert sorted(last_of_block) == list(range(len(last_of_block)))
+        last_of_canvas = {c["canvas_index"]: c for c in canvases[index]}  # the later one wins
+        assert sorted(last_of_canvas) == list(range(len(last_of_canvas)))
         num_output = 0
-        for block, canvas in sorted(last_of_block.items()):
+        for canvas_index, canvas in sorted(last_of_canvas.items()):
             assert len(canvas["token_ids"]) == CANVAS
             assert canvas["text"] == tokenizer.decode(canvas["token_ids"], skip_special_tokens=False)
             end = end_canvas(canvas["token_ids"], num_output, max_tokens, (EOS,))
             committed = tokenizer.decode(end.new_token_ids, skip_special_tokens=True)
-            assert text_of_block[index][block] == committed, (index, block)
+            assert text_of_canvas[index][canvas_index] == committed, (index, canvas_index)
             num_output += len(end.new_token_ids)
             if end.finish_reason is not None:
                 assert end.finish_reason == reasons[index]
-                assert block == max(last_of_block)
+                assert canvas_index == max(last_of_canvas)
 
 
 # -- errors ----------------------------------------------------------------------------------------
