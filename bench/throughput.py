@@ -37,7 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from bench.common import SMALL_TEXT, machine_header, save_random_checkpoint
 from engine.async_engine import AsyncEngine
-from engine.engine import Engine, EngineConfig
+from engine.engine import Engine
+from engine.engine_config import EngineConfig, batched_tokens_for
 from engine.model.loader import load_checkpoint
 from engine.request import SamplingParams
 
@@ -120,7 +121,8 @@ async def _client(
 
 def run_ours(path: Path, prompts: list[list[int]], concurrency: int, steps: int) -> tuple[Side, float]:
     checkpoint = load_checkpoint(path, with_tokenizer=False)
-    config = EngineConfig(max_num_seqs=concurrency, max_num_batched_tokens=concurrency * CANVAS + 512)
+    budget = batched_tokens_for(concurrency, CANVAS, prefill_chunk=512)
+    config = EngineConfig(max_num_seqs=concurrency, max_num_batched_tokens=budget)
     engine = Engine(checkpoint.model, checkpoint.defaults, None, config)
     async_engine = AsyncEngine(engine)
     async_engine.start()

@@ -56,24 +56,39 @@ class ModelConfig:
     """The DiffusionGemma text trunk's shape. One instance describes both encoder and decoder modes."""
 
     vocab_size: int
+    """Token ids are in [0, vocab_size)."""
     hidden_size: int
+    """Width of the residual stream."""
     intermediate_size: int
     """Width of the dense MLP that runs beside the MoE on every layer, and of the self-conditioning MLP."""
     num_heads: int
+    """Query heads per layer."""
     layers: tuple[LayerSpec, ...]
+    """One attention shape per decoder layer, in order."""
     sliding_window: int
     """Causal window of sliding layers: a token sees itself and the `sliding_window - 1` before it."""
     num_experts: int
+    """Experts of each layer's mixture of experts."""
     top_k_experts: int
+    """Experts the router picks per token."""
     moe_intermediate_size: int
+    """Width of one expert's MLP."""
     canvas_length: int
+    """Tokens the model denoises together (one canvas), fixed at training."""
     rms_norm_eps: float = 1e-6
+    """Epsilon of every RMSNorm."""
     final_logit_softcapping: float | None = 30.0
+    """Logits become cap * tanh(logits / cap); None: no cap."""
     hidden_activation: str = "gelu_pytorch_tanh"
+    """MLP activation (only gelu_pytorch_tanh is supported)."""
     max_position_embeddings: int = 131_072
+    """Positions the model was trained for; the default max_model_len."""
     pad_token_id: int | None = 0
+    """Padding token id, if the tokenizer has one."""
     bos_token_id: int | None = 2
+    """Beginning-of-sequence token id, if the tokenizer has one."""
     eos_token_ids: tuple[int, ...] = (1,)
+    """Token ids that end a sequence (the default stop ids)."""
 
     def __post_init__(self) -> None:
         if self.num_experts < 1 or not 1 <= self.top_k_experts <= self.num_experts:
@@ -239,13 +254,21 @@ class DiffusionDefaults:
     """Sampler defaults for requests that do not set them (from `generation_config.json`)."""
 
     max_denoising_steps: int = 48
+    """Denoise steps a canvas takes at most before it is committed."""
     entropy_bound: float = 0.1
+    """Acceptance: the lowest-entropy positions whose entropy sum, less its maximum, stays within it."""
     t_min: float = 0.4
+    """Sampling temperature at the last step of the schedule."""
     t_max: float = 0.8
+    """Sampling temperature at the first step of the schedule."""
     stability_threshold: int = 1
+    """Early stop: the argmax must equal each of the last this-many argmaxes."""
     confidence_threshold: float = 0.005
+    """Early stop also needs the canvas's mean entropy below this."""
     max_new_tokens: int = 256
+    """Output tokens of a request that sets no max_tokens."""
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    """Token ids that end a request (cut from the output)."""
 
     @classmethod
     def from_hf(cls, generation: dict[str, Any], model: ModelConfig) -> DiffusionDefaults:

@@ -7,51 +7,25 @@ the server, and `engine.llm.LLM` drives it directly for offline use.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import torch
 
 from engine.config import DiffusionDefaults, ModelConfig
 from engine.detokenizer import IncrementalDetokenizer
+from engine.engine_config import EngineConfig
 from engine.kv_cache import KVCacheManager, num_blocks_for
 from engine.model.cache_tensors import allocate_layer_caches, bytes_per_block, cache_groups
 from engine.model.diffusion_gemma import DiffusionGemma
-from engine.request import InvalidParams, RequestOutput, SamplingParams
+from engine.request import RequestOutput, SamplingParams, check_prompt_ids
 from engine.runner import ModelRunner
-from engine.scheduler import Scheduler, SchedulerConfig
+from engine.scheduler import Scheduler, context_error
 from engine.stats import EngineStats, StepTiming
 
 
-@dataclass(frozen=True)
-class EngineConfig:
-    """How one engine uses its model and memory. Every field has a serving default."""
-
-    max_num_seqs: int = 16
-    """Canvases in flight at most (running requests)."""
-    max_num_batched_tokens: int = 4096
-    """Tokens per forward; each denoised canvas counts its canvas_length."""
-    max_waiting: int = 1024
-    """Bound of the waiting queue; beyond it requests are refused (HTTP 429)."""
-    max_model_len: int | None = None
-    """Positions per request (prompt + every canvas); None: the model's max_position_embeddings."""
-    block_size: int = 16
-    """Positions per KV cache block."""
-    num_full_blocks: int | None = None
-    """Blocks of the full-attention cache group; None: enough for max_num_seqs requests of
-    max_model_len, unless `kv_cache_bytes` caps it."""
-    kv_cache_bytes: int | None = None
-    """Total K/V budget across groups; None: no cap (see `num_full_blocks`)."""
-
-    def __post_init__(self) -> None:
-        if self.block_size < 1 or self.max_num_seqs < 1:
-            raise ValueError("block_size and max_num_seqs must be >= 1")
-
-
-def cache_blocks(
-    model: ModelConfig, config: EngineConfig, max_model_len: int, dtype: torch.dtype
-) -> dict[str, int]:
-    """Blocks per cache group.
+def cache_blocks(model: ModelConfig, config: EngineConfig, dtype: torch.dtype) -> dict[str, int]:
+    """Blocks per cache group, for a `config` resolved against `model`.
 
     Sliding groups need at most a window plus one chunk per running request:
     ceil((W - 1 + max_num_batched_tokens) / block_size) + 1 blocks each. The full group gets
@@ -60,18 +34,17 @@ def cache_blocks(
     blocks: dict[str, int] = {}
     bs = config.block_size
     if "sliding" in model.layer_kinds:
-        span = model.sliding_window - 1 + config.max_num_batched_tokens
+        span = model.sliding_window - 1 + config.resolved_max_num_batched_tokens
         blocks["sliding"] = config.max_num_seqs * (num_blocks_for(span, bs) + 1)
     if "full" in model.layer_kinds:
-        blocks["full"] = _full_blocks(model, config, max_model_len, dtype, blocks.get("sliding", 0))
+        blocks["full"] = _full_blocks(model, config, dtype, blocks.get("sliding", 0))
     return blocks
 
 
-def _full_blocks(
-    model: ModelConfig, config: EngineConfig, max_model_len: int, dtype: torch.dtype, sliding_blocks: int
-) -> int:
+def _full_blocks(model: ModelConfig, config: EngineConfig, dtype: torch.dtype, sliding_blocks: int) -> int:
     if config.num_full_blocks is not None:
         return config.num_full_blocks
+    max_model_len = config.resolved_max_model_len
     wanted = config.max_num_seqs * num_blocks_for(max_model_len, config.block_size)
     if config.kv_cache_bytes is None:
         return wanted
@@ -100,23 +73,20 @@ class Engine:
         self.model = model
         self.defaults = defaults
         self.tokenizer = tokenizer
-        self.config = config or EngineConfig()
         model_config = model.config
-        self.max_model_len = self.config.max_model_len or model_config.max_position_embeddings
+        self.config = (config or EngineConfig()).resolve(
+            model_config.canvas_length, model_config.max_position_embeddings
+        )
+        SamplingParams().resolve(defaults)  # the defaults obey the request ranges, or InvalidParams now
         weight = model.embed_tokens.weight
-        blocks = cache_blocks(model_config, self.config, self.max_model_len, weight.dtype)
+        blocks = cache_blocks(model_config, self.config, weight.dtype)
         caches = allocate_layer_caches(
             model_config, blocks, self.config.block_size, weight.dtype, weight.device
         )
         self.runner = ModelRunner(model, caches)
         self.scheduler = Scheduler(
-            SchedulerConfig(
-                canvas_length=model_config.canvas_length,
-                max_model_len=self.max_model_len,
-                max_num_seqs=self.config.max_num_seqs,
-                max_num_batched_tokens=self.config.max_num_batched_tokens,
-                max_waiting=self.config.max_waiting,
-            ),
+            self.config,
+            model_config.canvas_length,
             KVCacheManager(cache_groups(model_config, blocks), self.config.block_size),
         )
         self.stats = EngineStats()
@@ -130,15 +100,36 @@ class Engine:
         want_canvas: bool = False,
         arrival_time: float | None = None,
     ) -> None:
-        """Validate and queue a request; raises `InvalidParams` or `QueueFull` with a message."""
+        """Validate and queue a request; raises `InvalidParams` or `QueueFull` with a message.
+
+        The one place a request is checked: `SamplingParams` checks its own fields, this the prompt's ids,
+        the pinned canvas and the default max_tokens, the scheduler the context and the cache.
+        """
         config = self.model.config
-        resolved = (params or SamplingParams()).resolve(self.defaults)
+        check_prompt_ids(prompt_token_ids, config.vocab_size)
+        resolved = self._resolve(params or SamplingParams(), len(prompt_token_ids))
         resolved.check_canvas(config.canvas_length, config.vocab_size)
-        bad = next((t for t in prompt_token_ids if not 0 <= t < config.vocab_size), None)
-        if bad is not None:
-            raise InvalidParams(f"prompt token id {bad} is outside the vocabulary [0, {config.vocab_size})")
         self.scheduler.add_request(request_id, prompt_token_ids, resolved, want_canvas, arrival_time)
         self._detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer)
+
+    @property
+    def max_model_len(self) -> int:
+        """Positions per request: the config's, else the model's max_position_embeddings."""
+        return self.config.resolved_max_model_len
+
+    def _resolve(self, params: SamplingParams, num_prompt: int) -> SamplingParams:
+        """Unset fields take the checkpoint's defaults; an unset max_tokens takes the default cut to the
+        whole canvases left in the context (the client did not ask for more, so a long prompt still fits).
+        """
+        if params.max_tokens is None:
+            canvas = self.model.config.canvas_length
+            room = (self.max_model_len - num_prompt) // canvas * canvas
+            if room < 1:
+                raise context_error(
+                    num_prompt, f"one canvas of {canvas}", num_prompt + canvas, self.max_model_len
+                )
+            params = replace(params, max_tokens=min(self.defaults.max_new_tokens, room))
+        return params.resolve(self.defaults)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         output = self.scheduler.abort(request_id)
@@ -156,15 +147,15 @@ class Engine:
         t2 = time.perf_counter()
         outputs = self._finalise(self.scheduler.update(scheduled, result))
         t3 = time.perf_counter()
-        committed = sum(len(o.new_token_ids) for o in outputs)
-        self.stats.record_step(self.scheduler.last_step, StepTiming(t1 - t0, t2 - t1, t3 - t2), committed)
+        num_output = sum(len(o.new_token_ids) for o in outputs)
+        self.stats.record_step(self.scheduler.last_step, StepTiming(t1 - t0, t2 - t1, t3 - t2), num_output)
         return outputs
 
     def _finalise(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
         """Detokenise, count committed tokens, record finished requests, refresh gauges."""
         finalised = []
         for output in outputs:
-            self.stats.num_committed_tokens += len(output.new_token_ids)
+            self.stats.num_output_tokens += len(output.new_token_ids)
             detokenizer = self._detokenizers.get(output.request_id)
             text = detokenizer.push(output.new_token_ids, output.finished) if detokenizer else ""
             if output.finished:

@@ -9,7 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from engine.config import DiffusionDefaults
-from engine.engine import Engine, EngineConfig
+from engine.engine import Engine
+from engine.engine_config import EngineConfig, batched_tokens_for
 from engine.llm import LLM, CanvasCallback, GenerationResult, Prompt, per_prompt
 from engine.model.diffusion_gemma import DiffusionGemma
 from engine.request import SamplingParams
@@ -31,7 +32,7 @@ def generate(
     longest = max((len(p) for p in prompts), default=1)
     config = EngineConfig(
         max_num_seqs=count,
-        max_num_batched_tokens=sum(len(p) for p in prompts) + canvas * count,
+        max_num_batched_tokens=batched_tokens_for(count, canvas, prefill_chunk=sum(len(p) for p in prompts)),
         block_size=block_size,
         max_waiting=count,
         max_model_len=min(longest + -(-max_tokens // canvas) * canvas, model.config.max_position_embeddings),

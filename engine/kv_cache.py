@@ -194,9 +194,6 @@ class KVCacheManager:
         """Requests holding a table, in the order they were first allocated."""
         return tuple(self._tables)
 
-    def has_request(self, request_id: str) -> bool:
-        return request_id in self._tables
-
     def can_allocate(self, request_id: str, num_tokens: int) -> bool:
         """True iff `allocate(request_id, num_tokens)` would succeed in every group."""
         return not self._shortfalls(request_id, num_tokens)

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from engine.engine import Engine, EngineConfig
+from engine.engine import Engine
+from engine.engine_config import EngineConfig
 from engine.model.loader import load_checkpoint
 from engine.request import CanvasSnapshot, FinishReason, InvalidParams, RequestOutput, SamplingParams, Usage
 
@@ -22,7 +23,7 @@ Prompt = str | list[int]
 
 @dataclass
 class GenerationResult:
-    """One prompt's output. `steps_per_block` counts denoise steps of each finished canvas."""
+    """One prompt's output. `steps_per_canvas` counts denoise steps of each finished canvas."""
 
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
@@ -30,7 +31,7 @@ class GenerationResult:
     usage: Usage | None = None
 
     @property
-    def steps_per_block(self) -> list[int]:
+    def steps_per_canvas(self) -> list[int]:
         return list(self.usage.steps_per_canvas) if self.usage else []
 
     def add(self, output: RequestOutput) -> None:

@@ -27,14 +27,14 @@ class CausalWork:
 
 @dataclass(frozen=True)
 class NewCanvas:
-    """Draw a fresh canvas for block `block_index` of a request before its denoise pass.
+    """Draw a fresh canvas number `canvas_index` of a request before its denoise pass.
 
-    The runner seeds the canvas's generator from (seed, block_index), so a request that is preempted
+    The runner seeds the canvas's generator from (seed, canvas_index), so a request that is preempted
     and recomputed draws exactly the same canvas again.
     """
 
     seed: int
-    block_index: int
+    canvas_index: int
     stability_threshold: int
     pinned_canvas: tuple[int, ...] | None = None
 
@@ -43,7 +43,7 @@ class NewCanvas:
 class DenoiseWork:
     """One denoise step of the request's canvas at positions [start_pos, start_pos + C).
 
-    `new_canvas` is set on the first step of a block. `want_canvas` asks the runner to report the
+    `new_canvas` is set on the first step of a canvas. `want_canvas` asks the runner to report the
     argmax canvas and confidences after the step (for live streaming), not only when it finishes.
     """
 
@@ -68,10 +68,6 @@ class SchedulerOutput:
     @property
     def is_empty(self) -> bool:
         return not self.causal and not self.denoise
-
-    @property
-    def num_causal_tokens(self) -> int:
-        return sum(len(c.token_ids) for c in self.causal)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Literal, TypeVar
 
@@ -22,7 +23,59 @@ FREE = -1
 
 
 class InvalidParams(ValueError):
-    """A client-supplied parameter is out of range; the message says what to change."""
+    """A client-supplied parameter is out of range; the message says what to change.
+
+    `param` names the offending request field ("prompt", "max_tokens", "t_min", ...) when there is one;
+    the server reports it as the OpenAI error's `param`.
+    """
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values one numeric request field may take: finite, >= `minimum` (> when `open_minimum`),
+    and <= `maximum` when there is one."""
+
+    minimum: float
+    maximum: float | None = None
+    open_minimum: bool = False
+
+    def check(self, name: str, value: float | None) -> None:
+        """Raise `InvalidParams` naming the field unless `value` is None or in range."""
+        if value is None:
+            return
+        if not math.isfinite(value):
+            raise InvalidParams(f"{name} must be a finite number, got {value}", name)
+        if value < self.minimum or (self.open_minimum and value == self.minimum):
+            relation = ">" if self.open_minimum else ">="
+            raise InvalidParams(f"{name}={value} must be {relation} {_number(self.minimum)}", name)
+        if self.maximum is not None and value > self.maximum:
+            raise InvalidParams(f"{name}={value} must be <= {_number(self.maximum)}", name)
+
+    def json_schema(self) -> dict[str, float]:
+        """The range in JSON Schema's words, for the API's documentation."""
+        bounds = {"exclusiveMinimum" if self.open_minimum else "minimum": self.minimum}
+        return bounds if self.maximum is None else {**bounds, "maximum": self.maximum}
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+RANGES: dict[str, Range] = {
+    "max_tokens": Range(1),
+    "temperature": Range(0, maximum=10),
+    "max_denoising_steps": Range(1, maximum=1024),
+    "entropy_bound": Range(0, open_minimum=True),
+    "t_min": Range(0, open_minimum=True),
+    "t_max": Range(0, open_minimum=True),
+    "stability_threshold": Range(0, maximum=64),
+    "confidence_threshold": Range(0, open_minimum=True),
+}
+"""Every numeric `SamplingParams` field's range: checked here once, documented in the API schema."""
 
 
 @dataclass(frozen=True)
@@ -50,17 +103,12 @@ class SamplingParams:
     pinned_canvas: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
-        _check_min("max_tokens", self.max_tokens, 1)
-        _check_min("max_denoising_steps", self.max_denoising_steps, 1)
-        _check_min("stability_threshold", self.stability_threshold, 0)
-        _check_positive("entropy_bound", self.entropy_bound)
-        _check_positive("confidence_threshold", self.confidence_threshold)
-        _check_positive("t_min", self.t_min)
-        _check_positive("t_max", self.t_max)
-        if self.temperature is not None and self.temperature < 0:
-            raise InvalidParams(f"temperature={self.temperature} must be >= 0")
+        for name, allowed in RANGES.items():
+            allowed.check(name, getattr(self, name))
         if self.t_min is not None and self.t_max is not None and self.t_max < self.t_min:
-            raise InvalidParams(f"t_max={self.t_max} is below t_min={self.t_min}: make t_max >= t_min")
+            raise InvalidParams(
+                f"t_max={self.t_max} is below t_min={self.t_min}: make t_max >= t_min", "t_max"
+            )
 
     def resolve(self, defaults: DiffusionDefaults) -> SamplingParams:
         """A copy with every unset field taken from `defaults`."""
@@ -86,21 +134,21 @@ class SamplingParams:
             return
         if len(self.pinned_canvas) != canvas_length:
             raise InvalidParams(
-                f"pinned_canvas has {len(self.pinned_canvas)} positions; the canvas has {canvas_length}"
+                f"pinned_canvas has {len(self.pinned_canvas)} positions; the canvas has {canvas_length}",
+                "pinned_canvas",
             )
         bad = [t for t in self.pinned_canvas if t != FREE and not 0 <= t < vocab_size]
         if bad:
-            raise InvalidParams(f"pinned_canvas token {bad[0]} is outside the vocabulary [0, {vocab_size})")
+            raise InvalidParams(
+                f"pinned_canvas token {bad[0]} is outside the vocabulary [0, {vocab_size})", "pinned_canvas"
+            )
 
 
-def _check_min(name: str, value: int | None, minimum: int) -> None:
-    if value is not None and value < minimum:
-        raise InvalidParams(f"{name}={value} must be >= {minimum}")
-
-
-def _check_positive(name: str, value: float | None) -> None:
-    if value is not None and not value > 0:
-        raise InvalidParams(f"{name}={value} must be > 0")
+def check_prompt_ids(prompt_token_ids: list[int], vocab_size: int) -> None:
+    """Raise `InvalidParams` (param "prompt") if a prompt token id is outside the vocabulary."""
+    bad = next((t for t in prompt_token_ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise InvalidParams(f"prompt token id {bad} is outside the vocabulary [0, {vocab_size})", "prompt")
 
 
 @dataclass(frozen=True)
@@ -150,7 +198,7 @@ class Request:
     The cache must hold `cache_token_ids` = prompt + every committed canvas, in order. Positions
     [0, num_computed_tokens) are in the cache; the rest are causal work still to schedule (a prompt
     not yet prefilled, a canvas waiting for its commit, or everything after a preemption). Once they
-    are all in, the request denoises block `block_index` at positions [num_computed_tokens, +C).
+    are all in, the request denoises its canvas number `canvas_index` at positions [num_computed_tokens, +C).
     """
 
     request_id: str
@@ -166,11 +214,11 @@ class Request:
     output_token_ids: list[int] = field(default_factory=list)
     """What the client receives: committed canvases cut at the first stop id and at max_tokens."""
     num_computed_tokens: int = 0
-    block_index: int = 0
+    canvas_index: int = 0
     canvas_started: bool = False
     denoise_steps: int = 0
     """Denoise steps over the whole request (preempted work counts again)."""
-    steps_per_block: list[int] = field(default_factory=list)
+    steps_per_canvas: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     scheduled_time: float | None = None
     """When the request was last admitted to run (monotonic clock)."""
@@ -186,16 +234,12 @@ class Request:
         """Tokens that must be written into the cache before the next denoise step."""
         return len(self.prompt_token_ids) + len(self.committed_token_ids) - self.num_computed_tokens
 
-    @property
-    def is_finished(self) -> bool:
-        return self.status is RequestStatus.FINISHED
-
 
 @dataclass(frozen=True)
 class CanvasSnapshot:
     """A live view of a canvas after one denoise step (for streaming)."""
 
-    block_index: int
+    canvas_index: int
     step: int
     token_ids: list[int]
     confidence: list[float]

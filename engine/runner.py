@@ -5,7 +5,7 @@ never allocates cache blocks: block tables arrive with the work, decided by the 
 
 Ordering invariant: in every layer, causal work runs before denoise work, so a request's denoise may
 read K/V that a causal work of the same step wrote (its prompt's last chunk or the commit of its
-previous canvas). This saves one forward per block.
+previous canvas). This saves one forward per canvas.
 
 The attention backend is chosen once, at construction, for the model's device
 (`engine.attention.selection`); each batch binds it to that batch's metadata, prepared once for all
@@ -24,13 +24,13 @@ from engine.outputs import DenoiseOutcome, DenoiseWork, NewCanvas, RunnerOutput,
 from engine.sampler import CanvasState, LMHead, StepResult, denoise_step, init_canvas
 
 
-def block_seed(seed: int, block_index: int) -> int:
-    """The generator seed of one canvas: a request's blocks draw independent, reproducible streams.
+def canvas_seed(seed: int, canvas_index: int) -> int:
+    """The generator seed of one canvas: a request's canvases draw independent, reproducible streams.
 
-    Seeding per block (not once per request) lets a preempted request recompute from any block and
+    Seeding per canvas (not once per request) lets a preempted request recompute from any canvas and
     draw exactly the tokens it would have drawn.
     """
-    return (seed * 0x9E3779B1 + block_index * 0x85EBCA77 + 0x27D4EB2F) % (2**63 - 1)
+    return (seed * 0x9E3779B1 + canvas_index * 0x85EBCA77 + 0x27D4EB2F) % (2**63 - 1)
 
 
 class ModelRunner:
@@ -46,8 +46,8 @@ class ModelRunner:
         self.canvases: dict[str, CanvasState] = {}
 
     def start_canvas(self, request_id: str, spec: NewCanvas) -> None:
-        """Draw a fresh uniform canvas for the request's block `spec.block_index`."""
-        generator = torch.Generator(device=self.device).manual_seed(block_seed(spec.seed, spec.block_index))
+        """Draw a fresh uniform canvas number `spec.canvas_index` of the request."""
+        generator = torch.Generator(device=self.device).manual_seed(canvas_seed(spec.seed, spec.canvas_index))
         config = self.model.config
         self.canvases[request_id] = init_canvas(
             config.canvas_length,
@@ -57,9 +57,6 @@ class ModelRunner:
             spec.pinned_canvas,
             self.device,
         )
-
-    def canvas(self, request_id: str) -> CanvasState:
-        return self.canvases[request_id]
 
     def drop_canvas(self, request_id: str) -> None:
         self.canvases.pop(request_id, None)

@@ -149,7 +149,7 @@ def sample_tokens(processed: Tensor, generator: torch.Generator) -> Tensor:
     Inverse-CDF sampling: one uniform per row from `generator`, located in the row's cumulative
     probabilities (a zero-probability token has an empty interval and is never drawn). The draw
     order is fixed, so a canvas's tokens do not depend on what it is batched with. `torch.multinomial`
-    and an exponential race both draw a [C, V] block of noise instead, which profiled at 13-16% of a
+    and an exponential race both draw a [C, V] tensor of noise instead, which profiled at 13-16% of a
     16-canvas engine step on the CPU.
     """
     cdf = processed.softmax(dim=-1, dtype=torch.float32).cumsum_(dim=-1)  # [C, V]

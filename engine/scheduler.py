@@ -10,7 +10,7 @@ Every step packs, under a token budget, into one forward:
 Long prompts are chunked to the leftover budget, so they never stall running canvases. Each canvas
 converges, commits and finishes on its own schedule. When cache blocks run out, the newest running
 request is preempted: its blocks are freed and it is recomputed later from its prompt and committed
-canvases (its canvases are seeded per block, so it draws the same tokens again).
+canvases (its canvases are seeded per canvas index, so it draws the same tokens again).
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from engine.block_end import end_block
+from engine.canvas_end import end_canvas
+from engine.engine_config import EngineConfig
 from engine.kv_cache import KVCacheManager, num_blocks_for
 from engine.outputs import CausalWork, DenoiseOutcome, DenoiseWork, NewCanvas, RunnerOutput, SchedulerOutput
 from engine.request import (
@@ -40,39 +41,19 @@ class QueueFull(RuntimeError):
     """The waiting queue is at its bound; the client should retry later."""
 
 
-@dataclass(frozen=True)
-class SchedulerConfig:
-    """Limits of one engine."""
-
-    canvas_length: int
-    """Tokens per canvas (the model's `canvas_length`)."""
-    max_model_len: int
-    """Positions a request may use: prompt plus every canvas it may fill."""
-    max_num_seqs: int = 16
-    """Running requests (canvases in flight) at most."""
-    max_num_batched_tokens: int = 4096
-    """Tokens per forward: prefill chunks, commits and C per denoised canvas."""
-    max_waiting: int = 1024
-    """Waiting requests at most; beyond it `add_request` raises `QueueFull`."""
-
-    def __post_init__(self) -> None:
-        if self.max_num_batched_tokens < self.canvas_length:
-            raise ValueError(
-                f"max_num_batched_tokens={self.max_num_batched_tokens} cannot hold one canvas of "
-                f"{self.canvas_length} tokens: raise it"
-            )
-        if self.max_num_seqs < 1 or self.max_waiting < 0:
-            raise ValueError("max_num_seqs must be >= 1 and max_waiting >= 0")
-
-
 @dataclass
 class StepComposition:
     """What one scheduled step holds (for metrics)."""
 
     num_prefill_tokens: int = 0
+    """Prompt tokens written to the KV cache (a prompt chunk, or a prompt recomputed after preemption)."""
     num_commit_tokens: int = 0
+    """Tokens of committed canvases written to the KV cache (commit passes and their recomputation);
+    not the tokens added to outputs, which `EngineStats.num_output_tokens` counts."""
     num_denoise_canvases: int = 0
+    """Canvases given one denoise pass."""
     num_preempted: int = 0
+    """Running requests preempted to make room in the cache."""
 
 
 @dataclass
@@ -93,8 +74,12 @@ class Scheduler:
     aborted request holds none and is reported once in the next `SchedulerOutput.dropped_request_ids`.
     """
 
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
-        self.config = config
+    def __init__(self, config: EngineConfig, canvas_length: int, kv: KVCacheManager) -> None:
+        """`config.max_model_len` must be set (the engine resolves it from the model); an unset token
+        budget is sized here. Raises ValueError when the budget cannot hold one canvas."""
+        self.config = config.resolve(canvas_length, config.resolved_max_model_len)
+        self.canvas_length = canvas_length
+        """Tokens per canvas (the model's `canvas_length`)."""
         self.kv = kv
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -104,7 +89,6 @@ class Scheduler:
         self.newly_finished: list[Request] = []
         """Requests finished since the engine last drained this list (for statistics)."""
         self.last_step = StepComposition()
-        self.num_preemptions = 0
 
     # -- admission and abort ---------------------------------------------------------------------
 
@@ -131,20 +115,22 @@ class Scheduler:
         return request
 
     def _check_fits(self, prompt: list[int], params: SamplingParams) -> None:
+        """The prompt is not empty, it and max_tokens fit the context, and the cache can hold them."""
         assert params.max_tokens is not None
         if not prompt:
-            raise InvalidParams("prompt is empty: give at least one token")
-        canvas = self.config.canvas_length
+            raise InvalidParams("prompt is empty: give at least one token", "prompt")
+        canvas = self.canvas_length
         needed = len(prompt) + num_blocks_for(params.max_tokens, canvas) * canvas
-        if needed > self.config.max_model_len:
-            raise InvalidParams(
-                f"prompt ({len(prompt)} tokens) plus max_tokens={params.max_tokens} needs {needed} positions "
-                f"(whole canvases of {canvas}); max_model_len is {self.config.max_model_len}: "
-                "shorten the prompt or lower max_tokens"
-            )
+        max_model_len = self.config.resolved_max_model_len
+        if needed > max_model_len:
+            asked = f"max_tokens={params.max_tokens} (whole canvases of {canvas})"
+            raise context_error(len(prompt), asked, needed, max_model_len, "max_tokens")
         for group in self.kv.group_names:
             total = self.kv.num_free_blocks(group) + self.kv.num_used_blocks(group)
-            if self.kv.max_blocks_held(group, needed - canvas, self.config.max_num_batched_tokens) > total:
+            if (
+                self.kv.max_blocks_held(group, needed - canvas, self.config.resolved_max_num_batched_tokens)
+                > total
+            ):
                 raise InvalidParams(
                     f"this request needs more KV cache than the whole cache holds ({total} blocks of "
                     f"{self.kv.block_size} in group {group!r}): shorten the prompt or lower max_tokens"
@@ -166,7 +152,7 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         """Build one step's work under the token and sequence budgets."""
-        plan = _Plan(budget=self.config.max_num_batched_tokens)
+        plan = _Plan(budget=self.config.resolved_max_num_batched_tokens)
         for request in list(self.running):
             if request.num_pending_causal == 0:
                 self._try_denoise(request, plan)
@@ -179,9 +165,9 @@ class Scheduler:
         return SchedulerOutput(plan.causal, plan.denoise, dropped)
 
     def _try_denoise(self, request: Request, plan: _Plan) -> None:
-        if plan.budget < self.config.canvas_length:
+        if plan.budget < self.canvas_length:
             return
-        plan.budget -= self.config.canvas_length
+        plan.budget -= self.canvas_length
         plan.composition.num_denoise_canvases += 1
         plan.denoise.append(self._denoise_work(request))
 
@@ -189,8 +175,8 @@ class Scheduler:
         params = self._step_params[request.request_id]
         new_canvas = None
         if not request.canvas_started:
-            pinned = request.params.pinned_canvas if request.block_index == 0 else None
-            new_canvas = NewCanvas(request.seed, request.block_index, params.stability_threshold, pinned)
+            pinned = request.params.pinned_canvas if request.canvas_index == 0 else None
+            new_canvas = NewCanvas(request.seed, request.canvas_index, params.stability_threshold, pinned)
             request.canvas_started = True
         return DenoiseWork(
             request.request_id,
@@ -204,11 +190,12 @@ class Scheduler:
     def _tables(self, request: Request) -> dict[str, list[int]]:
         return {g: self.kv.block_table(request.request_id, g) for g in self.kv.group_names}
 
-    def _schedule_causal(self, request: Request, plan: _Plan) -> bool:
-        """Schedule the next chunk of the request's pending causal tokens; False if it got none."""
+    def _schedule_causal(self, request: Request, plan: _Plan) -> None:
+        """Schedule the next chunk of the request's pending causal tokens (none when the budget is spent
+        or the request itself had to be preempted to make room)."""
         num_tokens = min(request.num_pending_causal, plan.budget)
         if num_tokens == 0 or not self._make_room(request, num_tokens, plan):
-            return False
+            return
         start = request.num_computed_tokens
         chunk = tuple(request.cache_token_ids[start : start + num_tokens])
         num_prompt = max(0, min(len(request.prompt_token_ids) - start, num_tokens))
@@ -219,7 +206,6 @@ class Scheduler:
         request.num_computed_tokens += num_tokens
         if request.num_pending_causal == 0:
             self._try_denoise(request, plan)
-        return True
 
     def _make_room(self, request: Request, num_tokens: int, plan: _Plan) -> bool:
         """Allocate blocks for the chunk, preempting the newest running requests if needed.
@@ -244,7 +230,6 @@ class Scheduler:
         request.num_computed_tokens = 0
         request.canvas_started = False
         request.num_preemptions += 1
-        self.num_preemptions += 1
         plan.composition.num_preempted += 1
         self._dropped.append(request.request_id)
         self.waiting.appendleft(request)
@@ -258,7 +243,7 @@ class Scheduler:
             plan.budget += len(causal.token_ids)
         num_denoise = sum(d.request_id == request.request_id for d in plan.denoise)
         plan.composition.num_denoise_canvases -= num_denoise
-        plan.budget += self.config.canvas_length * num_denoise
+        plan.budget += self.canvas_length * num_denoise
         plan.causal = [c for c in plan.causal if c.request_id != request.request_id]
         plan.denoise = [d for d in plan.denoise if d.request_id != request.request_id]
 
@@ -299,16 +284,16 @@ class Scheduler:
         if not outcome.finished:
             return RequestOutput(request.request_id, canvas=snapshot) if snapshot else None
         assert outcome.argmax is not None, "a finished canvas must come with its argmax"
-        return self._end_block(request, outcome.argmax, outcome.step, snapshot)
+        return self._end_canvas(request, outcome.argmax, outcome.step, snapshot)
 
-    def _end_block(
+    def _end_canvas(
         self, request: Request, canvas: list[int], steps: int, snapshot: CanvasSnapshot | None
     ) -> RequestOutput:
         params = request.params
         assert params.max_tokens is not None and params.stop_token_ids is not None
-        end = end_block(canvas, len(request.output_token_ids), params.max_tokens, params.stop_token_ids)
+        end = end_canvas(canvas, len(request.output_token_ids), params.max_tokens, params.stop_token_ids)
         request.output_token_ids += end.new_token_ids
-        request.steps_per_block.append(steps)
+        request.steps_per_canvas.append(steps)
         if request.first_token_time is None and end.new_token_ids:
             request.first_token_time = time.monotonic()
         if end.finish_reason is not None:
@@ -321,7 +306,7 @@ class Scheduler:
                 usage=finished.usage,
             )
         request.committed_token_ids += canvas
-        request.block_index += 1
+        request.canvas_index += 1
         request.canvas_started = False
         return RequestOutput(request.request_id, end.new_token_ids, canvas=snapshot)
 
@@ -339,13 +324,30 @@ class Scheduler:
         return RequestOutput(request.request_id, finish_reason=reason, usage=usage_of(request))
 
 
+def context_error(
+    num_prompt: int, asked: str, needed: int, max_model_len: int, param: str = "prompt"
+) -> InvalidParams:
+    """The error of a request whose prompt plus output (`asked`, `needed` positions) exceeds the context.
+
+    Example: "This model's maximum context length is 128 tokens: a prompt of 120 tokens plus
+    max_tokens=9 (whole canvases of 8) needs 136 positions, and max_model_len is 128: shorten the prompt
+    or lower max_tokens".
+    """
+    fix = "shorten the prompt or lower max_tokens" if param == "max_tokens" else "shorten the prompt"
+    return InvalidParams(
+        f"This model's maximum context length is {max_model_len} tokens: a prompt of {num_prompt} tokens "
+        f"plus {asked} needs {needed} positions, and max_model_len is {max_model_len}: {fix}",
+        param,
+    )
+
+
 def usage_of(request: Request) -> Usage:
     return Usage(
         prompt_tokens=len(request.prompt_token_ids),
         completion_tokens=len(request.output_token_ids),
         denoise_steps=request.denoise_steps,
-        canvases=len(request.steps_per_block),
-        steps_per_canvas=tuple(request.steps_per_block),
+        canvases=len(request.steps_per_canvas),
+        steps_per_canvas=tuple(request.steps_per_canvas),
     )
 
 
@@ -353,7 +355,7 @@ def _snapshot(request: Request, outcome: DenoiseOutcome) -> CanvasSnapshot | Non
     if outcome.argmax is None:
         return None
     return CanvasSnapshot(
-        block_index=request.block_index,
+        canvas_index=request.canvas_index,
         step=outcome.step,
         token_ids=outcome.argmax,
         confidence=outcome.confidence or [],

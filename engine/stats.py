@@ -35,10 +35,11 @@ class RequestRecord:
 
 @dataclass(frozen=True)
 class StepRecord:
-    """One engine step, for per-step histograms (batch composition, tokens committed, duration)."""
+    """One engine step, for per-step histograms (batch composition, output tokens, duration)."""
 
     composition: StepComposition
-    committed_tokens: int
+    output_tokens: int
+    """Tokens the step's finished canvases added to request outputs."""
     duration_s: float
 
 
@@ -60,9 +61,12 @@ class EngineStats:
     kv_usage: float = 0.0
     num_steps: int = 0
     num_denoise_passes: int = 0
-    num_committed_tokens: int = 0
+    num_output_tokens: int = 0
+    """Tokens added to request outputs (what clients receive)."""
     num_prefill_tokens: int = 0
+    """Prompt tokens written to the KV cache (recomputation after a preemption included)."""
     num_commit_tokens: int = 0
+    """Tokens of committed canvases written to the KV cache by commit passes (see `StepComposition`)."""
     num_preemptions: int = 0
     finished_by_reason: dict[str, int] = field(default_factory=dict)
     last_step: StepComposition = field(default_factory=StepComposition)
@@ -72,11 +76,9 @@ class EngineStats:
     records: deque[RequestRecord] = field(default_factory=lambda: deque(maxlen=MAX_PENDING_RECORDS))
     step_records: deque[StepRecord] = field(default_factory=lambda: deque(maxlen=MAX_PENDING_RECORDS))
 
-    def record_step(
-        self, composition: StepComposition, timing: StepTiming, committed_tokens: int = 0
-    ) -> None:
+    def record_step(self, composition: StepComposition, timing: StepTiming, output_tokens: int = 0) -> None:
         self.num_steps += 1
-        self.step_records.append(StepRecord(composition, committed_tokens, timing.total_s))
+        self.step_records.append(StepRecord(composition, output_tokens, timing.total_s))
         self.num_denoise_passes += composition.num_denoise_canvases
         self.num_prefill_tokens += composition.num_prefill_tokens
         self.num_commit_tokens += composition.num_commit_tokens
@@ -101,7 +103,7 @@ class EngineStats:
                 prompt_tokens=len(request.prompt_token_ids),
                 completion_tokens=len(request.output_token_ids),
                 denoise_steps=request.denoise_steps,
-                steps_per_canvas=list(request.steps_per_block),
+                steps_per_canvas=list(request.steps_per_canvas),
             )
         )
 

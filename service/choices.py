@@ -98,11 +98,11 @@ class ChoiceRun:
             return None
         return ChoiceEvent(self.spec.index, text, canvas, output.finish_reason, output.usage)
 
-    def _canvas(self, snapshot: CanvasSnapshot | None, block_ended: bool) -> dict[str, Any] | None:
+    def _canvas(self, snapshot: CanvasSnapshot | None, canvas_ended: bool) -> dict[str, Any] | None:
         if snapshot is None:
             return None
         now = time.monotonic()
-        if not block_ended and now - self.last_canvas < self.canvas_interval_s:
+        if not canvas_ended and now - self.last_canvas < self.canvas_interval_s:
             return None
         self.last_canvas = now
         return canvas_object(self.request_id, self.spec.index, snapshot, self.tokenizer)
@@ -118,7 +118,7 @@ def canvas_object(request_id: str, index: int, snapshot: CanvasSnapshot, tokeniz
     return {
         "request_id": request_id,
         "index": index,
-        "block": snapshot.block_index,
+        "canvas_index": snapshot.canvas_index,
         "step": snapshot.step,
         "text": text,
         "token_ids": snapshot.token_ids,

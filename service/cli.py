@@ -20,6 +20,7 @@ import torch
 import uvicorn
 from pydantic import ValidationError
 
+from engine.engine_config import DEFAULT_PREFILL_CHUNK, EngineConfig
 from engine.generate import generate
 from engine.model.loader import CheckpointError, load_checkpoint
 from engine.request import InvalidParams, SamplingParams
@@ -30,6 +31,8 @@ from service.settings import Settings
 
 logger = logging.getLogger("canvas_serve")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+LIMITS = EngineConfig()
+"""The engine's default limits, for the help texts."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,11 +54,28 @@ def _serve_parser(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--served-model-name")
     serve.add_argument("--dtype", choices=["auto", "float32", "bfloat16"])
     serve.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    serve.add_argument("--max-num-seqs", type=int)
-    serve.add_argument("--max-num-batched-tokens", type=int)
-    serve.add_argument("--max-model-len", type=int)
-    serve.add_argument("--max-num-queued-reqs", type=int)
-    serve.add_argument("--block-size", type=int)
+    serve.add_argument(
+        "--max-num-seqs", type=int, help=f"requests running at once (default {LIMITS.max_num_seqs})"
+    )
+    serve.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        help="tokens per forward (default: room for every running canvas plus a "
+        f"{DEFAULT_PREFILL_CHUNK}-token prompt chunk)",
+    )
+    serve.add_argument("--max-model-len", type=int, help="positions per request (default: the model's)")
+    serve.add_argument(
+        "--max-waiting",
+        type=int,
+        help="requests waiting to run at most; beyond it new requests get 429 with Retry-After "
+        f"(default {LIMITS.max_waiting}; env CANVAS_SERVE_MAX_WAITING)",
+    )
+    serve.add_argument(
+        "--max-num-queued-reqs", dest="max_waiting", type=int, help="old name of --max-waiting"
+    )
+    serve.add_argument(
+        "--block-size", type=int, help=f"positions per KV cache block (default {LIMITS.block_size})"
+    )
     serve.add_argument("--gpu-memory-utilization", type=float)
     serve.add_argument("--kv-cache-memory-gb", type=float)
     serve.add_argument("--generation-config", help="auto | vllm | a folder with generation_config.json")
@@ -156,7 +176,7 @@ def run_generate(args: argparse.Namespace) -> int:
     (result,) = generate(checkpoint.model, checkpoint.defaults, [prompt], params, tokenizer=tokenizer)
     elapsed = time.perf_counter() - start
     print(result.text)
-    summary = f"steps per block={result.steps_per_block}, {elapsed:.2f}s"
+    summary = f"steps per canvas={result.steps_per_canvas}, {elapsed:.2f}s"
     print(f"[{len(result.token_ids)} tokens, finish={result.finish_reason}, {summary}]", file=sys.stderr)
     return 0
 

@@ -50,11 +50,11 @@ def request_row(request: Request, now: float) -> dict[str, Any]:
     `step` is the denoise passes of the current canvas: all passes minus those of finished canvases
     (passes lost to a preemption count too, so it may run ahead of the sampler's own step).
     """
-    finished_steps = list(request.steps_per_block)
+    finished_steps = list(request.steps_per_canvas)
     return {
         "id": request.request_id,
         "status": request.status.name.lower(),
-        "block": request.block_index,
+        "canvas_index": request.canvas_index,
         "step": max(0, request.denoise_steps - sum(finished_steps)),
         "denoise_steps": request.denoise_steps,
         "steps_per_canvas": finished_steps,
@@ -130,7 +130,7 @@ class EngineView:
         return {
             "engine_steps": stats.num_steps,
             "denoise_passes": stats.num_denoise_passes,
-            "committed_tokens": stats.num_committed_tokens,
+            "committed_tokens": stats.num_output_tokens,
             "preemptions": stats.num_preemptions,
             "finished": dict(safe_copy(lambda: finished_by_reason.copy().items())),
         }
@@ -143,7 +143,7 @@ class EngineView:
         stats = self.service.engine.stats
         sample = Sample(
             now,
-            stats.num_committed_tokens,
+            stats.num_output_tokens,
             stats.num_denoise_passes,
             stats.num_steps,
             self._metric("steps_per_canvas_count"),

@@ -64,7 +64,9 @@ def as_api_error(error: BaseException) -> APIError:
     """Map engine and validation exceptions to API errors; anything unexpected is a 500."""
     if isinstance(error, APIError):
         return error
-    if isinstance(error, InvalidParams | ValueError | TypeError | OverflowError):
+    if isinstance(error, InvalidParams):
+        return APIError(400, str(error), param=error.param)
+    if isinstance(error, ValueError | TypeError | OverflowError):
         return APIError(400, str(error))
     if isinstance(error, QueueFull):
         return APIError(429, f"server is overloaded: {error}", code="queue_full", retry_after=True)

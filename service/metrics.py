@@ -69,7 +69,7 @@ ENGINE_COUNTERS = {
     "num_steps": ("engine_steps", "Engine steps run."),
     "num_denoise_passes": ("denoise_steps", "Denoise passes run, one per canvas per step."),
     "num_prefill_tokens": ("prompt_tokens", "Prefill tokens processed (recomputation included)."),
-    "num_committed_tokens": ("generation_tokens", "Tokens committed to request outputs."),
+    "num_output_tokens": ("generation_tokens", "Tokens committed to request outputs."),
     "num_commit_tokens": ("commit_pass_tokens", "Tokens written to the KV cache by commit passes."),
     "num_preemptions": ("num_preemptions", "Requests preempted."),
 }
@@ -250,7 +250,7 @@ class Metrics:
     def _observe_step(self, step: StepRecord) -> None:
         composition = step.composition
         if composition.num_denoise_canvases:
-            self.tokens_per_pass.observe(step.committed_tokens / composition.num_denoise_canvases)
+            self.tokens_per_pass.observe(step.output_tokens / composition.num_denoise_canvases)
         self.step_prefill.observe(composition.num_prefill_tokens)
         self.step_commit.observe(composition.num_commit_tokens)
         self.step_canvases.observe(composition.num_denoise_canvases)

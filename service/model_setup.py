@@ -10,7 +10,7 @@ import torch
 
 from engine.async_engine import AsyncEngine
 from engine.config import DiffusionDefaults
-from engine.engine import Engine, EngineConfig
+from engine.engine import Engine
 from engine.model.loader import Checkpoint, CheckpointError, load_checkpoint, read_defaults
 from service.metrics import Metrics
 from service.serving import ServedModel, Service
@@ -21,7 +21,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "sudoku"
 """The embedded default model (the Sudoku solver trained by recipes/sudoku)."""
 CPU_KV_CACHE_BYTES = 2 * 1024**3
-PREFILL_CHUNK = 2048
 
 
 class SetupError(RuntimeError):
@@ -81,18 +80,6 @@ def kv_cache_bytes(settings: Settings, device: torch.device) -> int:
     return max(0, int(settings.gpu_memory_utilization * total) - used)
 
 
-def engine_config(settings: Settings, canvas_length: int, device: torch.device) -> EngineConfig:
-    batched = settings.max_num_batched_tokens or settings.max_num_seqs * canvas_length + PREFILL_CHUNK
-    return EngineConfig(
-        max_num_seqs=settings.max_num_seqs,
-        max_num_batched_tokens=batched,
-        max_waiting=settings.max_num_queued_reqs,
-        max_model_len=settings.max_model_len,
-        block_size=settings.block_size,
-        kv_cache_bytes=kv_cache_bytes(settings, device),
-    )
-
-
 def build_service(settings: Settings) -> tuple[Service, Metrics]:
     """Load the model and build the (not yet started) engine, service and metrics."""
     path = model_dir(settings)
@@ -109,15 +96,12 @@ def build_service(settings: Settings) -> tuple[Service, Metrics]:
         )
     defaults = diffusion_defaults(settings, checkpoint)
     try:
-        engine = Engine(
-            checkpoint.model, defaults, checkpoint.tokenizer, engine_config(settings, canvas, device)
-        )
+        config = settings.engine_config(kv_cache_bytes(settings, device))
+        engine = Engine(checkpoint.model, defaults, checkpoint.tokenizer, config)
     except ValueError as error:
         raise SetupError(str(error)) from error
     name = settings.served_model_name or path.name
-    served = ServedModel(
-        name, canvas, checkpoint.config.vocab_size, engine.max_model_len, defaults.max_new_tokens
-    )
+    served = ServedModel(name, canvas, checkpoint.config.vocab_size, engine.max_model_len)
     logger.info(
         "serving %s from %s on %s (%s), max_model_len %d", name, path, device, dtype, engine.max_model_len
     )

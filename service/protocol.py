@@ -10,11 +10,15 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from engine.request import FREE, SamplingParams
+from engine.request import FREE, RANGES, SamplingParams
 
 MAX_SEED = 2**63 - 1
+MAX_STOP_STRINGS = 64
+"""Stop strings one request may give (each is searched for in every text delta)."""
+MAX_STOP_STRING_CHARS = 256
+"""Characters of the longest stop string (streamed text is held back by up to this many)."""
 
 
 class OpenAIModel(BaseModel):
@@ -25,30 +29,56 @@ class StreamOptions(OpenAIModel):
     include_usage: bool = False
     include_canvas: bool = False
     """Stream live canvases: chunks with empty text and a top-level `canvas` object."""
-    canvas_min_interval_ms: float | None = Field(None, ge=0)
-    """Least time between two canvas chunks of one choice (each block's last canvas always comes)."""
+    canvas_min_interval_ms: float | None = Field(None, ge=0, allow_inf_nan=False)
+    """Least time between two canvas chunks of one choice (each canvas's final snapshot always comes)."""
+
+
+def _range(name: str) -> Any:
+    """A field whose range `SamplingParams` checks (once, as a 400 naming the field): only documented here."""
+    schema: dict[str, Any] = {**RANGES[name].json_schema()}
+    return Field(None, json_schema_extra=schema)
 
 
 class DiffusionParams(OpenAIModel):
-    """Per-request sampler knobs; unset ones take the checkpoint's generation_config.json."""
+    """Per-request sampler knobs; unset ones take the checkpoint's generation_config.json.
 
-    max_denoising_steps: int | None = Field(None, ge=1, le=1024)
-    entropy_bound: float | None = Field(None, gt=0)
-    t_min: float | None = Field(None, gt=0)
-    t_max: float | None = Field(None, gt=0)
-    stability_threshold: int | None = Field(None, ge=0, le=64)
-    confidence_threshold: float | None = Field(None, gt=0)
-    pinned_canvas: list[int | None] | None = Field(None, max_length=65536)
+    Pydantic checks only types and the service's own fields (n, top_p, seed, stop, streaming); the
+    engine's `SamplingParams` and `Engine.add_request` check every value they use, once.
+    """
+
+    max_denoising_steps: int | None = _range("max_denoising_steps")
+    entropy_bound: float | None = _range("entropy_bound")
+    t_min: float | None = _range("t_min")
+    t_max: float | None = _range("t_max")
+    stability_threshold: int | None = _range("stability_threshold")
+    confidence_threshold: float | None = _range("confidence_threshold")
+    pinned_canvas: list[int | None] | None = None
     """Infilling: a token id per position of the first canvas to pin there, or null to leave free."""
-    temperature: float | None = Field(None, ge=0, le=10)
+    temperature: float | None = _range("temperature")
     """Scales the whole temperature schedule (t_min and t_max); 0 samples almost greedily."""
-    top_p: float | None = Field(None, gt=0, le=1)
+    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     n: int = Field(1, ge=1)
-    stop: str | list[str] | None = None
+    stop: str | list[str] | None = Field(
+        None,
+        description=f"Stop strings, cut from the text: at most {MAX_STOP_STRINGS}, each of at most "
+        f"{MAX_STOP_STRING_CHARS} characters.",
+    )
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _bounded_stops(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        stops = [stop] if isinstance(stop, str) else stop or []
+        longest = max((len(s) for s in stops), default=0)
+        if len(stops) > MAX_STOP_STRINGS or longest > MAX_STOP_STRING_CHARS:
+            raise ValueError(
+                f"stop has {len(stops)} strings, the longest of {longest} characters: at most "
+                f"{MAX_STOP_STRINGS} strings of at most {MAX_STOP_STRING_CHARS} characters each are allowed"
+            )
+        return stop
 
     @model_validator(mode="after")
     def _check(self) -> DiffusionParams:
@@ -56,8 +86,6 @@ class DiffusionParams(OpenAIModel):
             raise ValueError("stream_options can only be set when stream=true")
         if self.top_p is not None and self.top_p < 1:
             raise ValueError("top_p < 1 is not supported by the entropy-bound sampler: omit it or set 1")
-        if self.t_min is not None and self.t_max is not None and self.t_max < self.t_min:
-            raise ValueError(f"t_max={self.t_max} is below t_min={self.t_min}: make t_max >= t_min")
         return self
 
     @property
@@ -82,10 +110,9 @@ class DiffusionParams(OpenAIModel):
 
 
 def _pinned(values: list[int | None] | None, canvas_length: int) -> tuple[int, ...] | None:
+    """Nulls become `FREE`, and a short list is padded with `FREE` (the engine checks the length and ids)."""
     if values is None:
         return None
-    if len(values) > canvas_length:
-        raise ValueError(f"pinned_canvas has {len(values)} positions; the canvas has {canvas_length}")
     padded = [FREE if v is None else v for v in values] + [FREE] * (canvas_length - len(values))
     return tuple(padded)
 
@@ -96,7 +123,7 @@ Prompt = str | list[str] | list[int] | list[list[int]]
 class CompletionRequest(DiffusionParams):
     model: str | None = None
     prompt: Prompt
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = _range("max_tokens")
     """None: the checkpoint's max_new_tokens (one canvas), within the context left."""
     echo: bool = False
     logprobs: int | None = None
@@ -129,8 +156,8 @@ class ChatMessage(OpenAIModel):
 class ChatCompletionRequest(DiffusionParams):
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = _range("max_tokens")
+    max_completion_tokens: int | None = _range("max_tokens")
     logprobs: bool = False
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
@@ -143,7 +170,7 @@ class ChatCompletionRequest(DiffusionParams):
 
     @property
     def output_limit(self) -> int | None:
-        return self.max_completion_tokens or self.max_tokens
+        return self.max_tokens if self.max_completion_tokens is None else self.max_completion_tokens
 
 
 # -- responses ----------------------------------------------------------------------------------

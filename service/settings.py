@@ -9,13 +9,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from engine.engine_config import EngineConfig
+
 SUPPORTED_SAMPLERS = ("entropy_bound",)
+ENGINE_DEFAULTS = EngineConfig()
 
 
 class Settings(BaseSettings):
+    """Everything the server can be told: CLI flags, else `CANVAS_SERVE_<FIELD>` variables, else defaults."""
+
     model_config = SettingsConfigDict(env_prefix="CANVAS_SERVE_", extra="forbid")
 
     model: Path | None = None
@@ -23,18 +28,25 @@ class Settings(BaseSettings):
     served_model_name: str | None = None
     """Name clients use in `model`; defaults to the checkpoint directory's name."""
     host: str = "127.0.0.1"
+    """Address to listen on."""
     port: int = Field(8000, ge=0, le=65535)
+    """Port to listen on."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """auto: bfloat16 on CUDA, float32 on the CPU."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto: CUDA when available, else the CPU."""
 
-    max_num_seqs: int = Field(16, ge=1)
-    max_num_batched_tokens: int | None = Field(None, ge=1)
-    """None: room for max_num_seqs canvases plus a 2,048-token prefill chunk."""
-    max_model_len: int | None = Field(None, ge=1)
-    max_num_queued_reqs: int = Field(256, ge=0)
+    # The engine's limits: `EngineConfig`'s names and defaults, checked by `EngineConfig` itself.
+    max_num_seqs: int = ENGINE_DEFAULTS.max_num_seqs
+    """Requests running (canvases in flight) at most."""
+    max_num_batched_tokens: int | None = ENGINE_DEFAULTS.max_num_batched_tokens
+    """Tokens per forward; None: room for max_num_seqs canvases plus a 2,048-token prefill chunk."""
+    max_model_len: int | None = ENGINE_DEFAULTS.max_model_len
+    """Positions per request (prompt + canvases); None: the model's max_position_embeddings."""
+    max_waiting: int = ENGINE_DEFAULTS.max_waiting
     """Waiting requests at most; beyond it new requests get 429 with Retry-After."""
-    block_size: int = Field(16, ge=1)
+    block_size: int = ENGINE_DEFAULTS.block_size
+    """Positions per KV cache block."""
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     """Fraction of the GPU's memory for weights plus KV cache (CUDA only)."""
     kv_cache_memory_gb: float | None = Field(None, gt=0)
@@ -56,8 +68,11 @@ class Settings(BaseSettings):
     canvas_min_interval_s: float = Field(0.0, ge=0)
     """Least time between two live-canvas chunks of one request (0: every step)."""
     max_prompts_per_request: int = Field(64, ge=1)
+    """Prompts one /v1/completions request may carry."""
     max_n: int = Field(16, ge=1)
+    """Choices (`n`) one request may ask for."""
     log_level: str = "info"
+    """Python logging level of the server (and uvicorn's)."""
 
     @field_validator("model", mode="before")
     @classmethod
@@ -84,3 +99,19 @@ class Settings(BaseSettings):
         if unknown:
             raise ValueError(f"diffusion_config keys {sorted(unknown)} are not supported")
         return value
+
+    @model_validator(mode="after")
+    def _engine_limits(self) -> Settings:
+        self.engine_config(kv_cache_bytes=None)  # EngineConfig's checks, before any model loads
+        return self
+
+    def engine_config(self, kv_cache_bytes: int | None) -> EngineConfig:
+        """The engine's limits from these settings, with the K/V budget the host affords."""
+        return EngineConfig(
+            max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            max_waiting=self.max_waiting,
+            max_model_len=self.max_model_len,
+            block_size=self.block_size,
+            kv_cache_bytes=kv_cache_bytes,
+        )

@@ -54,7 +54,7 @@ async def index() -> FileResponse:
 
 @router.get("/v1/engine/status")
 async def engine_status(request: Request) -> JSONResponse:
-    """Running and waiting requests (id, block, step), KV use, last step, committed tok/s, steps/canvas."""
+    """Running and waiting requests (id, canvas, step), KV use, last step, committed tok/s, steps/canvas."""
     return JSONResponse(engine_view(request).snapshot(), headers=NO_CACHE)
 
 

@@ -84,7 +84,7 @@ def outcomes(
         prompts = [tokens.prompt_ids(p) for p, _ in chunk]
         params = [params_for(lo + i, p) for i, (p, _) in enumerate(chunk)]
         for result, (puzzle, _) in zip(generate(model, defaults, prompts, params), chunk, strict=True):
-            out.append((solves(result.token_ids, puzzle), sum(result.steps_per_block)))
+            out.append((solves(result.token_ids, puzzle), sum(result.steps_per_canvas)))
     return out
 
 

@@ -260,7 +260,7 @@ def validate(model: DiffusionGemma, checkpoint_dir: Path, sets: dict[str, list[P
         params = [SamplingParams(seed=i) for i in range(len(pairs))]
         results = generate(model, defaults, prompts, params)
         solved = [
-            r.steps_per_block[0] for r, (p, _) in zip(results, pairs, strict=True) if _solves(r.token_ids, p)
+            r.steps_per_canvas[0] for r, (p, _) in zip(results, pairs, strict=True) if _solves(r.token_ids, p)
         ]
         out[f"solve_{band}"] = len(solved) / len(pairs)
         out[f"steps_{band}"] = statistics.median(solved) if solved else float("nan")

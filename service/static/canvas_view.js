@@ -4,11 +4,11 @@ import { label } from "./tokens.js";
 
 export const RENOISE_CONFIDENCE = 50; // below this (0-100), a changed token counts as re-noised
 
-// Positions whose token changed since the previous canvas of the same block while the model is
+// Positions whose token changed since the previous snapshot of the same canvas while the model is
 // unsure of them: the sampler drew a fresh token there (re-noise) rather than settling it.
 export function renoisedPositions(previous, current) {
   const marked = new Set();
-  if (!previous || previous.block !== current.block) return marked;
+  if (!previous || previous.canvas_index !== current.canvas_index) return marked;
   current.token_ids.forEach((id, p) => {
     if (previous.token_ids[p] !== id && (current.confidence[p] ?? 100) < RENOISE_CONFIDENCE) marked.add(p);
   });

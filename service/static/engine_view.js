@@ -85,7 +85,7 @@ export class EngineView {
         const own = this.mine(r.id);
         tr.dataset.requestId = r.id;
         tr.className = `${r.status}${own ? " mine" : ""}`;
-        const cells = [own ? `#${own.number}` : "", r.id.slice(-14), r.status, r.block, `${r.step}/${r.max_steps}`, r.denoise_steps, r.output_tokens, r.streams_canvas ? "yes" : "no"];
+        const cells = [own ? `#${own.number}` : "", r.id.slice(-14), r.status, r.canvas_index, `${r.step}/${r.max_steps}`, r.denoise_steps, r.output_tokens, r.streams_canvas ? "yes" : "no"];
         tr.replaceChildren(...cells.map((value) => Object.assign(document.createElement("td"), { textContent: value })));
         return tr;
       }),

@@ -59,8 +59,8 @@ export async function* readEvents(response) {
   }
 }
 
-function dataOf(block) {
-  return block
+function dataOf(event) {
+  return event
     .split("\n")
     .filter((line) => line.startsWith("data:"))
     .map((line) => line.slice(5).replace(/^ /, ""))

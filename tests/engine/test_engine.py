@@ -7,10 +7,11 @@ import asyncio
 import pytest
 
 from engine.async_engine import AsyncEngine, EngineDead
-from engine.engine import Engine, EngineConfig
+from engine.engine import Engine
+from engine.engine_config import EngineConfig
 from engine.llm import LLM
 from engine.model.loader import Checkpoint, load_checkpoint
-from engine.request import RequestOutput, SamplingParams
+from engine.request import InvalidParams, RequestOutput, SamplingParams
 from engine.scheduler import QueueFull
 from tests.engine.checkpoints import CANVAS, save_servable
 
@@ -41,7 +42,7 @@ def test_outputs_are_identical_alone_and_among_16_concurrent_requests(checkpoint
     for i in (0, 5, 15):
         (alone,) = LLM(make_engine(checkpoint, **config)).generate([prompt(i)], [params(i)])
         assert alone.token_ids == together[i].token_ids, f"request {i}"
-        assert alone.steps_per_block == together[i].steps_per_block
+        assert alone.steps_per_canvas == together[i].steps_per_canvas
     assert all(len(r.token_ids) == 2 * CANVAS and r.finish_reason == "length" for r in together)
 
 
@@ -76,7 +77,7 @@ def test_canvas_snapshots_and_text(checkpoint: Checkpoint) -> None:
         ["hi"], [params(3, steps=3)], callback=lambda i, snap: snapshots.append(snap)
     )
     assert [s.step for s in snapshots] == [1, 2, 3, 1, 2, 3]
-    assert [s.block_index for s in snapshots] == [0, 0, 0, 1, 1, 1]
+    assert [s.canvas_index for s in snapshots] == [0, 0, 0, 1, 1, 1]
     assert all(len(s.token_ids) == CANVAS and len(s.confidence) == CANVAS for s in snapshots)
     assert snapshots[2].token_ids == result.token_ids[:CANVAS]
     assert result.text == checkpoint.tokenizer.decode(result.token_ids, skip_special_tokens=True)
@@ -87,7 +88,7 @@ def test_stats_count_steps_tokens_and_requests(checkpoint: Checkpoint) -> None:
     engine = make_engine(checkpoint)
     LLM(engine).generate([prompt(1), prompt(2)], [params(1, steps=2), params(2, steps=3)])
     stats = engine.stats
-    assert stats.num_committed_tokens == 4 * CANVAS
+    assert stats.num_output_tokens == 4 * CANVAS
     assert stats.num_denoise_passes == 2 * 2 + 2 * 3
     assert stats.num_prefill_tokens == len(prompt(1)) + len(prompt(2))
     assert stats.num_commit_tokens == 2 * CANVAS
@@ -208,3 +209,25 @@ def test_a_failing_loop_fails_every_request_and_reports_dead(
         asyncio.run(asyncio.wait_for(main(), timeout=60))
     finally:
         async_engine.shutdown()
+
+
+def test_context_checks_name_the_field_and_an_unset_max_tokens_fits_the_context(
+    checkpoint: Checkpoint,
+) -> None:
+    engine = make_engine(checkpoint, max_model_len=4 * CANVAS)
+    vocab = checkpoint.model.config.vocab_size
+    checks = [
+        ([2, vocab], SamplingParams(max_tokens=1), "prompt", f"prompt token id {vocab} is outside"),
+        ([], SamplingParams(max_tokens=1), "prompt", "prompt is empty"),
+        ([2] * (3 * CANVAS + 1), SamplingParams(), "prompt", "maximum context length is 64 tokens"),
+        ([2] * 3, SamplingParams(max_tokens=4 * CANVAS), "max_tokens", "lower max_tokens"),
+        ([2] * 3, SamplingParams(pinned_canvas=(5,)), "pinned_canvas", "1 positions"),
+    ]
+    for prompt_ids, request_params, param, phrase in checks:
+        with pytest.raises(InvalidParams, match=phrase) as raised:
+            engine.add_request("bad", prompt_ids, request_params)
+        assert raised.value.param == param
+    assert not engine.has_unfinished()
+    long_prompt = [2] + [5] * (3 * CANVAS - 1)  # room for one canvas: the default max_tokens is cut to it
+    (result,) = LLM(engine).generate([long_prompt], SamplingParams(max_denoising_steps=2, stop_token_ids=()))
+    assert len(result.token_ids) == CANVAS and result.finish_reason == "length"

@@ -20,7 +20,7 @@ from torch import Tensor
 from transformers import DiffusionGemmaForBlockDiffusion
 
 from engine import sampler
-from engine.block_end import end_block
+from engine.canvas_end import end_canvas
 from engine.config import DiffusionDefaults
 from engine.generate import generate
 from engine.model.loader import load_checkpoint
@@ -137,7 +137,7 @@ def test_blocks_and_length_match_the_reference(
     assert result.token_ids == expected
     assert len(result.token_ids) == max_tokens
     assert result.finish_reason == "length"
-    assert result.steps_per_block == expected_steps
+    assert result.steps_per_canvas == expected_steps
 
 
 def test_adaptive_stop_matches_the_reference(
@@ -169,7 +169,7 @@ def test_adaptive_stop_matches_the_reference(
     with deterministic(monkeypatch):
         result = ours_generate(path, PROMPT, 3 * CANVAS, [VOCAB + 1], **knobs)
     assert expected_steps[0] == lowest + 1
-    assert result.steps_per_block == expected_steps
+    assert result.steps_per_canvas == expected_steps
     assert result.token_ids == expected
 
 
@@ -196,19 +196,19 @@ def test_stop_id_in_a_later_block_matches_the_reference(
     assert result.finish_reason == "stop"
     assert result.token_ids == expected
     assert len(expected) == first_seen[stop]
-    assert len(result.steps_per_block) == len(expected_steps) == 2
+    assert len(result.steps_per_canvas) == len(expected_steps) == 2
 
 
 def test_end_block_cuts_at_stop_then_length() -> None:
-    assert end_block([5, 9, 1, 7], 6, 10, (1,)).new_token_ids == [5, 9]
-    assert end_block([5, 9, 1, 7], 6, 10, (1,)).finish_reason == "stop"
-    assert end_block([5, 9, 3, 7], 5, 10, (1,)).finish_reason is None
-    assert end_block([5, 9, 3, 7], 6, 10, (1,)).finish_reason == "length"  # exactly max_tokens
-    assert end_block([5, 9, 3, 7], 8, 10, (1,)) == end_block([5, 9], 8, 10, ())
-    assert end_block([5, 9, 3, 7], 8, 10, (1,)).finish_reason == "length"
-    assert end_block([5, 1, 3, 7], 9, 10, (1,)).new_token_ids == [5]
-    assert end_block([5, 1, 3, 7], 9, 10, (1,)).finish_reason == "length"  # the stop lies past max_tokens
-    assert end_block([1, 2], 0, 10, (1,)).new_token_ids == []
+    assert end_canvas([5, 9, 1, 7], 6, 10, (1,)).new_token_ids == [5, 9]
+    assert end_canvas([5, 9, 1, 7], 6, 10, (1,)).finish_reason == "stop"
+    assert end_canvas([5, 9, 3, 7], 5, 10, (1,)).finish_reason is None
+    assert end_canvas([5, 9, 3, 7], 6, 10, (1,)).finish_reason == "length"  # exactly max_tokens
+    assert end_canvas([5, 9, 3, 7], 8, 10, (1,)) == end_canvas([5, 9], 8, 10, ())
+    assert end_canvas([5, 9, 3, 7], 8, 10, (1,)).finish_reason == "length"
+    assert end_canvas([5, 1, 3, 7], 9, 10, (1,)).new_token_ids == [5]
+    assert end_canvas([5, 1, 3, 7], 9, 10, (1,)).finish_reason == "length"  # the stop lies past max_tokens
+    assert end_canvas([1, 2], 0, 10, (1,)).new_token_ids == []
 
 
 def test_seeded_generation_is_reproducible_and_batch_independent(
@@ -245,12 +245,12 @@ def test_text_callback_and_pinned_positions(checkpoint: tuple[Path, DiffusionGem
         ckpt.defaults,
         [prompt],
         params,
-        callback=lambda i, snap: seen.append((i, snap.block_index)),
+        callback=lambda i, snap: seen.append((i, snap.canvas_index)),
         tokenizer=ckpt.tokenizer,
     )
     assert result.token_ids[3] == 40 and result.token_ids[8] == 41
     assert result.text == ckpt.tokenizer.decode(result.token_ids, skip_special_tokens=True)
-    assert seen == [(0, 0)] * result.steps_per_block[0]
+    assert seen == [(0, 0)] * result.steps_per_canvas[0]
 
 
 def test_bad_requests_are_rejected_with_a_message(

@@ -78,13 +78,13 @@ def test_allocate_and_free() -> None:
     manager = make_manager(block_size=16, window=1024, num_full=8, num_sliding=8)
     assert manager.can_allocate("a", 40)
     manager.allocate("a", 40)
-    assert manager.has_request("a")
+    assert "a" in manager.request_ids
     assert manager.request_ids == ("a",)
     assert manager.block_table("a", "full") == [0, 1, 2]
     assert manager.block_table("a", "sliding") == [0, 1, 2]
     assert manager.num_used_blocks("full") == 3
     manager.free("a")
-    assert not manager.has_request("a")
+    assert "a" not in manager.request_ids
     assert manager.num_free_blocks("full") == manager.num_free_blocks("sliding") == 8
     manager.free("a")  # idempotent
 
@@ -109,7 +109,7 @@ def test_growth_is_incremental() -> None:
 def test_allocate_zero_tokens_registers_an_empty_table() -> None:
     manager = make_manager(block_size=16, window=32)
     manager.allocate("a", 0)
-    assert manager.has_request("a")
+    assert "a" in manager.request_ids
     assert manager.block_table("a", "full") == []
 
 
@@ -119,7 +119,7 @@ def test_failed_allocate_changes_nothing() -> None:
     assert not manager.can_allocate("b", 4)
     with pytest.raises(NoFreeBlocks, match=r"'sliding' needs 1 blocks but 0 of 2 are free"):
         manager.allocate("b", 4)
-    assert not manager.has_request("b")
+    assert "b" not in manager.request_ids
     assert manager.num_free_blocks("full") == 2
     with pytest.raises(NoFreeBlocks, match="sliding"):
         manager.allocate("a", 12)
@@ -235,7 +235,7 @@ def test_unknown_request_and_group() -> None:
     manager = make_manager(block_size=4, window=4)
     assert manager.block_table("nope", "full") == []
     assert manager.release_out_of_window("nope", 100) == 0
-    assert not manager.has_request("nope")
+    assert "nope" not in manager.request_ids
     manager.free("nope")
     assert manager.request_ids == ()
     with pytest.raises(KeyError, match="unknown cache group"):

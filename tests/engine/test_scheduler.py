@@ -3,7 +3,7 @@
 `FakeRunner` plays the model runner: it keeps a stand-in cache per request (the tokens written by
 causal work, checked to be contiguous and to equal prompt + committed canvases), a canvas step count
 (reset on `new_canvas`, forgotten on `dropped_request_ids`), and answers each denoise with an argmax
-canvas that depends only on (seed, block, step). Block b of a request converges after `steps[b]`
+canvas that depends only on (seed, canvas_index, step). Canvas b of a request converges after `steps[b]`
 steps, and its converged canvas holds the stop id where the script says. Outputs are therefore the
 same however the scheduler batches, chunks or preempts, and `Script.expected` computes them directly.
 """
@@ -19,10 +19,11 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from engine.config import DiffusionDefaults
+from engine.engine_config import EngineConfig
 from engine.kv_cache import NULL_BLOCK, CacheGroupSpec, KVCacheManager, num_blocks_for
 from engine.outputs import CausalWork, DenoiseOutcome, DenoiseWork, RunnerOutput, SchedulerOutput
 from engine.request import InvalidParams, RequestOutput, RequestStatus, SamplingParams
-from engine.scheduler import QueueFull, Scheduler, SchedulerConfig
+from engine.scheduler import QueueFull, Scheduler
 
 STOP = 1
 VOCAB = 40
@@ -37,22 +38,26 @@ class Script:
     seed: int
     max_tokens: int
     steps: tuple[int, ...] = (2,)
-    """Block b converges after steps[b] denoise steps; the last entry repeats."""
+    """Canvas b converges after steps[b] denoise steps; the last entry repeats."""
     stop_at: tuple[int, int] | None = None
-    """(block, position) where the converged canvas holds the stop id."""
+    """(canvas_index, position) where the converged canvas holds the stop id."""
 
-    def steps_for(self, block: int) -> int:
-        return self.steps[min(block, len(self.steps) - 1)]
+    def steps_for(self, canvas_index: int) -> int:
+        return self.steps[min(canvas_index, len(self.steps) - 1)]
 
-    def canvas(self, block: int, step: int, canvas_length: int) -> list[int]:
-        rng = random.Random(f"{self.seed}/{block}/{step}")
+    def canvas(self, canvas_index: int, step: int, canvas_length: int) -> list[int]:
+        rng = random.Random(f"{self.seed}/{canvas_index}/{step}")
         tokens = [rng.randrange(STOP + 1, VOCAB) for _ in range(canvas_length)]
-        if step == self.steps_for(block) and self.stop_at is not None and self.stop_at[0] == block:
+        if (
+            step == self.steps_for(canvas_index)
+            and self.stop_at is not None
+            and self.stop_at[0] == canvas_index
+        ):
             tokens[self.stop_at[1]] = STOP
         return tokens
 
-    def final(self, block: int, canvas_length: int) -> list[int]:
-        return self.canvas(block, self.steps_for(block), canvas_length)
+    def final(self, canvas_index: int, canvas_length: int) -> list[int]:
+        return self.canvas(canvas_index, self.steps_for(canvas_index), canvas_length)
 
     def cache(self, num_tokens: int, canvas_length: int) -> list[int]:
         """The first `num_tokens` positions the cache must hold: prompt, then committed canvases."""
@@ -64,8 +69,8 @@ class Script:
     def expected(self, canvas_length: int) -> tuple[list[int], str]:
         """Output and finish reason, computed without the scheduler."""
         out: list[int] = []
-        for block in range(self.max_tokens + 1):
-            for token in self.final(block, canvas_length):
+        for canvas_index in range(self.max_tokens + 1):
+            for token in self.final(canvas_index, canvas_length):
                 if len(out) == self.max_tokens:
                     return out, "length"
                 if token == STOP:
@@ -79,7 +84,7 @@ class Script:
 
 @dataclass
 class _Canvas:
-    block_index: int
+    canvas_index: int
     step: int = 0
 
 
@@ -117,17 +122,17 @@ class FakeRunner:
         script, C = self.scripts[work.request_id], self.canvas_length
         assert work.start_pos == len(self.cache[work.request_id]), "denoise must follow a complete prefix"
         self._check_tables(work.block_tables, work.start_pos, work.start_pos)
-        block, rest = divmod(work.start_pos - len(script.prompt), C)
-        assert rest == 0 and block >= 0
+        canvas_index, rest = divmod(work.start_pos - len(script.prompt), C)
+        assert rest == 0 and canvas_index >= 0
         if work.new_canvas is not None:
-            assert (work.new_canvas.seed, work.new_canvas.block_index) == (script.seed, block)
-            self.canvases[work.request_id] = _Canvas(block)
+            assert (work.new_canvas.seed, work.new_canvas.canvas_index) == (script.seed, canvas_index)
+            self.canvases[work.request_id] = _Canvas(canvas_index)
         canvas = self.canvases[work.request_id]  # KeyError: a canvas denoised before it was started
-        assert canvas.block_index == block
+        assert canvas.canvas_index == canvas_index
         canvas.step += 1
-        finished = canvas.step >= script.steps_for(block)
+        finished = canvas.step >= script.steps_for(canvas_index)
         show = finished or work.want_canvas
-        argmax = script.canvas(block, canvas.step, C) if show else None
+        argmax = script.canvas(canvas_index, canvas.step, C) if show else None
         return DenoiseOutcome(canvas.step, finished, num_accepted=1, mean_entropy=0.5, argmax=argmax)
 
     def _check_tables(self, tables: dict[str, list[int]], query_start: int, cache_end: int) -> None:
@@ -157,7 +162,9 @@ class Harness:
     events: dict[str, list[RequestOutput]] = field(default_factory=lambda: defaultdict(list))
     outputs: list[SchedulerOutput] = field(default_factory=list)
     preempted: list[tuple[int, str]] = field(default_factory=list)
-    """(step index, request id) of every preemption."""
+    """(step index, request id) of every preemption of a request that was running before the step."""
+    num_preempted: int = 0
+    """Preemptions over all steps (the scheduler's own count, step by step)."""
 
     def add(self, request_id: str, script: Script, want_canvas: bool = False) -> None:
         self.sched.add_request(request_id, list(script.prompt), script.params(), want_canvas)
@@ -168,6 +175,7 @@ class Harness:
         out = self.sched.schedule()
         preempted = check_step(self.sched, out, running_before)
         self.preempted += [(len(self.outputs), request_id) for request_id in preempted]
+        self.num_preempted += self.sched.last_step.num_preempted
         self.outputs.append(out)
         for event_ in self.sched.update(out, self.runner.execute(out)):
             self.events[event_.request_id].append(event_)
@@ -209,15 +217,23 @@ def make(
 ) -> Harness:
     groups = [CacheGroupSpec("full", num_full, None), CacheGroupSpec("sliding", num_sliding, window)]
     config.setdefault("max_model_len", 1024)
-    sched = Scheduler(SchedulerConfig(canvas_length=canvas, **config), KVCacheManager(groups, block_size))
+    config.setdefault("max_num_batched_tokens", 4096)
+    sched = Scheduler(EngineConfig(**config), canvas, KVCacheManager(groups, block_size))
     return Harness(sched, FakeRunner({}, groups, block_size, canvas), {g.name: g.num_blocks for g in groups})
+
+
+def num_causal_tokens(out: SchedulerOutput) -> int:
+    return sum(len(c.token_ids) for c in out.causal)
 
 
 def check_step(sched: Scheduler, out: SchedulerOutput, running_before: list[str]) -> list[str]:
     """Budgets hold, each request has at most one work of each kind, and preemption took the newest
     running requests and put them back at the front of the queue. Returns the preempted ids."""
     config = sched.config
-    assert out.num_causal_tokens + config.canvas_length * len(out.denoise) <= config.max_num_batched_tokens
+    assert (
+        num_causal_tokens(out) + sched.canvas_length * len(out.denoise)
+        <= config.resolved_max_num_batched_tokens
+    )
     assert len(sched.running) <= config.max_num_seqs
     for works in (out.causal, out.denoise):
         ids = [w.request_id for w in works]
@@ -225,7 +241,7 @@ def check_step(sched: Scheduler, out: SchedulerOutput, running_before: list[str]
         assert all(sched.requests[i].status is RequestStatus.RUNNING for i in ids)
     assert all(c.token_ids for c in out.causal)
     composition = sched.last_step
-    assert composition.num_prefill_tokens + composition.num_commit_tokens == out.num_causal_tokens
+    assert composition.num_prefill_tokens + composition.num_commit_tokens == num_causal_tokens(out)
     assert composition.num_denoise_canvases == len(out.denoise)
     preempted = [i for i in running_before if i in out.dropped_request_ids and i in sched.requests]
     assert preempted == running_before[len(running_before) - len(preempted) :], "newest go first"
@@ -245,7 +261,7 @@ def check_invariants(sched: Scheduler, totals: dict[str, int]) -> None:
     kv = sched.kv
     for r in sched.waiting:
         assert r.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED)
-        assert not kv.has_request(r.request_id) and r.num_computed_tokens == 0
+        assert r.request_id not in kv.request_ids and r.num_computed_tokens == 0
     for r in sched.running:
         assert r.status is RequestStatus.RUNNING and r.num_computed_tokens > 0
         assert len(kv.block_table(r.request_id, "full")) >= num_blocks_for(
@@ -271,7 +287,7 @@ def script(
 
 
 def assert_finished_as_scripted(h: Harness) -> None:
-    C = h.sched.config.canvas_length
+    C = h.sched.canvas_length
     for request_id, s in h.runner.scripts.items():
         tokens, reason = s.expected(C)
         finish = h.finish(request_id)
@@ -289,7 +305,7 @@ def test_budget_and_sequence_limits_hold_every_step() -> None:
         h.add(f"r{i}", script(i, prompt_len=1 + 7 * i % 30, max_tokens=4 + 5 * i % 20, steps=(1 + i % 3, 2)))
     h.run()  # check_step asserts both limits after every schedule()
     assert max(len(out.denoise) for out in h.outputs) == 3  # the sequence limit binds, not only budget
-    assert max(o.num_causal_tokens + 8 * len(o.denoise) for o in h.outputs) == 40
+    assert max(num_causal_tokens(o) + 8 * len(o.denoise) for o in h.outputs) == 40
     assert_finished_as_scripted(h)
 
 
@@ -325,18 +341,18 @@ def test_prefill_then_denoise_then_commit_then_next_block_in_the_same_steps() ->
     (denoise,) = first.denoise
     assert (causal.start_pos, causal.token_ids) == (0, s.prompt)
     assert denoise.start_pos == 5 and denoise.new_canvas is not None
-    assert (denoise.new_canvas.block_index, denoise.new_canvas.seed) == (0, 3)
+    assert (denoise.new_canvas.canvas_index, denoise.new_canvas.seed) == (0, 3)
     assert denoise.new_canvas.stability_threshold == DEFAULTS.stability_threshold
     assert h.events["a"] == []
     second = h.step()
     assert second.causal == [] and second.denoise[0].new_canvas is None
-    assert h.output("a") == s.final(0, 8)  # converged at step 2: block 0 committed to the output
+    assert h.output("a") == s.final(0, 8)  # converged at step 2: canvas 0 committed to the output
     third = h.step()
     (commit,) = third.causal
     (next_block,) = third.denoise
     assert (commit.start_pos, list(commit.token_ids)) == (5, s.final(0, 8))
     assert next_block.start_pos == 13 and next_block.new_canvas is not None
-    assert next_block.new_canvas.block_index == 1
+    assert next_block.new_canvas.canvas_index == 1
     h.run()
     assert h.finish("a").usage is not None and h.finish("a").usage.steps_per_canvas == (2, 1, 3)
     assert_finished_as_scripted(h)
@@ -364,9 +380,9 @@ def test_requests_with_different_step_counts_leave_independently() -> None:
 @pytest.mark.parametrize(
     ("max_tokens", "stop_at", "output_len", "reason"),
     [
-        (24, (1, 3), 11, "stop"),  # stop id at position 3 of block 1
+        (24, (1, 3), 11, "stop"),  # stop id at position 3 of canvas 1
         (24, (0, 0), 0, "stop"),  # stop id first: nothing out
-        (13, None, 13, "length"),  # cut inside block 1
+        (13, None, 13, "length"),  # cut inside canvas 1
         (16, None, 16, "length"),  # exactly two canvases
         (10, (1, 4), 10, "length"),  # the stop id lies beyond max_tokens
         (12, (1, 4), 12, "length"),  # the stop id just past max_tokens
@@ -401,7 +417,7 @@ def _preemption_workload(num_full: int) -> Harness:
 def test_preemption_frees_requeues_and_reproduces_the_unpreempted_outputs() -> None:
     roomy = _preemption_workload(num_full=256)
     tight = _preemption_workload(num_full=8)  # one request needs at most 7 blocks of 4
-    assert roomy.sched.num_preemptions == 0 and tight.sched.num_preemptions > 0
+    assert roomy.num_preempted == 0 and tight.num_preempted > 0
     for request_id in roomy.runner.scripts:
         assert tight.output(request_id) == roomy.output(request_id)
         assert tight.finish(request_id).finish_reason == roomy.finish(request_id).finish_reason
@@ -416,12 +432,12 @@ def test_preempted_request_goes_back_to_the_front_of_the_queue() -> None:
     h = make(num_full=8, max_num_batched_tokens=48, max_num_seqs=2)
     for i, request_id in enumerate(["old", "new", "queued"]):
         h.add(request_id, script(i, prompt_len=4, max_tokens=24, steps=(1,)))
-    h.step()  # both prefill and converge block 0
+    h.step()  # both prefill and converge canvas 0
     h.step()  # both commit: 12 positions, 3 blocks each
     out = h.step()  # old commits to 20 positions (5 blocks); new cannot: it is the newest, so it goes
     assert h.preempted == [(2, "new")] and "new" in out.dropped_request_ids
     assert [r.request_id for r in h.sched.waiting] == ["new", "queued"]
-    assert h.sched.requests["new"].status is RequestStatus.PREEMPTED and not h.sched.kv.has_request("new")
+    assert h.sched.requests["new"].status is RequestStatus.PREEMPTED and "new" not in h.sched.kv.request_ids
     assert [c.request_id for c in out.causal] == ["old"]
     h.run()
     starts = [c.request_id for o in h.outputs[3:] for c in o.causal if c.start_pos == 0]
@@ -475,7 +491,7 @@ def test_abort_in_any_state_frees_blocks_and_reports_once(state: str) -> None:
     other_blocks = {g: h.sched.kv.num_used_blocks(g) for g in h.totals}
     finished = h.abort("a")
     assert finished is not None and finished.finish_reason == "abort" and finished.usage is not None
-    assert not h.sched.kv.has_request("a")
+    assert "a" not in h.sched.kv.request_ids
     other = {g: len([b for b in h.sched.kv.block_table("other", g) if b != NULL_BLOCK]) for g in h.totals}
     assert {g: h.sched.kv.num_used_blocks(g) for g in h.totals} == other
     assert all(other[g] <= other_blocks[g] for g in h.totals)
@@ -600,7 +616,7 @@ def test_random_lifecycles_keep_invariants_and_end_clean(
         h.step()
     else:
         raise AssertionError("random lifecycle did not finish")
-    event(f"preempted: {h.sched.num_preemptions > 0}")
+    event(f"preempted: {h.num_preempted > 0}")
     event(f"aborted: {any(h.finish(i).finish_reason == 'abort' for i in ids)}")
     C = config["canvas"]
     for request_id, life in zip(ids, lifecycles, strict=True):

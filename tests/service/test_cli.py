@@ -16,7 +16,7 @@ def test_generate_prints_text_and_a_summary(tmp_path: Path, capsys: pytest.Captu
     assert main(argv) == 0
     out = capsys.readouterr()
     assert out.out.strip()
-    assert "20 tokens, finish=length, steps per block=[2, 2]" in out.err or "finish=stop" in out.err
+    assert "20 tokens, finish=length, steps per canvas=[2, 2]" in out.err or "finish=stop" in out.err
     assert main([*argv, "--chat"]) == 0
 
 

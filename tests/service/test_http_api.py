@@ -12,7 +12,7 @@ import httpx
 import pytest
 from transformers import AutoTokenizer
 
-from engine.block_end import end_block
+from engine.canvas_end import end_canvas
 from tests.service.conftest import FAST_STEPS, RemoteServer, assert_openai_error, sse_payloads
 
 CANVAS = 16
@@ -49,10 +49,10 @@ def complete(http: httpx.Client, **body: Any) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("n", [1, 2])
-def test_canvases_arrive_in_order_and_each_block_ends_with_its_committed_tokens(
+def test_canvases_arrive_in_order_and_each_canvas_ends_with_its_committed_tokens(
     http: httpx.Client, tiny_model_dir: Path, n: int
 ) -> None:
-    max_tokens = 3 * CANVAS - 5  # the last block is cut at max_tokens (or at EOS)
+    max_tokens = 3 * CANVAS - 5  # the last canvas is cut at max_tokens (or at EOS)
     chunks = stream(
         http,
         "/v1/completions",
@@ -66,7 +66,7 @@ def test_canvases_arrive_in_order_and_each_block_ends_with_its_committed_tokens(
         },
     )
     canvases: dict[int, list[dict[str, Any]]] = defaultdict(list)
-    text_of_block: dict[int, dict[int, str]] = defaultdict(lambda: defaultdict(str))
+    text_of_canvas: dict[int, dict[int, str]] = defaultdict(lambda: defaultdict(str))
     reasons: dict[int, str] = {}
     for chunk in chunks:
         (choice,) = chunk["choices"]
@@ -78,29 +78,29 @@ def test_canvases_arrive_in_order_and_each_block_ends_with_its_committed_tokens(
             assert choice["text"] == "" and choice["finish_reason"] is None
             canvases[index].append(chunk["canvas"])
         elif canvases[index]:
-            text_of_block[index][canvases[index][-1]["block"]] += choice["text"]
+            text_of_canvas[index][canvases[index][-1]["canvas_index"]] += choice["text"]
         if choice["finish_reason"] is not None:
             reasons[index] = choice["finish_reason"]
     assert sorted(reasons) == list(range(n))
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     for index in range(n):
-        order = [(c["block"], c["step"]) for c in canvases[index]]
+        order = [(c["canvas_index"], c["step"]) for c in canvases[index]]
         assert order == sorted(order) and len(set(order)) == len(order), order
         assert order[0] == (0, 1)
-        last_of_block = {c["block"]: c for c in canvases[index]}  # the later one wins
-        assert sorted(last_of_block) == list(range(len(last_of_block)))
+        last_of_canvas = {c["canvas_index"]: c for c in canvases[index]}  # the later one wins
+        assert sorted(last_of_canvas) == list(range(len(last_of_canvas)))
         num_output = 0
-        for block, canvas in sorted(last_of_block.items()):
+        for canvas_index, canvas in sorted(last_of_canvas.items()):
             assert len(canvas["token_ids"]) == CANVAS
             assert canvas["text"] == tokenizer.decode(canvas["token_ids"], skip_special_tokens=False)
-            end = end_block(canvas["token_ids"], num_output, max_tokens, (EOS,))
+            end = end_canvas(canvas["token_ids"], num_output, max_tokens, (EOS,))
             committed = tokenizer.decode(end.new_token_ids, skip_special_tokens=True)
-            assert text_of_block[index][block] == committed, (index, block)
+            assert text_of_canvas[index][canvas_index] == committed, (index, canvas_index)
             num_output += len(end.new_token_ids)
             if end.finish_reason is not None:
                 assert end.finish_reason == reasons[index]
-                assert block == max(last_of_block)
+                assert canvas_index == max(last_of_canvas)
 
 
 # -- errors ----------------------------------------------------------------------------------------
@@ -150,6 +150,56 @@ def test_bad_completion_requests_get_400(http: httpx.Client, body: dict[str, Any
     assert error["type"] == "invalid_request_error"
     if param is not None:
         assert error["param"] == param, error
+
+
+FIELD_ERRORS: list[tuple[str, bytes, str, str]] = [
+    # (case, raw JSON body, param, a phrase of the message); raw, since JSON has no NaN but Python's parser
+    # (and so the server's) reads NaN, Infinity, and 1e999 as inf
+    ("NaN temperature", b'{"prompt": "hi", "temperature": NaN}', "temperature", "finite number, got nan"),
+    ("infinite t_min", b'{"prompt": "hi", "t_min": Infinity}', "t_min", "finite number, got inf"),
+    ("1e999 entropy_bound", b'{"prompt": "hi", "entropy_bound": 1e999}', "entropy_bound", "got inf"),
+    ("NaN confidence", b'{"prompt": "hi", "confidence_threshold": NaN}', "confidence_threshold", "got nan"),
+    ("NaN top_p", b'{"prompt": "hi", "top_p": NaN}', "top_p", "finite number"),
+    ("t_min 0", b'{"prompt": "hi", "t_min": 0}', "t_min", "t_min=0.0 must be > 0"),
+    ("t_max below t_min", b'{"prompt": "hi", "t_min": 0.5, "t_max": 0.1}', "t_max", "make t_max >= t_min"),
+    ("temperature 99", b'{"prompt": "hi", "temperature": 99}', "temperature", "must be <= 10"),
+    ("out-of-vocab id", b'{"prompt": [5, 6, 128]}', "prompt", "outside the vocabulary"),
+    (
+        "pinned too long",
+        b'{"prompt": "hi", "pinned_canvas": [5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5]}',
+        "pinned_canvas",
+        "17 positions; the canvas has 16",
+    ),
+    (
+        "65 stop strings",
+        b'{"prompt": "hi", "stop": [' + b", ".join([b'"s"'] * 65) + b"]}",
+        "stop",
+        "at most 64",
+    ),
+    (
+        "a 257-character stop",
+        b'{"prompt": "hi", "stop": "' + b"s" * 257 + b'"}',
+        "stop",
+        "at most 256 characters",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "phrase"), [c[1:] for c in FIELD_ERRORS], ids=[c[0] for c in FIELD_ERRORS]
+)
+def test_bad_field_values_get_400_naming_the_field(
+    http: httpx.Client, body: bytes, param: str, phrase: str
+) -> None:
+    headers = {"content-type": "application/json"}
+    error = assert_openai_error(http.post("/v1/completions", content=body, headers=headers), 400)
+    assert error["param"] == param, error
+    assert phrase in error["message"], error
+
+
+def test_64_stop_strings_are_accepted(http: httpx.Client) -> None:
+    stops = [f"never-{i}" for i in range(63)] + ["s" * 256]
+    assert complete(http, prompt="hi", max_tokens=4, stop=stops)["choices"]
 
 
 CHAT_ERRORS: list[tuple[str, dict[str, Any]]] = [

@@ -59,11 +59,11 @@ def test_gauges_and_vllm_aliases() -> None:
 
 def test_counters_advance_by_delta_only() -> None:
     metrics, stats = Metrics(MODEL), EngineStats()
-    stats.num_steps, stats.num_committed_tokens, stats.num_prefill_tokens = 3, 40, 100
+    stats.num_steps, stats.num_output_tokens, stats.num_prefill_tokens = 3, 40, 100
     stats.finished_by_reason = {"stop": 2}
     metrics.collect_engine(stats)
     metrics.collect_engine(stats)  # nothing new: nothing added
-    stats.num_steps, stats.num_committed_tokens = 5, 50
+    stats.num_steps, stats.num_output_tokens = 5, 50
     stats.finished_by_reason = {"stop": 3, "length": 1}
     metrics.collect_engine(stats)
     samples = scrape(metrics)

@@ -147,7 +147,7 @@ def test_an_ordinary_loop_survives_live_canvases(
             assert (choice.delta.content if endpoint == "chat" else choice.text) in ("", None)
     assert usage is not None and canvases
     assert len(canvases) == usage.model_extra["denoise_steps"]
-    assert {c["block"] for c in canvases} == set(range(usage.model_extra["canvases"]))
+    assert {c["canvas_index"] for c in canvases} == set(range(usage.model_extra["canvases"]))
     for canvas in canvases:
         assert len(canvas["token_ids"]) == 16
         assert len(canvas["confidence"]) == 16

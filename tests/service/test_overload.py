@@ -1,6 +1,6 @@
 """A full waiting queue: 429 with Retry-After in OpenAI's shape, and every admitted request completes.
 
-The server runs one request at a time and queues one more (`--max-num-seqs 1 --max-num-queued-reqs 1`).
+The server runs one request at a time and queues one more (`--max-num-seqs 1 --max-waiting 1`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ LONG = {"prompt": "hello", "max_tokens": 16, "max_denoising_steps": 200}
 
 @pytest.fixture(scope="module")
 def server_args() -> list[str]:
-    return ["--max-num-seqs", "1", "--max-num-queued-reqs", "1"]
+    return ["--max-num-seqs", "1", "--max-waiting", "1"]
 
 
 class LongStream:

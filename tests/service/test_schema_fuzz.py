@@ -34,7 +34,7 @@ ENDLESS = {"GET /v1/engine/events"}
 def fuzz_server(tiny_model_dir: Path) -> Iterator[RemoteServer]:
     flags = ["--max-model-len", "64", "--diffusion-config", json.dumps({"max_denoising_steps": MAX_STEPS})]
     env = {"CANVAS_SERVE_MAX_N": "2", "CANVAS_SERVE_MAX_PROMPTS_PER_REQUEST": "3"}
-    with RemoteServer(tiny_model_dir, *flags, "--max-num-queued-reqs", "64", env=env) as remote:
+    with RemoteServer(tiny_model_dir, *flags, "--max-waiting", "64", env=env) as remote:
         yield remote
 
 

@@ -63,7 +63,7 @@ def test_status_lists_the_requests_sharing_the_steps(server: UIServer) -> None:
     assert len(rows) >= 2, status
     for row in rows:
         assert row["id"].startswith("cmpl-") and row["id"].endswith("-0")
-        assert row["status"] == "running" and row["block"] == 0 and row["max_steps"] == 1024
+        assert row["status"] == "running" and row["canvas_index"] == 0 and row["max_steps"] == 1024
         assert 0 < row["step"] <= row["denoise_steps"]
         assert row["prompt_tokens"] == 82  # <bos> + 81 cells
     assert 0 < status["kv_usage"] <= 1

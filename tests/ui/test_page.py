@@ -69,7 +69,7 @@ def test_the_canvas_streams_and_the_board_marks_conflicts(
     )
     assert card.locator(".tok").count() == 82  # the Sudoku canvas: 81 cells + <eos>
     assert card.locator(".board .cell.clue").count() == sum(c != "." for c in PUZZLE)
-    assert "block 0 · step" in card.locator("[data-field=counters]").text_content()
+    assert "canvas 0 · step" in card.locator("[data-field=counters]").text_content()
     screenshot(page, artifacts, "untrained-streaming")
     wait_state(card, "done")
     # Random weights do not solve Sudoku: the final board is invalid and its conflicts are marked.
@@ -87,16 +87,17 @@ def test_board_and_renoise_rules_in_the_browser(server: UIServer, new_page: Any)
           const solution = SOLUTION, puzzle = PUZZLE;
           const swapped = [...solution]; [swapped[2], swapped[3]] = [swapped[3], swapped[2]];
           const changedClue = [...solution]; changedClue[0] = '9';
-          const prev = {block: 0, token_ids: [1, 2, 3], confidence: [90, 90, 90]};
+          const prev = {canvas_index: 0, token_ids: [1, 2, 3], confidence: [90, 90, 90]};
           // position 1 changed while unsure (re-noised), 2 changed but confident (settled)
           return {
             solved: s.isSolved([...solution], puzzle),
             swappedSolved: s.isSolved(swapped, puzzle),
             swappedConflicts: [2, 3].every((p) => s.conflicts(swapped, puzzle).has(p)),
             changedClue: s.conflicts(changedClue, puzzle).has(0),
-            renoised: [...c.renoisedPositions(prev, {block: 0, token_ids: [1, 5, 6], confidence: [9, 9, 90]})]
-              .sort(),
-            newBlock: c.renoisedPositions(prev, {block: 1, token_ids: [4, 5, 6], confidence: [1, 1, 1]}).size,
+            renoised: [...c.renoisedPositions(
+              prev, {canvas_index: 0, token_ids: [1, 5, 6], confidence: [9, 9, 90]})].sort(),
+            newBlock: c.renoisedPositions(
+              prev, {canvas_index: 1, token_ids: [4, 5, 6], confidence: [1, 1, 1]}).size,
           };
         }""".replace("SOLUTION", f"'{WIKI_SOLUTION}'").replace("PUZZLE", f"'{WIKI_PUZZLE}'")
     )

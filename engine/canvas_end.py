@@ -8,14 +8,14 @@ from engine.request import FinishReason
 
 
 @dataclass(frozen=True)
-class BlockEnd:
+class CanvasEnd:
     """The tokens a finished canvas adds to the output, and the finish reason if the request is done."""
 
     new_token_ids: list[int]
     finish_reason: FinishReason | None
 
 
-def end_block(canvas: list[int], num_output: int, max_tokens: int, stop_ids: tuple[int, ...]) -> BlockEnd:
+def end_canvas(canvas: list[int], num_output: int, max_tokens: int, stop_ids: tuple[int, ...]) -> CanvasEnd:
     """Cut a finished canvas at the first stop id (excluded from the output) and at `max_tokens`.
 
     The reference pads everything after the first stop id and ends the sequence; we end the request
@@ -26,7 +26,7 @@ def end_block(canvas: list[int], num_output: int, max_tokens: int, stop_ids: tup
     remaining = max_tokens - num_output
     stop_at = next((i for i, t in enumerate(canvas) if t in stop_ids), None)
     if stop_at is not None and stop_at < remaining:
-        return BlockEnd(canvas[:stop_at], "stop")
+        return CanvasEnd(canvas[:stop_at], "stop")
     if len(canvas) >= remaining:
-        return BlockEnd(canvas[:remaining], "length")
-    return BlockEnd(canvas, None)
+        return CanvasEnd(canvas[:remaining], "length")
+    return CanvasEnd(canvas, None)

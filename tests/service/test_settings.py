@@ -1,0 +1,41 @@
+"""Settings: the engine's limits under EngineConfig's names and defaults, from flags or the environment."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from engine.engine_config import EngineConfig
+from service.cli import build_parser, settings_from
+from service.settings import Settings
+
+
+def test_the_engine_limits_default_to_the_engine_config() -> None:
+    assert Settings().engine_config(kv_cache_bytes=None) == EngineConfig()
+    assert Settings().max_waiting == 1024
+
+
+def test_max_waiting_from_the_flag_its_old_name_and_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    def parsed(*flags: str) -> Settings:
+        return settings_from(build_parser().parse_args(["serve", *flags]))
+
+    assert parsed("--max-waiting", "3").engine_config(None).max_waiting == 3
+    assert parsed("--max-num-queued-reqs", "5").max_waiting == 5
+    monkeypatch.setenv("CANVAS_SERVE_MAX_WAITING", "7")
+    assert parsed().max_waiting == 7
+    assert parsed("--max-waiting", "2").max_waiting == 2
+
+
+def test_the_engine_config_checks_the_settings_before_any_model_loads() -> None:
+    with pytest.raises(ValidationError, match="max_waiting=-1 must be >= 0"):
+        Settings(max_waiting=-1)
+    with pytest.raises(ValidationError, match="max_num_seqs=0 must be >= 1"):
+        Settings(max_num_seqs=0)
+
+
+def test_the_help_says_what_max_waiting_is(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--max-waiting MAX_WAITING requests waiting to run at most" in help_text
+    assert "CANVAS_SERVE_MAX_WAITING" in help_text
