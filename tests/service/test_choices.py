@@ -7,11 +7,13 @@ import asyncio
 import pytest
 
 from engine.async_engine import AsyncEngine
+from engine.detokenizer import IncrementalDetokenizer
 from engine.engine import Engine, EngineConfig
 from engine.llm import LLM
 from engine.model.loader import Checkpoint, load_checkpoint
 from engine.request import SamplingParams
 from service.choices import ChoiceEvent, ChoiceRun, ChoiceSpec, StopMatcher
+from tests.engine.byte_fallback_tokenizer import byte_fallback_tokenizer
 from tests.engine.checkpoints import CANVAS, save_servable
 
 
@@ -32,6 +34,22 @@ def test_the_earliest_stop_string_wins_across_deltas() -> None:
     matcher = StopMatcher(["later", "ab"])
     assert matcher.feed("xxxxxla") == ("xxx", False)  # 4 characters held: "later" has 5
     assert matcher.feed("ter ab") == ("xx", True)
+
+
+@pytest.mark.parametrize("stop", ["snow 雪", "❄ s", "world", "雪"])
+def test_a_stop_string_spanning_two_commits_cuts_the_detokenized_text_where_a_full_decode_does(
+    stop: str,
+) -> None:
+    tokenizer = byte_fallback_tokenizer()
+    ids = tokenizer("hello world, the ❄ snow 雪 and more snow", add_special_tokens=False).input_ids
+    full = tokenizer.decode(ids, skip_special_tokens=True)
+    for cut in range(1, len(ids)):  # every commit boundary, inside the stop string's tokens too
+        detok, matcher = IncrementalDetokenizer(tokenizer), StopMatcher(["never", stop])
+        out, hit = matcher.feed(detok.push(ids[:cut]))
+        if not hit:
+            rest, hit = matcher.feed(detok.push(ids[cut:], is_last=True))
+            out += rest
+        assert hit and out == full[: full.index(stop)], cut
 
 
 @pytest.fixture(scope="module")
