@@ -65,6 +65,7 @@ class IncrementalDetokenizer:
         return delta
 
     def _decode(self, start: int, end: int) -> str:
+        assert self.tokenizer is not None
         return str(self.tokenizer.decode(self.token_ids[start:end], skip_special_tokens=True))
 
     def _last_whole_char(self) -> int:
