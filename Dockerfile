@@ -41,7 +41,7 @@ RUN python3 -m venv /opt/venv \
     && python3 -c "import torch; assert torch.version.cuda, torch.__version__"
 
 # ---- app: the project installed from its wheel, not editable -----------------------------------------
-# The code and the embedded default model (models/sudoku, package data `service/embedded_model`) land in
+# The code and the embedded default model (models/sudoku, package data `service/embedded/sudoku`) land in
 # the venv, which is all the runtime stages copy. Dependencies are installed first from pyproject.toml's
 # list alone, so a source edit does not reinstall transformers and friends; `--no-deps` then installs
 # the project. Without models/sudoku (an empty folder keeps the wheel buildable) the server says so and

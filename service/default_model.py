@@ -1,7 +1,7 @@
 """Where the embedded default model (the Sudoku solver trained by recipes/sudoku) lives.
 
 One copy of its files exists, `models/sudoku/` in the repository. A wheel installs it as the package
-data `service/embedded_model/` (pyproject.toml maps the one to the other), so a plain `pip install .`
+data `service/embedded/sudoku/` (pyproject.toml maps the one to the other), so a plain `pip install .`
 serves it; a checkout, an editable install and the tests read it in place.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-INSTALLED_DIR = Path(__file__).resolve().parent / "embedded_model"
+INSTALLED_DIR = Path(__file__).resolve().parent / "embedded" / "sudoku"
 """In an installed wheel."""
 CHECKOUT_DIR = Path(__file__).resolve().parents[1] / "models" / "sudoku"
 """In a checkout (or an editable install of one)."""

@@ -57,7 +57,7 @@ def test_the_wheel_holds_the_default_model_every_module_and_the_page(wheel: Path
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
         for name in MODEL_FILES:
-            data = archive.read(f"service/embedded_model/{name}")
+            data = archive.read(f"service/embedded/sudoku/{name}")
             assert sha256(data) == sha256((CHECKOUT_DIR / name).read_bytes()), name
     sources = {
         path.relative_to(REPO).as_posix()
@@ -95,4 +95,5 @@ def test_an_installed_wheel_serves_the_embedded_model_with_no_checkout_around(
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert Path(result.stdout.strip().splitlines()[-1]) == site / "service" / "embedded_model"
+    path = Path(result.stdout.strip().splitlines()[-1])
+    assert path == site / "service" / "embedded" / "sudoku"  # served as "sudoku", as from a checkout
