@@ -53,7 +53,7 @@ class StopMatcher:
     def feed(self, delta: str) -> tuple[str, bool]:
         """Returns (text to emit now, whether a stop string was hit)."""
         self.pending += delta
-        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        hits = [i for i in (self.pending.find(s) for s in self.stops if s) if i >= 0]
         if hits:
             out, self.pending = self.pending[: min(hits)], ""
             return out, True
