@@ -40,30 +40,35 @@ RUN python3 -m venv /opt/venv \
     && pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}+cu130" \
     && python3 -c "import torch; assert torch.version.cuda, torch.__version__"
 
-# ---- app: the project, installed editable into /app so the embedded model is found at /app/models ---
-# The dependency layer is installed from pyproject.toml alone (stub packages, stage project-deps), so a
-# source edit does not reinstall transformers and friends. models/sudoku/ is the default model; without
-# it the server says so and asks for a model directory. chmod: a working tree's weights may be 0600
-# (safetensors writes them so), which the non-root user could not read.
-FROM base AS project-deps
+# ---- app: the project installed from its wheel, not editable -----------------------------------------
+# The code and the embedded default model (models/sudoku, package data `service/embedded/sudoku`) land in
+# the venv, which is all the runtime stages copy. Dependencies are installed first from pyproject.toml's
+# list alone, so a source edit does not reinstall transformers and friends; `--no-deps` then installs
+# the project. Without models/sudoku (an empty folder keeps the wheel buildable) the server says so and
+# asks for a model directory. chmod: a working tree's weights may be 0600 (safetensors writes them so).
+FROM base AS project
 COPY pyproject.toml README.md ./
-RUN mkdir engine service && touch engine/__init__.py service/__init__.py
-
-FROM project-deps AS project
 COPY engine engine
 COPY service service
 COPY models models
-RUN chmod -R a+rX /app
+RUN mkdir -p models/sudoku && chmod -R a+rX /app
+
+FROM base AS requirements
+COPY pyproject.toml ./
+RUN python3 -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'], sep='\n')" \
+    > requirements.txt
 
 FROM torch-cpu AS app-cpu
-COPY --from=project-deps /app /app
-RUN pip install -e .
-COPY --from=project /app /app
+COPY --from=requirements /app/requirements.txt ./
+RUN pip install -r requirements.txt
+COPY --from=project /app /src
+RUN pip install --no-deps /src
 
 FROM torch-cuda AS app-cuda
-COPY --from=project-deps /app /app
-RUN pip install -e .
-COPY --from=project /app /app
+COPY --from=requirements /app/requirements.txt ./
+RUN pip install -r requirements.txt
+COPY --from=project /app /src
+RUN pip install --no-deps /src
 
 # ---- runtime: non-root user, health check, entrypoint -----------------------------------------------
 FROM base AS runtime
@@ -87,9 +92,7 @@ FROM runtime AS cuda
 ENV NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
 COPY --from=app-cuda /opt/venv /opt/venv
-COPY --from=app-cuda /app /app
 
 # The default target comes last.
 FROM runtime AS cpu
 COPY --from=app-cpu /opt/venv /opt/venv
-COPY --from=app-cpu /app /app

@@ -148,7 +148,8 @@ class Engine:
         outputs = self._finalise(self.scheduler.update(scheduled, result))
         t3 = time.perf_counter()
         num_output = sum(len(o.new_token_ids) for o in outputs)
-        self.stats.record_step(self.scheduler.last_step, StepTiming(t1 - t0, t2 - t1, t3 - t2), num_output)
+        timing = StepTiming(t1 - t0, t2 - t1, t3 - t2)
+        self.stats.record_step(self.scheduler.last_step, timing, num_output, scheduled.request_ids)
         return outputs
 
     def _finalise(self, outputs: list[RequestOutput]) -> list[RequestOutput]:

@@ -69,6 +69,12 @@ class SchedulerOutput:
     def is_empty(self) -> bool:
         return not self.causal and not self.denoise
 
+    @property
+    def request_ids(self) -> tuple[str, ...]:
+        """The requests with work in this step, each once: causal work first, then denoise work."""
+        ids = [c.request_id for c in self.causal] + [d.request_id for d in self.denoise]
+        return tuple(dict.fromkeys(ids))
+
 
 @dataclass(frozen=True)
 class DenoiseOutcome:

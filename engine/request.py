@@ -260,8 +260,9 @@ class Usage:
 class RequestOutput:
     """One event of a request's stream: new committed tokens, a canvas snapshot, or its end.
 
-    `new_text` is filled by the engine's detokenizer (empty from the scheduler). `usage` comes with the
-    finishing event.
+    `new_text` is filled by the engine's detokenizer (empty from the scheduler). `usage` comes with
+    every event that commits a canvas (the usage so far: a client that stops the request there, at a
+    stop string, reports it) and with the finishing event.
     """
 
     request_id: str

@@ -308,7 +308,7 @@ class Scheduler:
         request.committed_token_ids += canvas
         request.canvas_index += 1
         request.canvas_started = False
-        return RequestOutput(request.request_id, end.new_token_ids, canvas=snapshot)
+        return RequestOutput(request.request_id, end.new_token_ids, canvas=snapshot, usage=usage_of(request))
 
     def _finish(self, request: Request, reason: FinishReason) -> RequestOutput:
         """Mark done, free blocks, forget the request; the runner drops it on the next step."""

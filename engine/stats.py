@@ -70,13 +70,22 @@ class EngineStats:
     num_preemptions: int = 0
     finished_by_reason: dict[str, int] = field(default_factory=dict)
     last_step: StepComposition = field(default_factory=StepComposition)
+    last_step_request_ids: tuple[str, ...] = ()
+    """The requests with work in the last step (`SchedulerOutput.request_ids`), not every running one."""
     last_timing: StepTiming = field(default_factory=StepTiming)
     total_timing: StepTiming = field(default_factory=StepTiming)
     """Sums over all steps: scheduling and update are the engine's overhead around the runner."""
     records: deque[RequestRecord] = field(default_factory=lambda: deque(maxlen=MAX_PENDING_RECORDS))
     step_records: deque[StepRecord] = field(default_factory=lambda: deque(maxlen=MAX_PENDING_RECORDS))
 
-    def record_step(self, composition: StepComposition, timing: StepTiming, output_tokens: int = 0) -> None:
+    def record_step(
+        self,
+        composition: StepComposition,
+        timing: StepTiming,
+        output_tokens: int = 0,
+        request_ids: tuple[str, ...] = (),
+    ) -> None:
+        """Count one step: its composition, timing, output tokens and the requests it served."""
         self.num_steps += 1
         self.step_records.append(StepRecord(composition, output_tokens, timing.total_s))
         self.num_denoise_passes += composition.num_denoise_canvases
@@ -84,6 +93,7 @@ class EngineStats:
         self.num_commit_tokens += composition.num_commit_tokens
         self.num_preemptions += composition.num_preempted
         self.last_step = composition
+        self.last_step_request_ids = request_ids
         self.last_timing = timing
         self.total_timing.schedule_s += timing.schedule_s
         self.total_timing.execute_s += timing.execute_s

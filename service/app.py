@@ -7,13 +7,14 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request, Response
 
-from service.errors import install_error_handlers
-from service.metrics import Metrics
+from service.errors import error_code, install_error_handlers
+from service.metrics import Metrics, rejection_reason
 from service.routes import router
 from service.serving import Service
 from service.ui import install_ui
 
-REJECTION_REASONS = {400: "invalid", 429: "queue_full", 503: "unavailable"}
+GENERATION_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions"})
+"""The routes whose error responses are refused requests (a 503 from /ready is no request refused)."""
 
 
 def create_app(service: Service, metrics: Metrics) -> FastAPI:
@@ -39,10 +40,11 @@ def create_app(service: Service, metrics: Metrics) -> FastAPI:
         request: Request, call_next: Callable[[Request], Awaitable[Response]]
     ) -> Response:
         response = await call_next(request)
-        route = request.scope.get("route")
-        metrics.observe_http(request.method, getattr(route, "path", "unmatched"), response.status_code)
-        if response.status_code in REJECTION_REASONS:
-            metrics.observe_rejected(REJECTION_REASONS[response.status_code])
+        path = getattr(request.scope.get("route"), "path", "unmatched")
+        metrics.observe_http(request.method, path, response.status_code)
+        reason = rejection_reason(response.status_code, error_code(request))
+        if path in GENERATION_ROUTES and reason is not None:
+            metrics.observe_rejected(reason)
         return response
 
     return app

@@ -38,27 +38,32 @@ class ChoiceEvent:
 
 @dataclass
 class StopMatcher:
-    """Cuts a choice's text at the first stop string (excluded, as OpenAI does)."""
+    """Cuts a choice's text at the first stop string (excluded, as OpenAI does).
+
+    Only the text not yet emitted is kept and searched: the last `max(len(stop)) - 1` characters of
+    each delta are held back, since a stop string may begin there and end in the next delta, so a
+    stop string spanning two commits is still found and nothing after it is ever emitted. Example,
+    stop "END": "abcEN" emits "abc" and holds "EN"; then "Dxyz" completes "END": nothing more, hit.
+    """
 
     stops: list[str]
-    text: str = ""
-    emitted: int = 0
+    pending: str = ""
+    """Text received but not emitted yet (at most the held-back tail between calls)."""
 
     def feed(self, delta: str) -> tuple[str, bool]:
         """Returns (text to emit now, whether a stop string was hit)."""
-        self.text += delta
-        hits = [i for i in (self.text.find(s) for s in self.stops) if i >= 0]
+        self.pending += delta
+        hits = [i for i in (self.pending.find(s) for s in self.stops if s) if i >= 0]
         if hits:
-            cut = min(hits)
-            out, self.emitted = self.text[self.emitted : cut], cut
+            out, self.pending = self.pending[: min(hits)], ""
             return out, True
-        keep = max((len(s) - 1 for s in self.stops), default=0)  # a stop may be split across deltas
-        safe = max(self.emitted, len(self.text) - keep)
-        out, self.emitted = self.text[self.emitted : safe], safe
+        keep = max((len(s) - 1 for s in self.stops), default=0)
+        cut = max(0, len(self.pending) - keep)
+        out, self.pending = self.pending[:cut], self.pending[cut:]
         return out, False
 
     def flush(self) -> str:
-        out, self.emitted = self.text[self.emitted :], len(self.text)
+        out, self.pending = self.pending, ""
         return out
 
 
@@ -73,7 +78,8 @@ class ChoiceRun:
     canvas_interval_s: float
     request_id: str
     last_canvas: float = field(default=-1e9)
-    num_tokens: int = 0
+    usage: Usage | None = None
+    """The engine's usage so far (it comes with every committed canvas)."""
 
     async def events(self) -> AsyncIterator[ChoiceEvent]:
         try:
@@ -87,16 +93,17 @@ class ChoiceRun:
             await self.stream.aclose()
 
     def _convert(self, output: RequestOutput) -> ChoiceEvent | None:
-        self.num_tokens += len(output.new_token_ids)
+        self.usage = output.usage or self.usage
         text, hit = self.stops.feed(output.new_text)
         if output.finished and not hit:
             text += self.stops.flush()
         canvas = self._canvas(output.canvas, output.new_token_ids != [] or output.finished)
         if hit:
-            return ChoiceEvent(self.spec.index, text, canvas, "stop", output.usage or self._usage_so_far())
+            return ChoiceEvent(self.spec.index, text, canvas, "stop", self._usage_at_stop())
         if not text and canvas is None and not output.finished:
             return None
-        return ChoiceEvent(self.spec.index, text, canvas, output.finish_reason, output.usage)
+        usage = output.usage if output.finished else None
+        return ChoiceEvent(self.spec.index, text, canvas, output.finish_reason, usage)
 
     def _canvas(self, snapshot: CanvasSnapshot | None, canvas_ended: bool) -> dict[str, Any] | None:
         if snapshot is None:
@@ -107,9 +114,12 @@ class ChoiceRun:
         self.last_canvas = now
         return canvas_object(self.request_id, self.spec.index, snapshot, self.tokenizer)
 
-    def _usage_so_far(self) -> Usage:
-        """Usage of a choice cut by a stop string: the tokens committed until then."""
-        return Usage(len(self.spec.prompt_token_ids), self.num_tokens, 0, 0)
+    def _usage_at_stop(self) -> Usage:
+        """Usage of a choice cut by a stop string: what the engine reported with the canvas that held
+        it (tokens committed, denoise steps and canvases until then). A stop string is found in
+        committed text, so a canvas has always been committed, with its usage, by then."""
+        assert self.usage is not None, "a stop string was hit before any canvas was committed"
+        return self.usage
 
 
 def canvas_object(request_id: str, index: int, snapshot: CanvasSnapshot, tokenizer: Any) -> dict[str, Any]:

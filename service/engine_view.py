@@ -100,7 +100,7 @@ class EngineView:
             "last_step": {
                 **asdict(stats.last_step),
                 "duration_s": round(stats.last_timing.total_s, 5),
-                "request_ids": [r.request_id for r in running],
+                "request_ids": list(stats.last_step_request_ids),
             },
             "totals": self._totals(stats.finished_by_reason),
             "throughput": self._throughput(self._sample(now)),

@@ -86,9 +86,17 @@ def _validation_message(error: RequestValidationError) -> tuple[str, str | None]
     return f"{len(problems)} validation error(s): {details}", location
 
 
+def error_code(request: Request) -> str | None:
+    """The `code` of the error this request was answered with (None: no error, or one without code)."""
+    code: str | None = getattr(request.state, "error_code", None)
+    return code
+
+
 def install_error_handlers(app: FastAPI) -> None:
-    async def on_api_error(_: Request, error: Exception) -> JSONResponse:
-        return as_api_error(error).response()
+    async def on_api_error(request: Request, error: Exception) -> JSONResponse:
+        api_error = as_api_error(error)
+        request.state.error_code = api_error.code  # read back by the metrics middleware
+        return api_error.response()
 
     async def on_validation(_: Request, error: Exception) -> JSONResponse:
         assert isinstance(error, RequestValidationError)

@@ -44,7 +44,9 @@ VLLM_ALIASES = {
     "vllm:kv_cache_usage_perc": "kv_cache_usage_perc",
     "vllm:gpu_cache_usage_perc": "kv_cache_usage_perc",  # deprecated in vLLM, still read by routers
 }
-REJECT_REASONS = ("queue_full", "draining", "invalid")
+REJECT_REASONS = ("invalid", "queue_full", "draining", "engine_dead")
+"""The `reason` label of requests_rejected, every value it takes: why a generation request was refused
+before the engine. See `rejection_reason`."""
 
 # vLLM's buckets (serving.md §2.1).
 TTFT_BUCKETS = (
@@ -73,6 +75,17 @@ ENGINE_COUNTERS = {
     "num_commit_tokens": ("commit_pass_tokens", "Tokens written to the KV cache by commit passes."),
     "num_preemptions": ("num_preemptions", "Requests preempted."),
 }
+
+
+def rejection_reason(status: int, code: str | None) -> str | None:
+    """The REJECT_REASONS entry of a generation request answered with an error, None if the error is no
+    refusal (a 500 is the server's fault). The error's code names the reason for a full queue (429),
+    a draining server and a dead engine (503); any other 4xx is a request to fix: "invalid"."""
+    if code in REJECT_REASONS:
+        return code
+    if 400 <= status < 500 and status != 429:
+        return "invalid"
+    return None
 
 
 def build_1_2_5_buckets(max_value: int) -> list[int]:
@@ -216,7 +229,9 @@ class Metrics:
         self.http_responses.labels(self.model_name, method, route, str(status)).inc()
 
     def observe_rejected(self, reason: str) -> None:
-        """Count a request refused before the engine: "queue_full", "draining", "invalid", ..."""
+        """Count a generation request refused before the engine; `reason` is one of REJECT_REASONS."""
+        if reason not in REJECT_REASONS:
+            raise ValueError(f"rejection reason {reason!r} is not one of {REJECT_REASONS}")
         self.rejected.labels(self.model_name, reason).inc()
 
     def render(self) -> tuple[bytes, str]:

@@ -12,14 +12,15 @@ from engine.async_engine import AsyncEngine
 from engine.config import DiffusionDefaults
 from engine.engine import Engine
 from engine.model.loader import Checkpoint, CheckpointError, load_checkpoint, read_defaults
+from service.default_model import default_model_dir
 from service.metrics import Metrics
 from service.serving import ServedModel, Service
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "sudoku"
-"""The embedded default model (the Sudoku solver trained by recipes/sudoku)."""
+DEFAULT_MODEL_DIR = default_model_dir()
+"""The embedded default model (the Sudoku solver trained by recipes/sudoku), installed or checked out."""
 CPU_KV_CACHE_BYTES = 2 * 1024**3
 
 

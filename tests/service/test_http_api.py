@@ -331,6 +331,30 @@ def test_stop_strings_in_a_stream(http: httpx.Client) -> None:
     assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
 
 
+def test_a_stop_string_ended_request_reports_its_real_denoise_steps_and_canvases(http: httpx.Client) -> None:
+    """The stop string lies in the first canvas: usage is that canvas's, as in a one-canvas request."""
+    for seed in range(20):
+        one_canvas = complete(http, prompt="hello", max_tokens=CANVAS, seed=seed)
+        if len(one_canvas["choices"][0]["text"]) >= 4:
+            break
+    else:
+        pytest.fail("no seed gave 4 characters of output in one canvas")
+    stop = one_canvas["choices"][0]["text"][2:4]
+    for streamed in (False, True):
+        body = {"prompt": "hello", "max_tokens": 2 * CANVAS, "seed": seed, "stop": [stop]}
+        if streamed:
+            body |= {"max_denoising_steps": FAST_STEPS, "stream_options": {"include_usage": True}}
+            usage = stream(http, "/v1/completions", body)[-1]["usage"]
+        else:
+            stopped = complete(http, **body)
+            assert stopped["choices"][0]["finish_reason"] == "stop"
+            usage = stopped["usage"]
+        expected = one_canvas["usage"]
+        assert usage["canvases"] == expected["canvases"] == 1, usage
+        assert usage["denoise_steps"] == expected["denoise_steps"] >= 1, usage
+        assert usage["completion_tokens"] == expected["completion_tokens"], usage
+
+
 def test_echo_prepends_the_prompt(http: httpx.Client) -> None:
     plain, _ = seeded_text(http, seed=5)
     (choice,) = complete(http, prompt="hello", max_tokens=2 * CANVAS, seed=5, echo=True)["choices"]
