@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import pytest
 
@@ -146,6 +147,15 @@ async def _wait_idle(async_engine: AsyncEngine, timeout: float = 30.0) -> bool:
     return False
 
 
+async def _until(condition: Callable[[], bool], timeout: float = 60.0) -> bool:
+    """Poll the engine's state (not the clock): a loaded machine may take seconds per step."""
+    for _ in range(int(timeout / 0.01)):
+        if condition():
+            return True
+        await asyncio.sleep(0.01)
+    return False
+
+
 def test_admission_errors_surface_before_streaming(checkpoint: Checkpoint) -> None:
     engine = make_engine(checkpoint, max_num_seqs=1, max_waiting=1)
     async_engine = AsyncEngine(engine)
@@ -156,14 +166,15 @@ def test_admission_errors_surface_before_streaming(checkpoint: Checkpoint) -> No
             async for _ in async_engine.generate([], params(0)):
                 pass
 
-        async def drain(i: int) -> None:
-            async for _ in async_engine.generate(prompt(i), params(i, steps=40), request_id=f"q{i}"):
+        async def drain(i: int) -> None:  # 1,000 steps a canvas: q0 outlives the checks below
+            async for _ in async_engine.generate(prompt(i), params(i, steps=1000), request_id=f"q{i}"):
                 pass
 
+        scheduler = async_engine.engine.scheduler
         running = asyncio.ensure_future(drain(0))
-        await asyncio.sleep(0.2)  # q0 runs (max_num_seqs=1) ...
+        assert await _until(lambda: len(scheduler.running) == 1)  # q0 runs (max_num_seqs=1) ...
         waiting = asyncio.ensure_future(drain(1))
-        await asyncio.sleep(0.2)  # ... and q1 fills the waiting queue (max_waiting=1)
+        assert await _until(lambda: len(scheduler.waiting) == 1)  # ... and q1 fills the queue (max_waiting=1)
         with pytest.raises(QueueFull, match="retry later"):
             await drain(2)
         for task in (running, waiting):
