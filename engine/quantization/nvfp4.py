@@ -100,20 +100,33 @@ def _pack_codes(blocks: Tensor, divisor: Tensor) -> Tensor:
     return pack_nibbles(encode_e2m1(scaled.flatten(1)))
 
 
-def quantize_nvfp4_ct(weight: Tensor) -> Nvfp4CtWeight:
-    """(N, K) float weight -> NVFP4 with compressed-tensors' arithmetic and storage."""
+def fused_amax(*weights: Tensor) -> Tensor:
+    """The largest |value| over weights that share one global scale (q/k/v; an expert's gate/up).
+
+    llm-compressor gives fused projections one global scale, the smallest of theirs (seen in its
+    NVFP4A16 output: gate_proj and up_proj, q_proj and k_proj carry equal `weight_global_scale`).
+    """
+    return torch.stack([_amax(w) for w in weights]).amax()
+
+
+def quantize_nvfp4_ct(weight: Tensor, amax: Tensor | None = None) -> Nvfp4CtWeight:
+    """(N, K) float weight -> NVFP4 with compressed-tensors' arithmetic and storage.
+
+    `amax` (default: this weight's) sets the global scale; pass `fused_amax(...)` to share it.
+    """
     blocks = _blocks(weight)
-    global_scale = torch.nan_to_num(_GLOBAL_RANGE / _amax(weight), nan=1.0, posinf=1.0, neginf=1.0)
+    amax = _amax(weight) if amax is None else amax
+    global_scale = torch.nan_to_num(_GLOBAL_RANGE / amax, nan=1.0, posinf=1.0, neginf=1.0)
     block_amax = blocks.abs().amax(dim=-1)  # (N, K/16)
     scale = nonzero_scale(global_scale * (block_amax / E2M1_MAX), FP8_DTYPE)
     packed = _pack_codes(blocks, scale.float() / global_scale)
     return Nvfp4CtWeight(packed, scale, global_scale.reshape(1))
 
 
-def quantize_nvfp4_modelopt(weight: Tensor) -> Nvfp4Weight:
-    """(N, K) float weight -> NVFP4 with ModelOpt's arithmetic and storage."""
+def quantize_nvfp4_modelopt(weight: Tensor, amax: Tensor | None = None) -> Nvfp4Weight:
+    """(N, K) float weight -> NVFP4 with ModelOpt's arithmetic and storage (`amax` as for `_ct`)."""
     blocks = _blocks(weight)
-    weight_scale_2 = _amax(weight) / _GLOBAL_RANGE
+    weight_scale_2 = (_amax(weight) if amax is None else amax) / _GLOBAL_RANGE
     weight_scale_2 = torch.where(weight_scale_2 > 0, weight_scale_2, torch.ones_like(weight_scale_2))
     block_amax = blocks.abs().amax(dim=-1)  # (N, K/16)
     scale = _fp8_block_scale(block_amax / (E2M1_MAX * weight_scale_2))
@@ -133,14 +146,14 @@ def dequantize_nvfp4_modelopt(
 ) -> Tensor:
     """ModelOpt tensors -> (..., N, K) in `dtype`: `(e2m1 * weight_scale) * weight_scale_2` in fp32.
 
-    The product e2m1 * fp8 is exact in fp32, so the only rounding is the global multiply. For stacked
-    experts, `weight_scale_2` is (E,) and broadcasts per expert.
+    The product e2m1 * fp8 is exact in fp32, so the only rounding is the global multiply.
+    `weight_scale_2` broadcasts against (..., N, 1): a scalar for one linear, (E, 1, 1) for stacked
+    experts, (E, N, 1) when an expert's gate and up rows carry different global scales.
     """
     values = decode_e2m1(unpack_nibbles(packed))
     values = values.reshape(*values.shape[:-1], -1, NVFP4_GROUP)  # (..., N, K/16, 16)
     exact = (values * weight_scale.float()[..., None]).flatten(-2)  # (..., N, K)
-    global_scale = weight_scale_2.float().reshape(*weight_scale_2.shape, 1, 1)
-    return (exact * global_scale).to(dtype)
+    return (exact * weight_scale_2.float()).to(dtype)
 
 
 def dequantize_nvfp4_ct(
@@ -148,7 +161,7 @@ def dequantize_nvfp4_ct(
 ) -> Tensor:
     """compressed-tensors tensors -> (..., N, K) in `dtype`: `e2m1 * (weight_scale / weight_global_scale)`.
 
-    `weight_global_scale` is (1,) per linear, or (E, 1) for stacked experts.
+    `weight_global_scale` broadcasts against the (..., N, K/16) block scales: (1,) for one linear,
+    (E, 1, 1) for stacked experts, (E, N, 1) for per-row global scales.
     """
-    divisor = weight_global_scale.float().reshape(*weight_global_scale.shape[:-1], 1, 1)
-    return _dequantize(packed, weight_scale.float() / divisor, dtype)
+    return _dequantize(packed, weight_scale.float() / weight_global_scale.float(), dtype)
