@@ -82,7 +82,7 @@ def pack_int4_for_cpu(
 def int4_linear(x: Tensor, weight: Int4CpuWeight) -> Tensor:
     """(..., K) @ w^T for an `Int4CpuWeight` -> (..., N) in x's dtype."""
     flat = x.reshape(-1, x.shape[-1])  # (M, K)
-    out = torch.ops.aten._weight_int4pack_mm_for_cpu(
+    out: Tensor = torch.ops.aten._weight_int4pack_mm_for_cpu(
         flat, weight.packed, weight.group_size, weight.scales_and_zeros
     )  # (M, N)
     return out.reshape(*x.shape[:-1], weight.out_features)
