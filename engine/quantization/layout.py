@@ -28,8 +28,10 @@ class TensorSpec:
     dtypes: tuple[torch.dtype, ...]
 
     def accepts(self, tensor: torch.Tensor) -> bool:
-        """True when `tensor` has this spec's shape and one of its dtypes."""
-        return tuple(tensor.shape) == self.shape and tensor.dtype in self.dtypes
+        """True when `tensor` has this spec's shape and one of its dtypes; a scalar spec (shape ())
+        also takes a (1,) tensor, as some ModelOpt exports store `weight_scale_2`."""
+        scalar_ok = self.shape == () and tuple(tensor.shape) == (1,)
+        return (tuple(tensor.shape) == self.shape or scalar_ok) and tensor.dtype in self.dtypes
 
 
 def linear_tensors(fmt: LinearFormat, out_features: int, in_features: int) -> dict[str, TensorSpec]:
