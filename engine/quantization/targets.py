@@ -82,12 +82,15 @@ def compressed_tensors_ignore(
     """The plain modules for `fmt`: decoder linears it leaves plain (with their encoder aliases),
     vision linears, and lm_head. `linear_modules`: every linear module name the checkpoint stores."""
     encoder = set(encoder_layers)
-    ignored: list[str] = []
+    ignored: set[str] = set()
     for module in linear_modules:
-        if module.startswith(_VISION) or _is_plain(fmt, module):
-            ignored.append(module)
-            if (match := _DECODER_LAYER.match(module)) and int(match.group(1)) in encoder:
-                ignored.append(_ENCODER_ALIAS.format(match.group(1)) + module[match.end() :])
+        if not (module.startswith(_VISION) or _is_plain(fmt, module)):
+            continue
+        names = {module, module.removesuffix(".proj")}  # llm-compressor also lists the router itself
+        if (match := _DECODER_LAYER.match(module)) and int(match.group(1)) in encoder:
+            alias = _ENCODER_ALIAS.format(match.group(1))
+            names |= {alias + name[match.end() :] for name in names}
+        ignored |= names
     return [*sorted(ignored), "lm_head"]
 
 
