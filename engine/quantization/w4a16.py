@@ -91,11 +91,12 @@ def quantize_w4a16(
 def unpack_w4a16(
     weight_packed: Tensor, weight_zero_point: Tensor | None, rows: int, width: int, num_groups: int
 ) -> tuple[Tensor, Tensor | None]:
-    """The int8 values (N, K) and zero points (N, G) (None when symmetric) of a stored weight."""
+    """The int8 values (..., N, K) and zero points (..., N, G) (None when symmetric) of a stored weight;
+    leading dims (stacked experts) pass through."""
     values = unpack_int4(weight_packed, width)
-    zeros = None if weight_zero_point is None else unpack_int4(weight_zero_point, rows, dim=0)
-    if zeros is not None and zeros.shape[1] != num_groups:
-        raise ValueError(f"weight_zero_point has {zeros.shape[1]} groups; weight_scale has {num_groups}")
+    zeros = None if weight_zero_point is None else unpack_int4(weight_zero_point, rows, dim=-2)
+    if zeros is not None and zeros.shape[-1] != num_groups:
+        raise ValueError(f"weight_zero_point has {zeros.shape[-1]} groups; weight_scale has {num_groups}")
     return values, zeros
 
 
@@ -106,10 +107,11 @@ def dequantize_w4a16(
     width: int,
     dtype: torch.dtype,
 ) -> Tensor:
-    """Stored tensors of one linear -> its (N, K) weight in `dtype` (arithmetic in fp32)."""
-    rows, num_groups = weight_scale.shape
+    """Stored tensors of one linear (or experts stacked on leading dims) -> (..., N, K) in `dtype`,
+    arithmetic in fp32."""
+    rows, num_groups = weight_scale.shape[-2:]
     values, zeros = unpack_w4a16(weight_packed, weight_zero_point, rows, width, num_groups)
-    grouped = values.float().reshape(rows, num_groups, -1)  # (N, G, g)
+    grouped = values.float().reshape(*values.shape[:-1], num_groups, -1)  # (..., N, G, g)
     if zeros is not None:
         grouped = grouped - zeros.float()[..., None]
-    return (grouped * weight_scale.float()[..., None]).flatten(1).to(dtype)
+    return (grouped * weight_scale.float()[..., None]).flatten(-2).to(dtype)
