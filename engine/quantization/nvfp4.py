@@ -136,6 +136,7 @@ def quantize_nvfp4_modelopt(weight: Tensor, amax: Tensor | None = None) -> Nvfp4
 
 
 def _dequantize(packed: Tensor, block_scale_f32: Tensor, dtype: torch.dtype) -> Tensor:
+    """e2m1 codes times their fp32 block scales (exact in fp32 for FP8 scales), cast to `dtype`."""
     values = decode_e2m1(unpack_nibbles(packed))  # (..., N, K)
     grouped = values.reshape(*values.shape[:-1], -1, NVFP4_GROUP)  # (..., N, K/16, 16)
     return (grouped * block_scale_f32[..., None]).flatten(-2).to(dtype)
@@ -147,12 +148,11 @@ def dequantize_nvfp4_modelopt(
     """ModelOpt tensors -> (..., N, K) in `dtype`: `(e2m1 * weight_scale) * weight_scale_2` in fp32.
 
     The product e2m1 * fp8 is exact in fp32, so the only rounding is the global multiply.
-    `weight_scale_2` broadcasts against (..., N, 1): a scalar for one linear, (E, 1, 1) for stacked
-    experts, (E, N, 1) when an expert's gate and up rows carry different global scales.
+    `weight_scale_2` broadcasts against (..., N, K): a scalar for one linear, (E, 1, 1) for stacked
+    experts, (E, N, 1) when an expert's gate and up rows carry different global scales
+    (`engine.quantization.experts.row_global_scale`).
     """
-    values = decode_e2m1(unpack_nibbles(packed))
-    values = values.reshape(*values.shape[:-1], -1, NVFP4_GROUP)  # (..., N, K/16, 16)
-    exact = (values * weight_scale.float()[..., None]).flatten(-2)  # (..., N, K)
+    exact = _dequantize(packed, weight_scale.float(), torch.float32)  # (..., N, K), no rounding yet
     return (exact * weight_scale_2.float()).to(dtype)
 
 
