@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from engine.config import ConfigError, DiffusionDefaults, ModelConfig
 from engine.model.diffusion_gemma import DiffusionGemma
 from engine.model.methods.base import WeightMethod
-from engine.model.methods.selection import UnsupportedWeightFormat, WeightMethods, select_weight_methods
+from engine.model.methods.selection import WeightFormatError, WeightMethods, select_weight_methods
 
 CONFIG_FILE = "config.json"
 GENERATION_FILE = "generation_config.json"
@@ -69,11 +69,17 @@ def load_checkpoint(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     with_tokenizer: bool = True,
+    quantization: str | None = None,
 ) -> Checkpoint:
-    """Load model, configuration, diffusion defaults and (optionally) the tokenizer."""
+    """Load model, configuration, diffusion defaults and (optionally) the tokenizer.
+
+    `quantization` is `--quantization` as vLLM spells it: None detects the checkpoint's own format;
+    `fp8` or `int8` quantise a plain checkpoint's linears and experts at load; naming a different
+    format than the checkpoint's is a `CheckpointError`.
+    """
     root = _require_dir(path)
     config = read_model_config(root)
-    model = load_weights(root, config, dtype, torch.device(device))
+    model = load_weights(root, config, dtype, torch.device(device), quantization)
     tokenizer = load_tokenizer(root) if with_tokenizer else None
     return Checkpoint(model, config, read_defaults(root, config), tokenizer, root)
 
@@ -182,14 +188,37 @@ def _get_tensor(handle: Any, name: str, file: Path) -> Tensor:
         ) from err
 
 
-def load_weights(root: Path, config: ModelConfig, dtype: torch.dtype, device: torch.device) -> DiffusionGemma:
+def load_weights(
+    root: Path,
+    config: ModelConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+    quantization: str | None = None,
+) -> DiffusionGemma:
     """Build the model on the meta device and fill it tensor by tensor from the checkpoint."""
-    methods = read_weight_methods(root, config, device, dtype)
-    with torch.device("meta"):
-        model = DiffusionGemma(config, methods)
+    methods = read_weight_methods(root, config, device, dtype, quantization)
+    try:
+        with torch.device("meta"):
+            model = DiffusionGemma(config, methods)
+        _fill(model, methods, weight_files(root), dtype, device)
+        _process_after_loading(model)
+    except WeightFormatError as err:
+        raise CheckpointError(f"{root}: {err}") from err
+    model.reset_rope_buffers(device)
+    return model.eval().requires_grad_(False)
+
+
+def _fill(
+    model: DiffusionGemma,
+    methods: WeightMethods,
+    files: dict[str, Path],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> None:
+    """Assign every tensor of the (remapped) checkpoint stream; every registered one must come."""
     expected = dict(model.named_parameters()) | dict(model.named_buffers())
     loaded: set[str] = set()
-    for name, tensor in methods.remap(_read_tensors(weight_files(root))):
+    for name, tensor in methods.remap(_read_tensors(files)):
         if name not in expected:
             raise CheckpointError(
                 f"checkpoint tensor {_checkpoint_name(name)} is not used by the model "
@@ -200,24 +229,27 @@ def load_weights(root: Path, config: ModelConfig, dtype: torch.dtype, device: to
             raise CheckpointError(
                 f"tensor {_checkpoint_name(name)} has shape {tuple(tensor.shape)}; expected {want}"
             )
-        _assign(model, name, tensor.to(device=device, dtype=_load_dtype(model, name, dtype)))
+        target = _load_dtype(model, name, dtype, tensor.dtype)
+        _assign(model, name, tensor.to(device=device, dtype=target))
         loaded.add(name)
     _check_complete(model, loaded)
-    _process_after_loading(model)
-    model.reset_rope_buffers(device)
-    return model.eval().requires_grad_(False)
 
 
 def read_weight_methods(
-    root: Path, config: ModelConfig, device: torch.device, dtype: torch.dtype
+    root: Path,
+    config: ModelConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    quantization: str | None = None,
 ) -> WeightMethods:
-    """The weight methods for this checkpoint on `device` (its config's `quantization_config`, if any)."""
-    quantization = _read_json(root / CONFIG_FILE).get("quantization_config")
-    if quantization is not None and not isinstance(quantization, dict):
+    """The weight methods for this checkpoint on `device`: its config's `quantization_config`, if any,
+    and `quantization` (`--quantization`)."""
+    stored = _read_json(root / CONFIG_FILE).get("quantization_config")
+    if stored is not None and not isinstance(stored, dict):
         raise CheckpointError(f"{root / CONFIG_FILE}: quantization_config must be a JSON object")
     try:
-        return select_weight_methods(quantization, config, device, dtype)
-    except UnsupportedWeightFormat as err:
+        return select_weight_methods(stored, config, device, dtype, quantization)
+    except WeightFormatError as err:
         raise CheckpointError(f"{root / CONFIG_FILE}: {err}") from err
 
 
@@ -227,9 +259,12 @@ def _method_of(model: nn.Module, name: str) -> WeightMethod | None:
     return method if isinstance(method, WeightMethod) else None
 
 
-def _load_dtype(model: nn.Module, name: str, dtype: torch.dtype) -> torch.dtype:
+def _load_dtype(model: nn.Module, name: str, dtype: torch.dtype, stored: torch.dtype) -> torch.dtype:
     method = _method_of(model, name)
-    return dtype if method is None else method.load_dtype(name.rpartition(".")[2], dtype)
+    if method is None:
+        return dtype
+    leaf = name.rpartition(".")[2]
+    return stored if method.keeps_stored_dtype(leaf) else method.load_dtype(leaf, dtype)
 
 
 def _process_after_loading(model: nn.Module) -> None:

@@ -11,4 +11,12 @@ over them:
 - `cpu_matmul`: torch's CPU int8 / int4 weight-only matmul ops behind small typed functions.
 - `convert`: write a plain checkpoint in one of the published layouts
   (`python -m engine.quantization.convert`).
+- `weight_kernels`, `methods`, `expert_stream`, `online`, `register`: the weight methods serving
+  those layouts (reference, CPU int8/int4, CUDA `_scaled_mm` and Triton), the per-expert -> stacked
+  remap, quantise-at-load for `--quantization fp8|int8`, and their registration with
+  `engine.model.methods.selection` (done on import).
 """
+
+from engine.quantization.register import register
+
+register()

@@ -59,6 +59,19 @@ def decode_e2m1(codes: Tensor) -> Tensor:
     return e2m1_table(codes.device)[codes.long()]
 
 
+def byte_table(device: torch.device | str = "cpu") -> Tensor:
+    """(256, 2) float32: the values of a packed byte's two codes, [low nibble, high nibble]."""
+    table = e2m1_table(device)
+    byte = torch.arange(256, device=device)
+    return torch.stack((table[byte & 0x0F], table[byte >> 4]), dim=-1)
+
+
+def decode_packed(packed: Tensor) -> Tensor:
+    """(..., K/2) uint8 packed codes -> (..., K) float32 values: one table lookup per byte (the same
+    values as `decode_e2m1(unpack_nibbles(packed))`, without the intermediate code tensor)."""
+    return byte_table(packed.device)[packed.long()].flatten(-2)
+
+
 def pack_nibbles(codes: Tensor) -> Tensor:
     """(..., K) uint8 codes, K even -> (..., K/2) uint8, column 2j in the low nibble of byte j."""
     if codes.shape[-1] % 2:

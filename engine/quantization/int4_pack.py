@@ -44,6 +44,27 @@ def pack_int4(values: Tensor, dim: int = -1) -> Tensor:
     return words.to(torch.int32).movedim(-1, dim).contiguous()
 
 
+def unpack_int4_rows(packed: Tensor, length: int) -> Tensor:
+    """int32 words packed along the last dim -> float32 values in [-8, 7], `length` of them.
+
+    The fast path for dequantising weights: the words are read as little-endian bytes (byte b of a
+    word holds elements 2b and 2b + 1, low nibble first) and each byte becomes two values through a
+    256-entry table. Equal to `unpack_int4(packed, length).float()`.
+    """
+    if packed.dtype != torch.int32:
+        raise ValueError(f"packed int4 weights must be int32; got {packed.dtype}")
+    if packed.shape[-1] != packed_width(length):
+        raise ValueError(
+            f"{packed.shape[-1]} int32 words cannot hold {length} int4 values "
+            f"(expected {packed_width(length)})"
+        )
+    byte = torch.arange(256, device=packed.device)
+    table = torch.stack(((byte & 0x0F) - _OFFSET, (byte >> 4) - _OFFSET), dim=-1).float()  # (256, 2)
+    as_bytes = packed.contiguous().view(torch.uint8)  # (..., W * 4), little-endian
+    values = table[as_bytes.long()].flatten(-2)  # (..., W * 8)
+    return values[..., :length]
+
+
 def unpack_int4(packed: Tensor, length: int, dim: int = -1) -> Tensor:
     """int32 words -> int8 values in [-8, 7], `length` of them along `dim`; inverse of `pack_int4`."""
     if packed.dtype != torch.int32:

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from engine.quantization.e2m1 import E2M1_MAX, decode_e2m1, encode_e2m1, pack_nibbles, unpack_nibbles
+from engine.quantization.e2m1 import E2M1_MAX, decode_packed, encode_e2m1, pack_nibbles
 from engine.quantization.fp8 import FP8_DTYPE, FP8_MAX, nonzero_scale
 
 NVFP4_GROUP = 16
@@ -137,7 +137,7 @@ def quantize_nvfp4_modelopt(weight: Tensor, amax: Tensor | None = None) -> Nvfp4
 
 def _dequantize(packed: Tensor, block_scale_f32: Tensor, dtype: torch.dtype) -> Tensor:
     """e2m1 codes times their fp32 block scales (exact in fp32 for FP8 scales), cast to `dtype`."""
-    values = decode_e2m1(unpack_nibbles(packed))  # (..., N, K)
+    values = decode_packed(packed)  # (..., N, K)
     grouped = values.reshape(*values.shape[:-1], -1, NVFP4_GROUP)  # (..., N, K/16, 16)
     return (grouped * block_scale_f32[..., None]).flatten(-2).to(dtype)
 

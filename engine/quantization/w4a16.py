@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from engine.quantization.fp8 import nonzero_scale
-from engine.quantization.int4_pack import INT4_MAX, INT4_MIN, pack_int4, unpack_int4
+from engine.quantization.int4_pack import INT4_MAX, INT4_MIN, pack_int4, unpack_int4, unpack_int4_rows
 
 _SYMMETRIC_HALF_RANGE = (INT4_MAX - INT4_MIN) / 2  # 7.5
 _RANGE = INT4_MAX - INT4_MIN  # 15
@@ -110,8 +110,11 @@ def dequantize_w4a16(
     """Stored tensors of one linear (or experts stacked on leading dims) -> (..., N, K) in `dtype`,
     arithmetic in fp32."""
     rows, num_groups = weight_scale.shape[-2:]
-    values, zeros = unpack_w4a16(weight_packed, weight_zero_point, rows, width, num_groups)
-    grouped = values.float().reshape(*values.shape[:-1], num_groups, -1)  # (..., N, G, g)
+    values = unpack_int4_rows(weight_packed, width)  # (..., N, K) float32
+    zeros = None if weight_zero_point is None else unpack_int4(weight_zero_point, rows, dim=-2)
+    if zeros is not None and zeros.shape[-1] != num_groups:
+        raise ValueError(f"weight_zero_point has {zeros.shape[-1]} groups; weight_scale has {num_groups}")
+    grouped = values.reshape(*values.shape[:-1], num_groups, -1)  # (..., N, G, g)
     if zeros is not None:
         grouped = grouped - zeros.float()[..., None]
     return (grouped * weight_scale.float()[..., None]).flatten(-2).to(dtype)

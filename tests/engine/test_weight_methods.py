@@ -21,6 +21,7 @@ from engine.model.loader import load_checkpoint
 from engine.model.methods.base import stored
 from engine.model.methods.plain import LoopedExperts, UnquantizedLinear
 from engine.model.methods.selection import (
+    FormatContext,
     TensorStream,
     WeightMethods,
     register_weight_format,
@@ -107,7 +108,9 @@ def stack_gate_and_up(stream: TensorStream) -> TensorStream:
             yield name, tensor
 
 
-def build_test_format(quantization: Mapping[str, Any], plain: WeightMethods) -> WeightMethods:
+def build_test_format(
+    quantization: Mapping[str, Any], plain: WeightMethods, context: FormatContext
+) -> WeightMethods:
     return dataclasses.replace(
         plain,
         linear=Float64Linear(),

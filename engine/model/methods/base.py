@@ -8,7 +8,8 @@ Life cycle, driven by the model constructor and `engine.model.loader`:
 1. `create_weights(layer, ...)` registers on `layer` the parameters/buffers the checkpoint stores for
    it, under the checkpoint's names (relative to the layer, e.g. `weight`, `weight_scale`). It runs on
    whatever device the model is built on (the loader builds on the meta device).
-2. The loader casts each checkpoint tensor to `load_dtype(name, model_dtype)` and assigns it by name.
+2. The loader casts each checkpoint tensor to `load_dtype(name, model_dtype)` (or keeps its stored
+   dtype where `keeps_stored_dtype(name)`) and assigns it by name.
 3. `process_weights_after_loading(layer)` runs once after every tensor is assigned (repack into a
    kernel's layout, fold scales, ...). Default: nothing.
 4. `apply(layer, ...)` computes the module's output on every forward.
@@ -37,6 +38,11 @@ class WeightMethod:
         their stored dtypes (e.g. float8_e4m3fn weights, float32 scales).
         """
         return model_dtype
+
+    def keeps_stored_dtype(self, name: str) -> bool:
+        """True when the checkpoint tensor `name` loads in whatever dtype it is stored in (e.g. a
+        quantised format's scales, which checkpoints store in bf16, fp16 or fp32). Default: False."""
+        return False
 
 
 class LinearMethod(WeightMethod, ABC):

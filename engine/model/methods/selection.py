@@ -1,15 +1,21 @@
 """`WeightMethods`: which weight method each module gets, chosen once at load; and the format registry.
 
-Built by `select_weight_methods(quantization_config, config, device, dtype)` from the checkpoint's
-optional `quantization_config` (its `quant_method` names the format), the model configuration, the
-device and the dtype; the model constructor hands each projection the method named for it
-(`linear_for("layers.3.self_attn.q_proj")`, `experts_for("layers.3.experts")`). Module names are our
-parameter prefixes: the checkpoint's name without `model.decoder.`.
+Built by `select_weight_methods(quantization_config, config, device, dtype, quantization)` from the
+checkpoint's optional `quantization_config` (its `quant_method` names the format), the model
+configuration, the device, the dtype and `--quantization` (vLLM's spelling: the checkpoint's own
+method, or `fp8` / `int8` to quantise a plain checkpoint at load); the model constructor hands each
+projection the method named for it (`linear_for("layers.3.self_attn.q_proj")`,
+`experts_for("layers.3.experts")`). Module names are our parameter prefixes: the checkpoint's name
+without `model.decoder.`.
 
 A checkpoint format plugs in with `register_weight_format(quant_method, builder)`: the builder gets the
-`quantization_config` mapping and the plain selection for the device, and returns its own
-`WeightMethods` (usually `dataclasses.replace(plain, linear=..., experts=..., ignore=..., remap=...)`).
-Modules it leaves plain (its `ignore` list) get `plain_linear` / `plain_experts`. Its `remap` rewrites
+`quantization_config` mapping, the plain selection for the device and a `FormatContext` (model
+configuration, device, dtype, the requested `--quantization`), and returns its own `WeightMethods`
+(usually `dataclasses.replace(plain, linear=..., experts=..., ignore=..., remap=...)`). Modules it
+leaves plain (its `ignore` list) get `plain_linear` / `plain_experts`; a format whose modules differ
+in storage sets `linear_choice` / `experts_choice` (module name -> method) instead of one method.
+A plain checkpoint with `--quantization fp8|int8` is served by the builder registered under that
+name (its `quantization_config` argument is `{"quant_method": name}`). Its `remap` rewrites
 the stream of (name, tensor) pairs the loader reads before they are assigned (e.g. stacking per-expert
 2-D tensors into one expert tensor). Formats living in the `engine.quantization` package register
 themselves when it is imported; `select_weight_methods` imports it (if present) before looking one up.
@@ -39,6 +45,12 @@ TensorStream = Iterator[tuple[str, Tensor]]
 TensorRemap = Callable[[TensorStream], TensorStream]
 
 
+class WeightFormatError(ValueError):
+    """The checkpoint's weight format, or its tensors, cannot be served; the message names what and why.
+
+    Raised by builders and remaps; the loader reports it as a `CheckpointError`."""
+
+
 def keep_names(stream: TensorStream) -> TensorStream:
     """The identity remap: checkpoint tensors already carry the registered names."""
     return stream
@@ -59,12 +71,18 @@ class WeightMethods:
     ignore: tuple[str, ...] = ()
     remap: TensorRemap = keep_names
     format: str = "plain"
+    linear_choice: Callable[[str], LinearMethod] | None = None
+    experts_choice: Callable[[str], ExpertsMethod] | None = None
 
     def linear_for(self, module: str) -> LinearMethod:
-        return self.plain_linear if self.ignores(module) else self.linear
+        if self.ignores(module):
+            return self.plain_linear
+        return self.linear if self.linear_choice is None else self.linear_choice(module)
 
     def experts_for(self, module: str) -> ExpertsMethod:
-        return self.plain_experts if self.ignores(module) else self.experts
+        if self.ignores(module):
+            return self.plain_experts
+        return self.experts if self.experts_choice is None else self.experts_choice(module)
 
     def ignores(self, module: str) -> bool:
         return any(_matches(pattern, module) for pattern in self.ignore)
@@ -78,13 +96,26 @@ def _matches(pattern: str, module: str) -> bool:
     return module == pattern
 
 
-FormatBuilder = Callable[[Mapping[str, Any], WeightMethods], WeightMethods]
-"""(quantization_config, the plain selection for the device) -> the format's selection."""
+@dataclass(frozen=True)
+class FormatContext:
+    """What a format builder may choose by: the model, where it runs, and what the user asked for."""
+
+    config: ModelConfig
+    device: torch.device
+    dtype: torch.dtype
+    requested: str | None = None
+    """`--quantization` as given (None: detect from the checkpoint)."""
+    from_checkpoint: bool = True
+    """False when the checkpoint is plain and `requested` alone named the builder."""
+
+
+FormatBuilder = Callable[[Mapping[str, Any], WeightMethods, FormatContext], WeightMethods]
+"""(quantization_config, the plain selection for the device, context) -> the format's selection."""
 
 _FORMATS: dict[str, FormatBuilder] = {}
 
 
-class UnsupportedWeightFormat(ValueError):
+class UnsupportedWeightFormat(WeightFormatError):
     """The checkpoint's `quantization_config` names a format no registered builder serves."""
 
 
@@ -116,21 +147,28 @@ def select_weight_methods(
     config: ModelConfig,
     device: torch.device,
     dtype: torch.dtype,
+    quantization: str | None = None,
 ) -> WeightMethods:
-    """The selection for a checkpoint: plain unless `quantization_config` names a registered format."""
+    """The selection for a checkpoint: plain unless `quantization_config` names a registered format
+    or `quantization` (`--quantization`) asks to quantise a plain checkpoint at load."""
     experts = plain_experts_method(config, device, dtype)
     plain = WeightMethods(experts=experts, plain_experts=experts)
-    if quantization_config is None:
+    if quantization_config is None and quantization is None:
         return plain
     _import_format_packages()
+    context = FormatContext(config, device, dtype, quantization, quantization_config is not None)
+    if quantization_config is None:
+        quantization_config = {"quant_method": quantization}
+        where = "--quantization"
+    else:
+        where = "quantization_config.quant_method"
     quant_method = quantization_config.get("quant_method")
     if quant_method not in _FORMATS:
         known = ", ".join(registered_formats()) or "none"
         raise UnsupportedWeightFormat(
-            f"quantization_config.quant_method {quant_method!r} is not supported "
-            f"(registered formats: {known})"
+            f"{where} {quant_method!r} is not supported (registered formats: {known})"
         )
-    return _FORMATS[quant_method](quantization_config, plain)
+    return _FORMATS[quant_method](quantization_config, plain, context)
 
 
 FORMAT_PACKAGES = ("engine.quantization",)
