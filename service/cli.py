@@ -27,7 +27,7 @@ from engine.request import InvalidParams, SamplingParams
 from service.app import create_app
 from service.model_setup import SetupError, build_service
 from service.serving import Service
-from service.settings import Settings
+from service.settings import QUANTIZATION_CHOICES, Settings
 
 logger = logging.getLogger("canvas_serve")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -54,6 +54,13 @@ def _serve_parser(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--served-model-name")
     serve.add_argument("--dtype", choices=["auto", "float32", "bfloat16"])
     serve.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    serve.add_argument(
+        "--quantization",
+        "-q",
+        choices=QUANTIZATION_CHOICES,
+        help="weight format (default: detected from the checkpoint); fp8 or int8 quantise a plain "
+        "checkpoint at load",
+    )
     serve.add_argument(
         "--max-num-seqs", type=int, help=f"requests running at once (default {LIMITS.max_num_seqs})"
     )
@@ -103,6 +110,7 @@ def _generate_parser(gen: argparse.ArgumentParser) -> None:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     gen.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    gen.add_argument("--quantization", "-q", choices=QUANTIZATION_CHOICES, default=None)
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
@@ -161,7 +169,9 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    checkpoint = load_checkpoint(args.model, dtype=DTYPES[args.dtype], device=args.device)
+    checkpoint = load_checkpoint(
+        args.model, dtype=DTYPES[args.dtype], device=args.device, quantization=args.quantization
+    )
     tokenizer = checkpoint.tokenizer
     assert tokenizer is not None  # load_checkpoint raises when the tokenizer files are missing
     if args.chat:

@@ -86,7 +86,7 @@ def build_service(settings: Settings) -> tuple[Service, Metrics]:
     path = model_dir(settings)
     device, dtype = device_and_dtype(settings)
     try:
-        checkpoint = load_checkpoint(path, dtype=dtype, device=device)
+        checkpoint = load_checkpoint(path, dtype=dtype, device=device, quantization=settings.quantization)
     except CheckpointError as error:
         raise SetupError(str(error)) from error
     canvas = checkpoint.config.canvas_length

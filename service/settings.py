@@ -7,7 +7,7 @@ the command line comes from the environment, then from the defaults below.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -16,6 +16,11 @@ from engine.engine_config import EngineConfig
 
 SUPPORTED_SAMPLERS = ("entropy_bound",)
 ENGINE_DEFAULTS = EngineConfig()
+
+
+Quantization = Literal["compressed-tensors", "modelopt", "modelopt_fp4", "fp8", "int8"]
+"""`--quantization` values canvas-serve serves (vLLM's names)."""
+QUANTIZATION_CHOICES: tuple[str, ...] = get_args(Quantization)
 
 
 class Settings(BaseSettings):
@@ -35,6 +40,9 @@ class Settings(BaseSettings):
     """auto: bfloat16 on CUDA, float32 on the CPU."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto: CUDA when available, else the CPU."""
+    quantization: Quantization | None = None
+    """As vLLM spells it. None: the checkpoint's own (its quantization_config), else plain; fp8 or
+    int8 quantise a plain checkpoint's weights at load (int8: the CPU's answer for memory)."""
 
     # The engine's limits: `EngineConfig`'s names and defaults, checked by `EngineConfig` itself.
     max_num_seqs: int = ENGINE_DEFAULTS.max_num_seqs
