@@ -48,7 +48,7 @@ from engine.model.diffusion_gemma import DiffusionGemma
 from engine.model.methods.base import WeightMethod
 from engine.model.methods.selection import select_weight_methods
 from engine.quantization.fp8 import FP8_DTYPE
-from engine.quantization.methods import resident_bytes
+from engine.quantization.methods import QuantExperts, QuantLinear, resident_bytes
 from engine.quantization.targets import quantization_config
 from recipes.reference_config import text_only_config
 
@@ -114,6 +114,12 @@ def meta_model(config: ModelConfig, fmt: str) -> tuple[DiffusionGemma, torch.dty
         if param.is_floating_point():
             module, _, leaf = name.rpartition(".")
             model.get_submodule(module)._parameters[leaf] = nn.Parameter(param.to(dtype), requires_grad=False)
+    for name, buffer in model.named_buffers():  # as the loader casts them; quantised tensors keep theirs
+        module_name, _, leaf = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        quantised = isinstance(getattr(module, "method", None), QuantLinear | QuantExperts)
+        if buffer.is_floating_point() and not quantised and "inv_freq" not in leaf:
+            module._buffers[leaf] = buffer.to(dtype)
     return model, dtype
 
 
@@ -136,11 +142,9 @@ def fill_(name: str, tensor: torch.Tensor, generator: torch.Generator) -> None:
         tensor.random_(-(2**31), 2**31 - 1, generator=generator)
     elif tensor.dtype == torch.int64:  # weight_shape: unused by the kernels
         tensor.zero_()
-    elif leaf.endswith(("weight_scale", "weight_scale_2")):
-        tensor.fill_({1: 3e-4}.get(tensor.ndim, 2e-3) if "gate_up" not in leaf else 2e-3)
-    elif leaf.endswith(("weight_global_scale", "input_scale", "input_global_scale")):
-        tensor.fill_(1.0)
-    elif tensor.ndim <= 1:
+    elif leaf.endswith(("weight_scale", "weight_scale_2")):  # weights of magnitude ~1e-3 x codes
+        tensor.fill_(1e-3)
+    elif leaf.endswith(("weight_global_scale", "input_scale", "input_global_scale")) or tensor.ndim <= 1:
         tensor.fill_(1.0)
     else:
         tensor.normal_(0.0, 0.02, generator=generator)
@@ -170,7 +174,8 @@ def weight_bytes(model: nn.Module) -> int:
 
 def rss_gb() -> tuple[float, float]:
     """(current, peak) resident set size of this process in GB (1e9 bytes)."""
-    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    lines = Path("/proc/self/status").read_text().splitlines()
+    fields = dict(line.split(":", 1) for line in lines if ":" in line)
     return int(fields["VmRSS"].split()[0]) * 1024 / 1e9, int(fields["VmHWM"].split()[0]) * 1024 / 1e9
 
 
@@ -231,9 +236,7 @@ def run_sizes(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     for fmt in FORMATS:
         model, _ = meta_model(config, fmt)
-        experts = sum(
-            resident_bytes(m) for n, m in model.named_modules() if n.endswith(".experts")
-        )
+        experts = sum(resident_bytes(m) for n, m in model.named_modules() if n.endswith(".experts"))
         embed = model.embed_tokens.weight
         row = {
             "format": fmt,

@@ -131,9 +131,16 @@ def fingerprint(model_dir: Path) -> str:
 
 
 def evaluate(
-    model_dir: Path, per_band: int, batch: int, rows: list[str], cache_path: Path
+    model_dir: Path,
+    per_band: int,
+    batch: int,
+    rows: list[str],
+    cache_path: Path,
+    quantization: str | None = None,
 ) -> dict[str, dict[str, BandResult]]:
-    """Run (or reuse from `cache_path`) every row whose name contains one of `rows` (all if empty)."""
+    """Run (or reuse from `cache_path`) every row whose name contains one of `rows` (all if empty).
+
+    `quantization`: `--quantization` for loading (e.g. int8 quantises the weights at load)."""
     sets = banded_set(per_band, EVAL_SEED)
     check_disjoint(minimal_pool(6000), sets)
     untrained = untrained_dir()
@@ -149,9 +156,9 @@ def evaluate(
     for name, (path, params_for) in configs.items():
         if rows and not any(r in name for r in rows):
             continue
-        key = f"{name}|{fingerprint(path)}|{per_band}"
+        key = f"{name}|{fingerprint(path)}|{per_band}" + (f"|{quantization}" if quantization else "")
         if key not in cache:
-            checkpoint = load_checkpoint(path, with_tokenizer=False)
+            checkpoint = load_checkpoint(path, with_tokenizer=False, quantization=quantization)
             cache[key] = {}
             for band, pairs in sets.items():
                 result = run_band(checkpoint.model, checkpoint.defaults, pairs, params_for, batch)
@@ -217,12 +224,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-band", type=int, default=100)
     parser.add_argument("--batch", type=int, default=50, help="puzzles per generate call")
     parser.add_argument("--rows", nargs="*", default=[], help="only rows whose name contains one of these")
+    parser.add_argument(
+        "--quantization", default=None, help="as vLLM spells it: fp8 or int8 quantise the weights at load"
+    )
     add_threads_option(parser)
     parser.add_argument("--write", action="store_true", help="update README.md and bench/RESULTS.md")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     cache = DATA_DIR / "eval-cache.json"
-    table = evaluate(args.model, args.per_band, args.batch, args.rows, cache)
+    table = evaluate(args.model, args.per_band, args.batch, args.rows, cache, args.quantization)
     body = markdown(table, args.per_band, args.model)
     print(body)
     if args.write:
