@@ -175,12 +175,12 @@ def scaled_mm_device(device: torch.device) -> bool:
 
 
 class Fp8ScaledMmKernel(ReferenceKernel):
-    """FP8 weights x FP8 per-token activations through `torch._scaled_mm`; the reference for shapes
-    it does not take (K and N must be multiples of 16)."""
+    """FP8 weights x FP8 per-token activations through `torch._scaled_mm`; the reference for what it
+    does not take (K and N must be multiples of 16; row-wise scales on CUDA need bf16 output)."""
 
     def matmul(self, x: Tensor, tensors: Tensors) -> Tensor:
         weight = tensors["weight"]
-        if weight.shape[-1] % 16 or weight.shape[-2] % 16:
+        if weight.shape[-1] % 16 or weight.shape[-2] % 16 or x.dtype != torch.bfloat16:
             return super().matmul(x, tensors)
         return fp8_scaled_mm(x, weight, tensors["weight_scale"])
 

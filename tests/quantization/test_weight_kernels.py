@@ -55,7 +55,11 @@ def test_fp8_scaled_mm_equals_its_emulation() -> None:
     torch.testing.assert_close(got, emulated, atol=1e-5, rtol=1e-5)
     reference = ReferenceKernel(FP8).matmul(x, stored.tensors())
     assert (got - reference).abs().max() < 0.05 * reference.abs().max()  # activation rounding only
-    assert torch.equal(Fp8ScaledMmKernel(FP8).matmul(x, stored.tensors()), got)
+    kernel = Fp8ScaledMmKernel(FP8)
+    assert torch.equal(
+        kernel.matmul(x.bfloat16(), stored.tensors()), fp8_scaled_mm(x.bfloat16(), *stored.tensors().values())
+    )
+    assert torch.equal(kernel.matmul(x, stored.tensors()), reference)  # fp32 output: the reference
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
