@@ -96,10 +96,11 @@ def _serve_parser(serve: argparse.ArgumentParser) -> None:
 
 
 def _access_arguments(group: argparse._ArgumentGroup) -> None:
+    # One value per flag, repeated for more (`action="append"`): with nargs="+" a model directory after
+    # the flag would silently become a key.
     group.add_argument(
         "--api-key",
-        action="extend",
-        nargs="+",
+        action="append",
         help="require `Authorization: Bearer KEY` on every route but /health, /ready, /metrics and the "
         "page; repeatable (env CANVAS_SERVE_API_KEY, else VLLM_API_KEY: prefer these, a flag shows in ps)",
     )
@@ -107,9 +108,8 @@ def _access_arguments(group: argparse._ArgumentGroup) -> None:
     for flag, default in (("origins", "none: same origin only"), ("methods", "*"), ("headers", "*")):
         group.add_argument(
             f"--allowed-{flag}",
-            action="extend",
-            nargs="+",
-            help=f"CORS: allowed {flag}, as words or a JSON list (default {default})",
+            action="append",
+            help=f"CORS: allowed {flag}, repeatable, or vLLM's JSON list (default {default})",
         )
     group.add_argument(
         "--allow-credentials", action="store_true", default=None, help="CORS: allow cookies and HTTP auth"

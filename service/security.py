@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
@@ -31,6 +32,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.errors import APIError
 from service.settings import Settings
 
+logger = logging.getLogger(__name__)
 OPEN_PATHS = frozenset({"/", "/health", "/ready", "/metrics"})
 """Paths served without a key: liveness and readiness probes, the Prometheus scrape, the page."""
 OPEN_PREFIXES = ("/static/",)
@@ -42,9 +44,7 @@ def install_security(app: FastAPI, settings: Settings) -> None:
     `app`, in that order, so CORS ends outermost."""
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_body_bytes)
     app.add_exception_handler(BodyTooLarge, _too_large)
-    keys = settings.api_keys()
-    if keys:
-        app.add_middleware(ApiKeyMiddleware, keys=keys)
+    _require_keys(app, settings.api_keys())
     if settings.allowed_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -53,6 +53,15 @@ def install_security(app: FastAPI, settings: Settings) -> None:
             allow_headers=settings.allowed_headers,
             allow_credentials=settings.allow_credentials,
         )
+
+
+def _require_keys(app: FastAPI, keys: list[str]) -> None:
+    if not keys:
+        logger.info("no API key configured: every route is open (see --api-key)")
+        return
+    app.add_middleware(ApiKeyMiddleware, keys=keys)
+    open_to = ", ".join([*sorted(OPEN_PATHS), *(f"{prefix}*" for prefix in OPEN_PREFIXES)])
+    logger.info("API key required (%d accepted) on every route but %s", len(keys), open_to)
 
 
 def is_open(path: str) -> bool:

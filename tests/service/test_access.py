@@ -24,7 +24,7 @@ FAST = {"max_tokens": 8, "max_denoising_steps": FAST_STEPS}
 def server_args() -> list[str]:
     return [
         *("--api-key", KEY, "--api-key", OTHER_KEY),
-        *("--allowed-origins", ALLOWED, "--allowed-methods", "GET", "POST"),
+        *("--allowed-origins", ALLOWED, "--allowed-methods", "GET", "--allowed-methods", "POST"),
         *("--max-request-body-bytes", str(MAX_BODY)),
     ]
 

@@ -122,7 +122,8 @@ def test_keys_from_flags_then_canvas_serve_then_vllm_variable(
     assert keys_of(parsed()) == ["from-vllm"]
     monkeypatch.setenv("CANVAS_SERVE_API_KEY", "from-canvas")
     assert keys_of(parsed()) == ["from-canvas"]
-    assert keys_of(parsed("--api-key", "a", "--api-key", "b", "c")) == ["a", "b", "c"]
+    assert keys_of(parsed("--api-key", "a", "--api-key", "b")) == ["a", "b"]
+    assert parsed("--api-key", "a", "/some/model").model == Path("/some/model")  # not taken as a key
     key_file = tmp_path / "keys"
     key_file.write_text("one\n\n  two  \n")
     assert keys_of(parsed("--api-key", "a", "--api-key-file", str(key_file))) == ["a", "one", "two"]
@@ -137,11 +138,9 @@ def test_cors_flags_take_words_or_vllm_json_and_refuse_wildcard_with_credentials
     settings = parsed("--allowed-origins", both, "--allow-credentials")
     assert settings.allowed_origins == ["https://a.example", "https://b.example"]
     assert settings.allow_credentials is True
-    assert parsed("--allowed-origins", "https://a.example", "https://c.example").allowed_origins == [
-        "https://a.example",
-        "https://c.example",
-    ]
-    assert parsed("--allowed-methods", "GET", "POST").allowed_methods == ["GET", "POST"]
+    repeated = parsed("--allowed-origins", "https://a.example", "--allowed-origins", "https://c.example")
+    assert repeated.allowed_origins == ["https://a.example", "https://c.example"]
+    assert parsed("--allowed-methods", "GET", "--allowed-methods", "POST").allowed_methods == ["GET", "POST"]
     with pytest.raises(ValidationError, match="list the origins that may call the API"):
         parsed("--allowed-origins", "*", "--allow-credentials")
     assert parsed("--allowed-origins", "*").allowed_origins == ["*"]  # any origin, without credentials
