@@ -162,7 +162,7 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
-    def _tls_files(self) -> Settings:
+    def _tls_and_key_files(self) -> Settings:
         if (self.ssl_keyfile is None) != (self.ssl_certfile is None):
             raise ValueError("TLS needs both --ssl-keyfile and --ssl-certfile (or neither)")
         if self.ssl_cert_reqs and self.ssl_ca_certs is None:
@@ -173,14 +173,21 @@ class Settings(BaseSettings):
             path = getattr(self, name)
             if path is not None and not path.is_file():
                 raise ValueError(f"{name}={path}: no such file")
+        if self.api_key_file is not None and not self._file_keys():  # an empty secret: open by mistake
+            raise ValueError(
+                f"api_key_file={self.api_key_file} holds no key: write one key per line "
+                f"(e.g. openssl rand -hex 32 > {self.api_key_file})"
+            )
         return self
 
     def api_keys(self) -> list[str]:
         """Every accepted key: the given ones, then the lines of api_key_file (blank lines skipped)."""
-        keys = [key.get_secret_value() for key in self.api_key]
-        if self.api_key_file is not None:
-            keys += [line.strip() for line in self.api_key_file.read_text().splitlines() if line.strip()]
-        return keys
+        return [key.get_secret_value() for key in self.api_key] + self._file_keys()
+
+    def _file_keys(self) -> list[str]:
+        if self.api_key_file is None:
+            return []
+        return [line.strip() for line in self.api_key_file.read_text().splitlines() if line.strip()]
 
     @model_validator(mode="after")
     def _engine_limits(self) -> Settings:

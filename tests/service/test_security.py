@@ -127,6 +127,9 @@ def test_keys_from_flags_then_canvas_serve_then_vllm_variable(
     key_file = tmp_path / "keys"
     key_file.write_text("one\n\n  two  \n")
     assert keys_of(parsed("--api-key", "a", "--api-key-file", str(key_file))) == ["a", "one", "two"]
+    key_file.write_text("\n  \n")
+    with pytest.raises(ValidationError, match="holds no key"):
+        parsed("--api-key-file", str(key_file))
     monkeypatch.setenv("CANVAS_SERVE_API_KEY", "")
     assert keys_of(parsed()) == []  # set but empty: no key, as vLLM treats an empty VLLM_API_KEY
     assert "from-canvas" not in repr(Settings(api_key=["from-canvas"]))  # never printed
