@@ -275,8 +275,9 @@ class KVCacheManager:
         hashes = self._hashes.setdefault(request_id, [])
         extend_hashes(hashes, token_ids[:num_computed_tokens], self.block_size, extra_key)
         num_cached = 0
+        num_full = num_computed_tokens // self.block_size  # `hashes` may name blocks still to compute
         for name, table in tables.items():
-            end = min(len(hashes), len(table.block_ids))
+            end = min(num_full, len(table.block_ids))
             for i in range(table.num_hashed, end):
                 block_id = table.block_ids[i]
                 if block_id != NULL_BLOCK:

@@ -27,7 +27,7 @@ from engine.config import DiffusionDefaults
 from engine.engine_config import EngineConfig
 from engine.kv_cache import NULL_BLOCK, CacheGroupSpec, KVCacheManager, num_blocks_for
 from engine.outputs import CausalWork, DenoiseOutcome, DenoiseWork, RunnerOutput, SchedulerOutput
-from engine.request import InvalidParams, RequestOutput, RequestStatus, SamplingParams
+from engine.request import InvalidParams, RequestOutput, RequestStatus, SamplingParams, Usage
 from engine.scheduler import QueueFull, Scheduler
 
 STOP = 1
@@ -618,7 +618,7 @@ def scenarios(draw: st.DrawFn) -> tuple[dict[str, int], list[Lifecycle]]:
         s = script(
             draw(st.integers(0, 2**30)) * 32 + i, draw(st.integers(1, 30)), draw(st.integers(1, 3 * C))
         )
-        s = Script(s.prompt, s.seed, s.max_tokens, tuple(steps), stop)
+        s = Script(_shared_head(draw, lifecycles, C) + s.prompt, s.seed, s.max_tokens, tuple(steps), stop)
         abort_after = draw(st.none() | st.none() | st.integers(0, 25))
         lifecycles.append(Lifecycle(s, draw(st.integers(0, 30)), abort_after))
     block_size = draw(st.sampled_from([2, 4, 8]))
@@ -638,8 +638,25 @@ def scenarios(draw: st.DrawFn) -> tuple[dict[str, int], list[Lifecycle]]:
         num_sliding=sliding_need + draw(st.integers(0, sliding_need)),
         max_num_batched_tokens=budget,
         max_num_seqs=draw(st.integers(2, 8)),
+        prefix_caching=draw(st.booleans()),
     )
     return config, lifecycles
+
+
+SHARED_PREFIX = tuple(range(STOP + 1, STOP + 12))
+
+
+def _shared_head(draw: st.DrawFn, earlier: list[Lifecycle], canvas: int) -> tuple[int, ...]:
+    """What a prompt starts with: nothing, a prefix shared by many requests, or an earlier request's
+    prompt and some of its committed canvases (the next turn of its conversation)."""
+    kind = draw(st.sampled_from(["none", "none", "prefix", "turn"]))
+    if kind == "prefix":
+        return SHARED_PREFIX
+    if kind == "turn" and earlier:
+        previous = draw(st.sampled_from(earlier)).script
+        num_canvases = draw(st.integers(0, 2))
+        return tuple(previous.cache(len(previous.prompt) + num_canvases * canvas, canvas))
+    return ()
 
 
 @settings(max_examples=50, deadline=None)
@@ -664,6 +681,8 @@ def test_random_lifecycles_keep_invariants_and_end_clean(
         raise AssertionError("random lifecycle did not finish")
     event(f"preempted: {h.num_preempted > 0}")
     event(f"aborted: {any(h.finish(i).finish_reason == 'abort' for i in ids)}")
+    hits = any((h.finish(i).usage or Usage(0, 0, 0, 0)).cached_tokens > 0 for i in ids)
+    event(f"prefix cache hits: {hits}")
     C = config["canvas"]
     for request_id, life in zip(ids, lifecycles, strict=True):
         finish = h.finish(request_id)  # exactly one finish event
@@ -676,4 +695,4 @@ def test_random_lifecycles_keep_invariants_and_end_clean(
             assert (h.output(request_id), finish.finish_reason) == (tokens, reason)
     assert sorted(r.request_id for r in h.sched.newly_finished) == sorted(ids)
     assert not h.sched.requests and not h.sched.kv.request_ids
-    assert all(h.sched.kv.num_used_blocks(g) == 0 for g in h.totals)
+    assert all(h.sched.kv.num_used_blocks(g) == 0 for g in h.totals)  # free, or cached with count 0
