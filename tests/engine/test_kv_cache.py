@@ -383,8 +383,8 @@ def test_hit_shares_blocks_with_reference_counts() -> None:
     assert [manager.ref_count("full", b) for b in table_b] == [1, 1, 1, 1, 1]
     manager.free("b")
     assert manager.num_used_blocks("full") == 0 and manager.num_cached_blocks("full") == 4
+    manager.allocate("c", 1)
     with pytest.raises(ValueError, match="already holds blocks"):
-        manager.allocate("c", 1)
         manager.allocate("c", 9, hit)
 
 
