@@ -8,7 +8,9 @@ background load on a shared machine falls on both alike:
 - shared: `--requests` streamed completions, `--concurrency` at a time, each a 2,000-token system prompt
   plus a short distinct question;
 - chat: `--conversations` conversations of `--turns` turns, one request at a time per conversation;
-  turn k sends the system prompt, every earlier question and answer, and the new question.
+  turn k sends the system prompt, every earlier question and answer, and the new question. The bench
+  model is random: its answers are mostly `<unusedN>` markup, which the client drops (keeping the plain
+  characters), as the char tokenizer would otherwise turn each such token into a dozen.
 
 Each round starts with `POST /reset_prefix_cache` on the caching server, so every round pays one cold
 system prompt. TTFT is the first streamed chunk with committed text (the first canvas).
@@ -23,6 +25,7 @@ import asyncio
 import json
 import os
 import random
+import re
 import signal
 import statistics
 import subprocess
@@ -96,7 +99,9 @@ async def complete(client: httpx.AsyncClient, url: str, prompt: str, args: argpa
     pieces: list[str] = []
     usage: dict[str, Any] = {}
     async with client.stream("POST", f"{url}/v1/completions", json=payload) as response:
-        response.raise_for_status()
+        if response.status_code != 200:
+            await response.aread()
+            raise RuntimeError(f"{response.status_code}: {response.text} (prompt of {len(prompt)} chars)")
         async for line in response.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
@@ -142,14 +147,12 @@ async def chat_workload(url: str, system: str, seed: int, args: argparse.Namespa
         for _ in range(args.turns):
             history += "\nuser: " + text(rng, rng.randrange(12, 40)) + "\nassistant: "
             result = await complete(client, url, history, args)
-            history += result.text
+            history += "".join(c for c in re.sub(r"<[^>]*>", "", result.text) if c in ALPHABET)
             results.append(result)
         return results
 
     async with httpx.AsyncClient(timeout=600) as client:
-        per_conversation = await asyncio.gather(
-            *(conversation(client, i) for i in range(args.conversations))
-        )
+        per_conversation = await asyncio.gather(*(conversation(client, i) for i in range(args.conversations)))
     return [r for results in per_conversation for r in results]
 
 
