@@ -67,7 +67,7 @@ async def metrics(service: ServiceDep, metrics: MetricsDep) -> Response:
     return Response(body, media_type=content_type)
 
 
-@router.post("/reset_prefix_cache")
+@router.post("/reset_prefix_cache", responses={400: {"model": ErrorResponse}})
 async def reset_prefix_cache(service: ServiceDep) -> Response:
     """Forget every cached prefix block (vLLM's route): later requests compute their prompts again."""
     if not await service.engine.reset_prefix_cache():
