@@ -60,6 +60,16 @@ def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
         future.set_exception(error)
 
 
+def _settle_value(future: asyncio.Future[bool], value: bool) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _settle_error(future: asyncio.Future[bool], error: BaseException) -> None:
+    if not future.done():
+        future.set_exception(error)
+
+
 @dataclass(frozen=True)
 class _Add:
     request_id: str
@@ -72,6 +82,17 @@ class _Add:
 @dataclass(frozen=True)
 class _Abort:
     request_id: str
+
+
+@dataclass(frozen=True)
+class _ResetPrefixCache:
+    """Reset the prefix cache in the engine thread; the answer goes to `done` on `loop`."""
+
+    loop: asyncio.AbstractEventLoop
+    done: asyncio.Future[bool]
+
+
+_Command = _Add | _Abort | _ResetPrefixCache
 
 
 class RequestStream:
@@ -107,7 +128,7 @@ class AsyncEngine:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self._commands: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[_Command | None] = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
@@ -192,6 +213,17 @@ class AsyncEngine:
         """Abort a request in any state (thread-safe; a no-op for finished or unknown ids)."""
         self._commands.put(_Abort(request_id))
 
+    async def reset_prefix_cache(self) -> bool:
+        """Forget every cached block (`Engine.reset_prefix_cache`), in the engine thread when it runs.
+        False when prefix caching is off; raises `EngineDead` if the loop is down."""
+        if self._thread is None:
+            return self.engine.reset_prefix_cache()
+        self._check_alive()
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[bool] = loop.create_future()
+        self._commands.put(_ResetPrefixCache(loop, done))
+        return await done
+
     def abort_all(self) -> None:
         """Abort every in-flight request (thread-safe); each stream then ends with "abort"."""
         for request_id in list(self._streams):
@@ -225,13 +257,18 @@ class AsyncEngine:
             self._apply(command)
             command = self._poll()
 
-    def _poll(self) -> _Add | _Abort | None:
+    def _poll(self) -> _Command | None:
         try:
             return self._commands.get_nowait()
         except queue.Empty:
             return None
 
-    def _apply(self, command: _Add | _Abort) -> None:
+    def _apply(self, command: _Command) -> None:
+        if isinstance(command, _ResetPrefixCache):
+            reset = self.engine.reset_prefix_cache()
+            with contextlib.suppress(RuntimeError):  # a closed loop has no one left to tell
+                command.loop.call_soon_threadsafe(_settle_value, command.done, reset)
+            return
         if isinstance(command, _Abort):
             output = self.engine.abort(command.request_id)
             if output is not None:
@@ -267,6 +304,9 @@ class AsyncEngine:
         while command is not None:
             if isinstance(command, _Add):
                 command.stream.settle(error)
+            elif isinstance(command, _ResetPrefixCache):
+                with contextlib.suppress(RuntimeError):
+                    command.loop.call_soon_threadsafe(_settle_error, command.done, error)
             command = self._poll()
 
     def _abort_all(self) -> None:

@@ -138,6 +138,15 @@ class Engine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached block, so that later requests compute their prompts again (vLLM's
+        `reset_prefix_cache`); blocks of running requests stay theirs. False when prefix caching is off.
+        Call it from the thread that drives `step()`."""
+        if not self.config.enable_prefix_caching:
+            return False
+        self.scheduler.kv.reset_prefix_cache()
+        return True
+
     def step(self) -> list[RequestOutput]:
         """One engine step; returns the events for clients (text filled in)."""
         t0 = time.perf_counter()

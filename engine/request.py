@@ -224,6 +224,11 @@ class Request:
     """When the request was last admitted to run (monotonic clock)."""
     first_token_time: float | None = None
     num_preemptions: int = 0
+    num_cached_tokens: int | None = None
+    """Prompt tokens found in the prefix cache at the first admission (None before it)."""
+    cache_key: str | None = None
+    """What else than token ids decides this request's K/V (an adapter id; None: the base model).
+    Requests with different keys never share cached blocks."""
 
     @property
     def cache_token_ids(self) -> list[int]:
@@ -254,6 +259,9 @@ class Usage:
     denoise_steps: int
     canvases: int
     steps_per_canvas: tuple[int, ...] = ()
+    cached_tokens: int = 0
+    """Prompt tokens read from the prefix cache instead of computed (OpenAI's
+    `usage.prompt_tokens_details.cached_tokens`)."""
 
 
 @dataclass(frozen=True)

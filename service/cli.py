@@ -85,6 +85,13 @@ def _serve_parser(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--attention-backend", help="accepted for vLLM compatibility")
     serve.add_argument("--enable-chunked-prefill", action="store_true", default=None, help="always on")
     serve.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="reuse the K/V of cached prompt prefixes and earlier turns (default on; "
+        "env CANVAS_SERVE_ENABLE_PREFIX_CACHING)",
+    )
+    serve.add_argument(
         "--drain-timeout", dest="drain_timeout_s", type=float, help="seconds to drain on SIGTERM"
     )
     serve.add_argument(

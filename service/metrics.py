@@ -74,6 +74,11 @@ ENGINE_COUNTERS = {
     "num_output_tokens": ("generation_tokens", "Tokens committed to request outputs."),
     "num_commit_tokens": ("commit_pass_tokens", "Tokens written to the KV cache by commit passes."),
     "num_preemptions": ("num_preemptions", "Requests preempted."),
+    "num_prefix_cache_queries": (
+        "prefix_cache_queries",
+        "Prefix cache queries, in tokens looked up (each request each time it starts running).",
+    ),
+    "num_prefix_cache_hits": ("prefix_cache_hits", "Prefix cache hits, in tokens found cached."),
 }
 
 

@@ -176,10 +176,16 @@ class ChatCompletionRequest(DiffusionParams):
 # -- responses ----------------------------------------------------------------------------------
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0
+    """Prompt tokens read from the prefix cache instead of computed."""
+
+
 class UsageInfo(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
     denoise_steps: int = 0
     """Extension: denoise passes spent on this request (all choices)."""
     canvases: int = 0

@@ -67,6 +67,14 @@ async def metrics(service: ServiceDep, metrics: MetricsDep) -> Response:
     return Response(body, media_type=content_type)
 
 
+@router.post("/reset_prefix_cache", responses={400: {"model": ErrorResponse}})
+async def reset_prefix_cache(service: ServiceDep) -> Response:
+    """Forget every cached prefix block (vLLM's route): later requests compute their prompts again."""
+    if not await service.engine.reset_prefix_cache():
+        raise APIError(400, "prefix caching is off (--no-enable-prefix-caching): there is nothing to reset")
+    return Response(status_code=200)
+
+
 @router.get("/v1/models", response_model=ModelList)
 async def models(service: ServiceDep) -> ModelList:
     return service.models()

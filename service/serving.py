@@ -227,5 +227,7 @@ def add_usage(total: UsageInfo, usage: Usage | None) -> None:
     if usage is None:
         return
     total.completion_tokens += usage.completion_tokens
+    details = total.prompt_tokens_details  # summed over choices, never above the prompt tokens
+    details.cached_tokens = min(total.prompt_tokens, details.cached_tokens + usage.cached_tokens)
     total.denoise_steps += usage.denoise_steps
     total.canvases += usage.canvases

@@ -65,6 +65,8 @@ class Settings(BaseSettings):
     """Accepted for vLLM compatibility; the engine picks its own kernels."""
     enable_chunked_prefill: bool = True
     """Always on; accepted for vLLM compatibility."""
+    enable_prefix_caching: bool = ENGINE_DEFAULTS.enable_prefix_caching
+    """Reuse cached K/V of shared prompt prefixes and earlier conversation turns."""
 
     drain_timeout_s: float = Field(30.0, ge=0)
     """On SIGTERM: stop admitting, wait this long for in-flight requests, then abort the rest."""
@@ -203,4 +205,5 @@ class Settings(BaseSettings):
             max_model_len=self.max_model_len,
             block_size=self.block_size,
             kv_cache_bytes=kv_cache_bytes,
+            enable_prefix_caching=self.enable_prefix_caching,
         )

@@ -39,3 +39,16 @@ def test_the_help_says_what_max_waiting_is(capsys: pytest.CaptureFixture[str]) -
     help_text = " ".join(capsys.readouterr().out.split())
     assert "--max-waiting MAX_WAITING requests waiting to run at most" in help_text
     assert "CANVAS_SERVE_MAX_WAITING" in help_text
+
+
+def test_prefix_caching_is_on_by_default_and_vllm_flags_switch_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    def parsed(*flags: str) -> bool:
+        settings = settings_from(build_parser().parse_args(["serve", *flags]))
+        return settings.engine_config(None).enable_prefix_caching
+
+    assert parsed() is True
+    assert parsed("--no-enable-prefix-caching") is False
+    assert parsed("--enable-prefix-caching") is True
+    monkeypatch.setenv("CANVAS_SERVE_ENABLE_PREFIX_CACHING", "false")
+    assert parsed() is False
+    assert parsed("--enable-prefix-caching") is True
