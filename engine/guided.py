@@ -48,9 +48,7 @@ class GrammarCompiler:
 
     def matcher(self, spec: GrammarSpec, stop_token_ids: tuple[int, ...], prefix: tuple[int, ...]) -> Any:
         """A matcher for `spec` that ends on any of `stop_token_ids`, advanced over `prefix`."""
-        matcher = xgr.GrammarMatcher(
-            self.compile(spec), override_stop_tokens=list(stop_token_ids), max_rollback_tokens=0
-        )
+        matcher = xgr.GrammarMatcher(self.compile(spec), override_stop_tokens=list(stop_token_ids))
         for token in prefix:
             if not matcher.accept_token(token):
                 raise RuntimeError(f"the grammar refused token {token} of an output it produced")
