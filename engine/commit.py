@@ -44,8 +44,8 @@ class CanvasCommit:
         if self.matcher is not None:
             budget = len(canvas) if self.spec.budget is None else self.spec.budget
             want_mask = self.spec.logprobs is not None
-            decoded = decode_under_grammar(logits, canvas, self.matcher, budget, want_mask)
-            canvas = _fill(decoded, canvas, ended=self.matcher.is_terminated())
+            decoded, ended = decode_under_grammar(logits, canvas, self.matcher, budget, want_mask)
+            canvas = _fill(decoded, canvas, ended)
         if self.spec.logprobs is None:
             return canvas, None
         chosen = argmax.new_tensor(decoded)  # [n]

@@ -57,11 +57,16 @@ class GrammarCompiler:
     def _compile(self, spec: GrammarSpec) -> xgr.CompiledGrammar:
         compiler = self._xgrammar()
         try:
-            return _compile_with(compiler, spec)
-        except (RuntimeError, ValueError) as error:  # xgrammar's parse errors
+            compiled = _compile_with(compiler, spec)
+        except InvalidParams:
+            raise
+        except (RuntimeError, ValueError, TypeError) as error:  # xgrammar's parse errors
             raise InvalidParams(
                 f"{spec.kind} could not be compiled: {_first_line(error)}", spec.kind
             ) from None
+        if not allowed_tokens(_first_mask(compiled), self.vocab_size).any():
+            raise InvalidParams(f"this {spec.kind} matches no output at all", spec.kind)
+        return compiled
 
     def _xgrammar(self) -> xgr.GrammarCompiler:
         if self.tokenizer is None:
@@ -92,6 +97,13 @@ def _compile_with(compiler: xgr.GrammarCompiler, spec: GrammarSpec) -> xgr.Compi
     return compiler.compile_grammar(spec.value)
 
 
+def _first_mask(compiled: xgr.CompiledGrammar) -> Tensor:
+    matcher = xgr.GrammarMatcher(compiled)
+    bitmask = xgr.allocate_token_bitmask(1, compiled.tokenizer_info.vocab_size)
+    matcher.fill_next_token_bitmask(bitmask)
+    return bitmask
+
+
 def choice_grammar(choices: Any) -> str:
     """EBNF whose language is exactly `choices` (a non-empty list of strings)."""
     if not isinstance(choices, list) or not choices or not all(isinstance(c, str) for c in choices):
@@ -114,30 +126,33 @@ def _first_line(error: Exception) -> str:
 
 def decode_under_grammar(
     logits: Tensor, argmax: list[int], matcher: Any, budget: int, mask_every: bool
-) -> list[int]:
+) -> tuple[list[int], bool]:
     """Decode a canvas left to right under the grammar: logits [C, V] fp32 (temperature 1), argmax [C].
 
     Position i keeps `argmax[i]` when the grammar accepts it (unless `mask_every`), else takes the most
     likely allowed token; masked rows of `logits` are overwritten with -inf at disallowed tokens (with
     `mask_every`, every decoded row is: logprobs are then taken under the mask). Stops after the
     grammar's stop token (the last token returned) or after `budget` tokens. Advances `matcher`.
+    Returns (tokens, whether the grammar ended). A grammar that allows nothing at some point (a
+    recursion with no way out) ends there with its stop token.
     """
     vocab_size = logits.shape[1]
     bitmask = xgr.allocate_token_bitmask(1, vocab_size)  # [1, ceil(V / 32)] int32
     tokens: list[int] = []
     for i in range(min(len(argmax), budget)):
         if matcher.is_terminated():
-            break
+            return tokens, True
         if not mask_every and matcher.accept_token(argmax[i]):
             tokens.append(argmax[i])
             continue
         matcher.fill_next_token_bitmask(bitmask)
-        row = logits[i].masked_fill_(~allowed_tokens(bitmask, vocab_size).to(logits.device), -float("inf"))
+        allowed = allowed_tokens(bitmask, vocab_size).to(logits.device)  # [V]
+        row = logits[i].masked_fill_(~allowed, -float("inf"))  # [V]
         token = int(row.argmax())
-        if not matcher.accept_token(token):
-            raise RuntimeError(f"the grammar allows no token at canvas position {i}")
+        if not matcher.accept_token(token):  # nothing allowed: a dead end
+            return tokens + [matcher.stop_token_ids[0]], True
         tokens.append(token)
-    return tokens
+    return tokens, matcher.is_terminated()
 
 
 def allowed_tokens(bitmask: Tensor, vocab_size: int) -> Tensor:
