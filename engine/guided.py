@@ -150,7 +150,7 @@ def decode_under_grammar(
         row = logits[i].masked_fill_(~allowed, -float("inf"))  # [V]
         token = int(row.argmax())
         if not matcher.accept_token(token):  # nothing allowed: a dead end
-            return tokens + [matcher.stop_token_ids[0]], True
+            return [*tokens, matcher.stop_token_ids[0]], True
         tokens.append(token)
     return tokens, matcher.is_terminated()
 
