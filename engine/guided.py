@@ -124,17 +124,24 @@ def _first_line(error: Exception) -> str:
     return text.split(": ", 1)[1] if text.startswith("[") and ": " in text else text
 
 
+CANDIDATES = 16
+"""Most likely tokens of a position looked up in a dense mask before the whole row is masked."""
+
+SPARSE_WORDS = 256
+"""A mask with at most this many non-zero 32-bit words is searched through its allowed ids."""
+
+
 def decode_under_grammar(
     logits: Tensor, argmax: list[int], matcher: Any, budget: int, mask_every: bool
 ) -> tuple[list[int], bool]:
     """Decode a canvas left to right under the grammar: logits [C, V] fp32 (temperature 1), argmax [C].
 
-    Position i keeps `argmax[i]` when the grammar accepts it (unless `mask_every`), else takes the most
-    likely allowed token; masked rows of `logits` are overwritten with -inf at disallowed tokens (with
-    `mask_every`, every decoded row is: logprobs are then taken under the mask). Stops after the
-    grammar's stop token (the last token returned) or after `budget` tokens. Advances `matcher`.
-    Returns (tokens, whether the grammar ended). A grammar that allows nothing at some point (a
-    recursion with no way out) ends there with its stop token.
+    Position i takes the most likely token the grammar allows there: its argmax when the grammar
+    accepts it (no mask needed), else the best allowed token (`masked_argmax`). With `mask_every`
+    (logprobs are then taken under the mask) every decoded row of `logits` is overwritten with -inf at
+    disallowed tokens instead. Stops after the grammar's stop token (the last token returned) or after
+    `budget` tokens. Advances `matcher`. Returns (tokens, whether the grammar ended); a grammar that
+    allows nothing at some point (a recursion with no way out) ends there with its stop token.
     """
     vocab_size = logits.shape[1]
     bitmask = xgr.allocate_token_bitmask(1, vocab_size)  # [1, ceil(V / 32)] int32
@@ -146,16 +153,52 @@ def decode_under_grammar(
             tokens.append(argmax[i])
             continue
         matcher.fill_next_token_bitmask(bitmask)
-        allowed = allowed_tokens(bitmask, vocab_size).to(logits.device)  # [V]
-        row = logits[i].masked_fill_(~allowed, -float("inf"))  # [V]
-        token = int(row.argmax())
+        if mask_every:
+            row = logits[i].masked_fill_(
+                ~allowed_tokens(bitmask, vocab_size).to(logits.device), -float("inf")
+            )
+            token = int(row.argmax())
+        else:
+            token = masked_argmax(logits[i], bitmask)
         if not matcher.accept_token(token):  # nothing allowed: a dead end
             return [*tokens, matcher.stop_token_ids[0]], True
         tokens.append(token)
     return tokens, matcher.is_terminated()
 
 
+def masked_argmax(row: Tensor, bitmask: Tensor) -> int:
+    """The most likely token of row [V] that bitmask [1, W] allows, without masking the whole row.
+
+    A sparse mask (structure: a quote, a colon, a digit) is searched through its allowed ids; a dense
+    one (free text) first through the row's `CANDIDATES` most likely tokens, as one of them is almost
+    always allowed. Returns 0 when nothing is allowed.
+    """
+    vocab_size = row.shape[0]
+    words = bitmask[0]  # [W] int32
+    if int(words.count_nonzero()) <= SPARSE_WORDS:
+        ids = allowed_ids(bitmask, vocab_size).to(row.device)  # [n]
+        return int(ids[row[ids].argmax()]) if ids.numel() else 0
+    bits = words.numpy()
+    for token in row.topk(min(CANDIDATES, vocab_size)).indices.tolist():
+        if (int(bits[token >> 5]) >> (token & 31)) & 1:
+            return int(token)
+    allowed = allowed_tokens(bitmask, vocab_size).to(row.device)  # [V]
+    return int(torch.where(allowed, row, -float("inf")).argmax())
+
+
 def allowed_tokens(bitmask: Tensor, vocab_size: int) -> Tensor:
     """Unpack an xgrammar bitmask [1, W] int32 into a bool mask [vocab_size]."""
     bits = (bitmask[0, :, None] >> _BITS) & 1  # [W, 32]
     return bits.view(-1)[:vocab_size].bool()
+
+
+def allowed_ids(bitmask: Tensor, vocab_size: int) -> Tensor:
+    """The allowed token ids of an xgrammar bitmask [1, W] int32, ascending: [n] long.
+
+    Only the non-zero words are unpacked, so a mask allowing a few tokens costs little.
+    """
+    words = bitmask[0].nonzero().squeeze(1)  # [w]
+    bits = ((bitmask[0, words, None] >> _BITS) & 1).bool()  # [w, 32]
+    ids = words[:, None] * 32 + _BITS.to(torch.long)  # [w, 32]
+    ids = ids[bits]  # [n]
+    return ids[ids < vocab_size]

@@ -13,9 +13,11 @@ from typing import Any
 
 import jsonschema
 import pytest
+import torch
 
 from engine.engine import Engine
 from engine.engine_config import EngineConfig
+from engine.guided import allowed_ids, allowed_tokens, masked_argmax
 from engine.llm import LLM
 from engine.model.loader import Checkpoint, load_checkpoint
 from engine.request import GrammarSpec, InvalidParams, SamplingParams
@@ -165,3 +167,20 @@ def test_preemption_resumes_the_grammar(tmp_path: Path) -> None:
     assert llm.engine.stats.num_preemptions > 0
     for result in results:
         assert result.finish_reason == "stop" and re.fullmatch("[a-z]{20}[0-9]{20}", result.text)
+
+
+@pytest.mark.parametrize("density", [0.0005, 0.3, 0.999])
+def test_masked_argmax_is_the_argmax_over_allowed_tokens(density: float) -> None:
+    vocab_size = 5000
+    gen = torch.Generator().manual_seed(int(density * 1000))
+    for _ in range(20):
+        row = torch.randn(vocab_size, generator=gen)
+        allowed = torch.rand(vocab_size, generator=gen) < density
+        allowed[int(torch.randint(vocab_size, (1,), generator=gen))] = True
+        bits = torch.zeros(-(-vocab_size // 32) * 32, dtype=torch.int64)
+        bits[:vocab_size] = allowed.long()
+        words = (bits.view(-1, 32) << torch.arange(32)).sum(-1)  # [W] as unsigned 32-bit values
+        bitmask = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)[None]
+        assert torch.equal(allowed_tokens(bitmask, vocab_size), allowed)
+        assert torch.equal(allowed_ids(bitmask, vocab_size), allowed.nonzero().squeeze(1))
+        assert masked_argmax(row, bitmask) == int(torch.where(allowed, row, -float("inf")).argmax())
