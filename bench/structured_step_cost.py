@@ -125,7 +125,7 @@ def main() -> None:
     run_batch(engine, rows["plain"][:2], timer)  # warm-up (and the grammar compiles once)
     engine.grammars.compile(grammar)
     print(
-        f"batch {args.batch}, {args.steps} steps per canvas, up to {args.canvases} canvases of {CANVAS}; "
+        f"vocab {args.vocab}, batch {args.batch}, {args.steps} steps per canvas, up to {args.canvases} canvases of {CANVAS}; "
         f"threads {args.threads}; load average {load_average()}"
     )
     header = "median step ms | mean step ms | commit ms/step | extra per asking request/step"

@@ -30,6 +30,8 @@ REGEX = GrammarSpec("regex", "[1-9]{81}")
 ROWS: dict[str, SamplingParams] = {
     "unconstrained": SamplingParams(),
     "regex (masked commit)": SamplingParams(grammar=REGEX),
+    "single pass": SamplingParams(max_denoising_steps=1),
+    "single pass + regex": SamplingParams(max_denoising_steps=1, grammar=REGEX),
 }
 
 
@@ -55,6 +57,7 @@ def main() -> None:
     parser.add_argument("--per-band", type=int, default=10)
     parser.add_argument("--batch", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rows", nargs="*", default=[], help="only rows whose name contains one of these")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     checkpoint = load_checkpoint(MODEL_DIR)
@@ -64,6 +67,8 @@ def main() -> None:
     print(f"{len(puzzles)} puzzles ({args.per_band} per band), shipped settings, seeds 0..{len(puzzles) - 1}")
     print(f"{'row':28s} | valid | solved | steps/puzzle | seconds")
     for name, params in ROWS.items():
+        if args.rows and not any(r in name for r in args.rows):
+            continue
         valid, solved, steps, seconds = run(llm, puzzles, params, args.batch)
         n = len(puzzles)
         print(f"{name:28s} | {valid:2d}/{n} | {solved:2d}/{n} | {steps / n:12.1f} | {seconds:7.1f}")
