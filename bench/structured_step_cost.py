@@ -125,8 +125,8 @@ def main() -> None:
     run_batch(engine, rows["plain"][:2], timer)  # warm-up (and the grammar compiles once)
     engine.grammars.compile(grammar)
     print(
-        f"vocab {args.vocab}, batch {args.batch}, {args.steps} steps per canvas, up to {args.canvases} canvases of {CANVAS}; "
-        f"threads {args.threads}; load average {load_average()}"
+        f"vocab {args.vocab}, batch {args.batch}, {args.steps} steps per canvas, "
+        f"up to {args.canvases} canvases of {CANVAS}; threads {args.threads}; load average {load_average()}"
     )
     header = "median step ms | mean step ms | commit ms/step | extra per asking request/step"
     print(f"{'batch':14s} | steps | {header}")
