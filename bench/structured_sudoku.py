@@ -2,8 +2,9 @@
 
 Each row runs the same held-out puzzles (recipes/sudoku's evaluation set, `--per-band` per clue band)
 with the shipped sampler settings and the same seeds; "regex" rows add `GrammarSpec("regex",
-"[1-9]{81}")`, so every committed canvas is decoded under the grammar's mask. A grid is valid when
-the output is exactly 81 digits 1-9; solved as `recipes.sudoku.eval.solves` says.
+"[1-9]{81}")` (or "clue regex": the clue's digit at each clue cell, `[1-9]` elsewhere), so every
+committed canvas is decoded under the grammar's mask. A grid is valid when the output is exactly 81
+digits 1-9; solved as `recipes.sudoku.eval.solves` says.
 
     python bench/structured_sudoku.py --per-band 10 --threads 1
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import re
 import time
+from collections.abc import Callable
 from dataclasses import replace
 
 import torch
@@ -27,11 +29,22 @@ from recipes.sudoku.data import EVAL_SEED, banded_set
 from recipes.sudoku.eval import solves
 
 REGEX = GrammarSpec("regex", "[1-9]{81}")
-ROWS: dict[str, SamplingParams] = {
-    "unconstrained": SamplingParams(),
-    "regex (masked commit)": SamplingParams(grammar=REGEX),
-    "single pass": SamplingParams(max_denoising_steps=1),
-    "single pass + regex": SamplingParams(max_denoising_steps=1, grammar=REGEX),
+SINGLE = SamplingParams(max_denoising_steps=1)
+ParamsFor = Callable[[list[int]], SamplingParams]
+
+
+def clue_regex(puzzle: list[int]) -> GrammarSpec:
+    """81 digits keeping the clues: the clue's digit at a clue cell, [1-9] elsewhere."""
+    return GrammarSpec("regex", "".join(str(d) if d else "[1-9]" for d in puzzle))
+
+
+ROWS: dict[str, ParamsFor] = {
+    "unconstrained": lambda p: SamplingParams(),
+    "regex (masked commit)": lambda p: SamplingParams(grammar=REGEX),
+    "clue regex (masked commit)": lambda p: SamplingParams(grammar=clue_regex(p)),
+    "single pass": lambda p: SINGLE,
+    "single pass + regex": lambda p: replace(SINGLE, grammar=REGEX),
+    "single pass + clue regex": lambda p: replace(SINGLE, grammar=clue_regex(p)),
 }
 
 
@@ -44,7 +57,7 @@ def run(
     for lo in range(0, len(puzzles), batch):
         chunk = puzzles[lo : lo + batch]
         prompts = [tokens.prompt_ids(p) for p in chunk]
-        per = [replace(params, seed=lo + i) for i in range(len(chunk))]
+        per = [replace(params(p), seed=lo + i) for i, p in enumerate(chunk)]
         for result, puzzle in zip(llm.generate(prompts, per), chunk, strict=True):
             valid += re.fullmatch("[1-9]{81}", result.text) is not None
             solved += solves(result.token_ids, puzzle)

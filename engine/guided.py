@@ -15,6 +15,7 @@ until `max_tokens` runs out.
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -24,26 +25,41 @@ from torch import Tensor
 from engine.request import GrammarSpec, InvalidParams
 from engine.schema_features import unsupported_features
 
+MAX_SPEC_CHARS = 65_536
+"""The longest schema, regex, choice list or grammar a request may give (characters)."""
+
+CACHED_GRAMMARS = 128
+"""Compiled grammars kept, least recently used dropped first."""
+
 _BITS = torch.arange(32, dtype=torch.int32)
 """Bit j of bitmask word w allows token 32 * w + j."""
 
 
 class GrammarCompiler:
-    """Compiles grammar specs for one tokenizer and vocabulary; compiled grammars are cached by spec."""
+    """Compiles grammar specs for one tokenizer and vocabulary; the last `CACHED_GRAMMARS` compiled
+    grammars are cached by spec."""
 
     def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: tuple[int, ...]) -> None:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.stop_token_ids = stop_token_ids
         self._compiler: xgr.GrammarCompiler | None = None
-        self._cache: dict[GrammarSpec, xgr.CompiledGrammar] = {}
+        self._cache: OrderedDict[GrammarSpec, xgr.CompiledGrammar] = OrderedDict()
 
     def compile(self, spec: GrammarSpec) -> xgr.CompiledGrammar:
         """The compiled grammar; raises `InvalidParams` naming what is wrong with the spec."""
         compiled = self._cache.get(spec)
-        if compiled is None:
-            compiled = self._compile(spec)
-            self._cache[spec] = compiled
+        if compiled is not None:
+            self._cache.move_to_end(spec)
+            return compiled
+        if len(spec.value) > MAX_SPEC_CHARS:
+            raise InvalidParams(
+                f"{spec.kind} has {len(spec.value)} characters; at most {MAX_SPEC_CHARS}", spec.kind
+            )
+        compiled = self._compile(spec)
+        self._cache[spec] = compiled
+        if len(self._cache) > CACHED_GRAMMARS:
+            self._cache.popitem(last=False)
         return compiled
 
     def matcher(self, spec: GrammarSpec, stop_token_ids: tuple[int, ...], prefix: tuple[int, ...]) -> Any:

@@ -17,7 +17,7 @@ import torch
 
 from engine.engine import Engine
 from engine.engine_config import EngineConfig
-from engine.guided import allowed_ids, allowed_tokens, masked_argmax
+from engine.guided import CACHED_GRAMMARS, MAX_SPEC_CHARS, allowed_ids, allowed_tokens, masked_argmax
 from engine.llm import LLM
 from engine.model.loader import Checkpoint, load_checkpoint
 from engine.request import GrammarSpec, InvalidParams, SamplingParams
@@ -184,3 +184,12 @@ def test_masked_argmax_is_the_argmax_over_allowed_tokens(density: float) -> None
         assert torch.equal(allowed_tokens(bitmask, vocab_size), allowed)
         assert torch.equal(allowed_ids(bitmask, vocab_size), allowed.nonzero().squeeze(1))
         assert masked_argmax(row, bitmask) == int(torch.where(allowed, row, -float("inf")).argmax())
+
+
+def test_grammar_cache_is_bounded_and_long_specs_are_refused(llm: LLM) -> None:
+    grammars = llm.engine.grammars
+    for n in range(CACHED_GRAMMARS + 5):
+        grammars.compile(GrammarSpec("regex", f"[a-z]{{{n + 1}}}"))
+    assert len(grammars._cache) == CACHED_GRAMMARS
+    with pytest.raises(InvalidParams, match="at most 65536"):
+        grammars.compile(GrammarSpec("regex", "a" * (MAX_SPEC_CHARS + 1)))
