@@ -36,7 +36,8 @@ class CanvasCommit:
         hidden_tile [C, H] is the final step's decoder output for this canvas; argmax [C] what the
         sampler would commit. With a grammar the canvas is decoded under it: after the grammar's stop
         token the rest of the canvas repeats that token; past the budget it keeps the argmax (both are
-        cut by `end_canvas`). Logprobs cover the decoded positions (all C without a grammar).
+        cut by `end_canvas`). Logprobs cover the decoded positions (without a grammar: all C, or the
+        output tokens left if fewer).
         """
         logits = logits_for(hidden_tile, head)  # [C, V] fp32, temperature 1
         canvas = [int(t) for t in argmax.tolist()]
@@ -48,6 +49,8 @@ class CanvasCommit:
             canvas = _fill(decoded, canvas, ended)
         if self.spec.logprobs is None:
             return canvas, None
+        if self.matcher is None and self.spec.budget is not None:
+            decoded = decoded[: self.spec.budget]  # positions past max_tokens are never output
         chosen = argmax.new_tensor(decoded)  # [n]
         return canvas, token_logprobs(logits[: len(decoded)], chosen, self.spec.logprobs)
 
