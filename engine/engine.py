@@ -15,10 +15,11 @@ import torch
 from engine.config import DiffusionDefaults, ModelConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.engine_config import EngineConfig
+from engine.guided import GrammarCompiler
 from engine.kv_cache import KVCacheManager, num_blocks_for
 from engine.model.cache_tensors import allocate_layer_caches, bytes_per_block, cache_groups
 from engine.model.diffusion_gemma import DiffusionGemma
-from engine.request import RequestOutput, SamplingParams, check_prompt_ids
+from engine.request import InvalidParams, RequestOutput, SamplingParams, check_prompt_ids
 from engine.runner import ModelRunner
 from engine.scheduler import Scheduler, context_error
 from engine.stats import EngineStats, StepTiming
@@ -83,7 +84,8 @@ class Engine:
         caches = allocate_layer_caches(
             model_config, blocks, self.config.block_size, weight.dtype, weight.device
         )
-        self.runner = ModelRunner(model, caches)
+        self.grammars = GrammarCompiler(tokenizer, model_config.vocab_size, defaults.eos_token_ids)
+        self.runner = ModelRunner(model, caches, self.grammars)
         self.scheduler = Scheduler(
             self.config,
             model_config.canvas_length,
@@ -109,8 +111,19 @@ class Engine:
         check_prompt_ids(prompt_token_ids, config.vocab_size)
         resolved = self._resolve(params or SamplingParams(), len(prompt_token_ids))
         resolved.check_canvas(config.canvas_length, config.vocab_size)
+        self._check_grammar(resolved)
         self.scheduler.add_request(request_id, prompt_token_ids, resolved, want_canvas, arrival_time)
         self._detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer)
+
+    def _check_grammar(self, params: SamplingParams) -> None:
+        """A grammar compiles (cached for the runner) and has a stop id to end on; else `InvalidParams`."""
+        if params.grammar is None:
+            return
+        if not params.stop_token_ids:
+            raise InvalidParams(
+                "a grammar-constrained request needs a stop token id to end on", "stop_token_ids"
+            )
+        self.grammars.compile(params.grammar)
 
     @property
     def max_model_len(self) -> int:

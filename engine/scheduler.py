@@ -30,7 +30,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from engine.canvas_end import end_canvas
+from engine.canvas_end import commit_spec, end_canvas
 from engine.engine_config import EngineConfig
 from engine.kv_cache import CacheHit, KVCacheManager, num_blocks_for
 from engine.outputs import CausalWork, DenoiseOutcome, DenoiseWork, NewCanvas, RunnerOutput, SchedulerOutput
@@ -190,7 +190,9 @@ class Scheduler:
         new_canvas = None
         if not request.canvas_started:
             pinned = request.params.pinned_canvas if request.canvas_index == 0 else None
-            new_canvas = NewCanvas(request.seed, request.canvas_index, params.stability_threshold, pinned)
+            new_canvas = NewCanvas(
+                request.seed, request.canvas_index, params.stability_threshold, pinned, commit_spec(request)
+            )
             request.canvas_started = True
         return DenoiseWork(
             request.request_id,
@@ -326,16 +328,17 @@ class Scheduler:
         if not outcome.finished:
             return RequestOutput(request.request_id, canvas=snapshot) if snapshot else None
         assert outcome.argmax is not None, "a finished canvas must come with its argmax"
-        return self._end_canvas(request, outcome.argmax, outcome.step, snapshot)
+        return self._end_canvas(request, outcome, outcome.argmax, snapshot)
 
     def _end_canvas(
-        self, request: Request, canvas: list[int], steps: int, snapshot: CanvasSnapshot | None
+        self, request: Request, outcome: DenoiseOutcome, canvas: list[int], snapshot: CanvasSnapshot | None
     ) -> RequestOutput:
         params = request.params
         assert params.max_tokens is not None and params.stop_token_ids is not None
         end = end_canvas(canvas, len(request.output_token_ids), params.max_tokens, params.stop_token_ids)
         request.output_token_ids += end.new_token_ids
-        request.steps_per_canvas.append(steps)
+        request.steps_per_canvas.append(outcome.step)
+        logprobs = end.logprobs_of(outcome.logprobs)
         if request.first_token_time is None and end.new_token_ids:
             request.first_token_time = time.monotonic()
         if end.finish_reason is not None:
@@ -346,11 +349,14 @@ class Scheduler:
                 canvas=snapshot,
                 finish_reason=end.finish_reason,
                 usage=finished.usage,
+                logprobs=logprobs,
             )
         request.committed_token_ids += canvas
         request.canvas_index += 1
         request.canvas_started = False
-        return RequestOutput(request.request_id, end.new_token_ids, canvas=snapshot, usage=usage_of(request))
+        return RequestOutput(
+            request.request_id, end.new_token_ids, canvas=snapshot, usage=usage_of(request), logprobs=logprobs
+        )
 
     def _finish(self, request: Request, reason: FinishReason) -> RequestOutput:
         """Mark done, free blocks, forget the request; the runner drops it on the next step."""

@@ -55,7 +55,7 @@ def prepare(case: Case, model: str, repair: bool) -> Case:
         body["max_denoising_steps"] = min(steps, MAX_STEPS)
     if not repair:
         return case
-    for unsupported in ("logprobs", "suffix"):
+    for unsupported in ("suffix", "structured_outputs", "response_format"):
         body.pop(unsupported, None)
     if "model" in body:
         body["model"] = model
