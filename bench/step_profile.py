@@ -14,13 +14,16 @@ block; `sampler` = `denoise_step`). Times are inclusive CPU time of the range, s
 
     python bench/step_profile.py --model bench --dtype bf16 --canvases 4 --threads 1
     python bench/step_profile.py --model sudoku --dtype fp32 bf16 --canvases 1 4 16
+    python bench/step_profile.py --ab --reps 7     # step time before/after issue 21's changes, interleaved
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,9 +37,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from bench.common import load_average, machine_header, save_random_checkpoint
 from bench.forward import CANVAS_LENGTH, DTYPES, FULL_TEXT, plan_cache, segment_batch
-from bench.timing import matmul_gflops
+from bench.timing import matmul_gflops, time_interleaved
+from engine import sampler
+from engine.attention import reference
 from engine.attention.base import BoundAttention
 from engine.attention.selection import select_attention_backend
+from engine.attention.types import LayerCache, Segment
 from engine.model.cache_tensors import allocate_layer_caches
 from engine.model.diffusion_gemma import Attention, DiffusionGemma
 from engine.model.layers import Experts, GatedMLP, RMSNorm, Router, SelfConditioning
@@ -113,7 +119,8 @@ def profiled() -> Iterator[torch.profiler.profile]:
         yield prof
 
 
-def one_case(model: DiffusionGemma, name: str, n: int, dtype_name: str, args: argparse.Namespace) -> None:
+def make_step(model: DiffusionGemma, name: str, n: int) -> Callable[[], None]:
+    """One engine step of n canvases past their first step (prompts prefilled once, here)."""
     config = model.config
     weight = model.embed_tokens.weight
     prompt_len = PROMPT_LEN[name]
@@ -142,17 +149,23 @@ def one_case(model: DiffusionGemma, name: str, n: int, dtype_name: str, args: ar
             with record_function("part:sampler"):
                 denoise_step(hidden, head, states, [params] * n)
 
-        import time
+        step()  # every canvas past its first step: self-conditioning on from now
+    return torch.inference_mode()(step)
 
-        for _ in range(args.warmup):
-            step()
-        walls = []
-        for _ in range(args.reps):
-            t0 = time.perf_counter()
-            step()
-            walls.append(time.perf_counter() - t0)
-        with profiled() as prof:
-            step()
+
+def one_case(model: DiffusionGemma, name: str, n: int, dtype_name: str, args: argparse.Namespace) -> None:
+    step = make_step(model, name, n)
+    if args.ab:
+        return ab_case(step, name, n, dtype_name, args)
+    for _ in range(args.warmup):
+        step()
+    walls = []
+    for _ in range(args.reps):
+        t0 = time.perf_counter()
+        step()
+        walls.append(time.perf_counter() - t0)
+    with profiled() as prof:
+        step()
     walls.sort()
     median = walls[len(walls) // 2]
     events = prof.key_averages()
@@ -188,6 +201,48 @@ class _Timed:
             return self.bound(q, k, v, cache)
 
 
+@contextmanager
+def before_issue_21() -> Iterator[None]:
+    """The step as it was before issue 21: one SDPA call per canvas and layer, sampler over whole canvases."""
+    saved = reference.plan_group, sampler._tiled_canvas_stats
+
+    def per_segment(segments: list[Segment], cache: LayerCache) -> list[Any]:
+        return [reference.plan_segment(s, cache) for s in segments]
+
+    reference.plan_group, sampler._tiled_canvas_stats = per_segment, untiled_canvas_stats  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        reference.plan_group, sampler._tiled_canvas_stats = saved
+
+
+def untiled_canvas_stats(
+    hidden_tile: Tensor, head: LMHead, temp: Tensor, generator: torch.Generator
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The CPU sampler before issue 21 (each op over the whole [C, V] canvas)."""
+    processed = sampler.logits_for(hidden_tile, head).div_(temp)  # [C, V]
+    entropy, confidence = sampler.token_entropy(processed)
+    argmax = processed.argmax(dim=-1)
+    sample = sampler.sample_tokens(processed, generator)
+    return entropy, confidence, argmax, sample, sampler.soft_embedding(processed, head)
+
+
+def ab_case(step: Callable[[], None], name: str, n: int, dtype_name: str, args: argparse.Namespace) -> None:
+    """Median step time before and after, the two taking turns (A, B, A, B, ...)."""
+
+    def before() -> None:
+        with before_issue_21():
+            step()
+
+    old, new = time_interleaved([before, step], args.warmup, args.reps)
+    old_ms, new_ms = statistics.median(old.wall) * 1e3, statistics.median(new.wall) * 1e3
+    print(
+        f"{name:>6} {dtype_name:>4} canvases={n:<3d} before {old_ms:8.1f} ms  after {new_ms:8.1f} ms  "
+        f"speed-up {old_ms / new_ms:5.2f}x",
+        flush=True,
+    )
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--model", choices=["bench", "sudoku"], nargs="+", default=["bench", "sudoku"])
@@ -197,6 +252,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--top", type=int, default=14)
+    parser.add_argument("--ab", action="store_true", help="time before/after issue 21 instead of profiling")
     return parser.parse_args(argv)
 
 
@@ -204,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     print("  ".join(f"{k}={v}" for k, v in machine_header().items()), flush=True)
-    for dtype_name in args.dtype:
+    for dtype_name in [] if args.ab else args.dtype:
         print(f"matmul peak {dtype_name}: {matmul_gflops(DTYPES[dtype_name], 2048):.1f} GFLOP/s", flush=True)
     for name in args.model:
         for dtype_name in args.dtype:
