@@ -159,13 +159,7 @@ def sample_tokens(processed: Tensor, generator: torch.Generator) -> Tensor:
     """
     cdf = processed.softmax(dim=-1, dtype=torch.float32).cumsum_(dim=-1)  # [C, V]
     uniform = torch.rand((cdf.shape[0], 1), generator=generator, device=cdf.device)  # [C, 1]
-    return pick_from_cdf(cdf, uniform)
-
-
-def pick_from_cdf(cdf: Tensor, uniform: Tensor) -> Tensor:
-    """The token whose cumulative-probability interval holds `uniform` (scaled to the row's total):
-    cdf [R, V] fp32, uniform [R, 1] in [0, 1) -> [R] long."""
-    picks = torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True)  # [R, 1]
+    picks = torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True)  # [C, 1]
     return picks.squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
 
 
@@ -316,15 +310,14 @@ def _tiled_canvas_stats(
     """`_canvas_stats` on the CPU: the same ops as `token_entropy`, `argmax`, `sample_tokens` and
     `soft_embedding` on the whole canvas, but run over tiles of rows after the LM head matmul.
 
-    Every op after the matmul is row-wise, so tiling changes no result; it keeps a tile of the [C, V]
-    logits in cache across the dozen passes that would otherwise each stream the whole canvas from
-    memory (the sampler was 55-75% of a bench-model step before). The uniforms are drawn for the whole
-    canvas first, as `sample_tokens` draws them. In fp32 the sample's softmax is also the soft
-    embedding's (the same op on the same input), so it runs once.
+    Every op after the matmul is row-wise, so tiling changes no result. `sample_tokens` draws its
+    uniforms tile by tile, a fixed order per canvas (on the CPU generator the same numbers as one
+    draw for the whole canvas). Tiles keep a slice of the [C, V] logits in cache across the dozen
+    passes that would otherwise each stream the whole canvas from memory (the sampler was 55-75% of
+    a bench-model step before).
     """
     raw = F.linear(hidden_tile, head.weight)  # [C, V] weight dtype
     num_rows, vocab = raw.shape
-    uniform = torch.rand((num_rows, 1), generator=generator, device=raw.device)  # [C, 1]
     entropy = torch.empty(num_rows, dtype=torch.float32, device=raw.device)
     confidence = torch.empty_like(entropy)
     argmax = torch.empty(num_rows, dtype=torch.long, device=raw.device)
@@ -336,11 +329,9 @@ def _tiled_canvas_stats(
         processed = softcap(raw[rows], head).div_(temp)  # [R, V] fp32
         entropy[rows], confidence[rows] = token_entropy(processed)
         argmax[rows] = processed.max(dim=-1).indices  # = argmax (the first maximum), 5-15x faster on the CPU
-        soft = processed.to(raw.dtype).softmax(dim=-1, dtype=torch.float32)  # [R, V] fp32
-        probs[rows] = soft  # cast to the weight dtype, as `soft_embedding` does
-        same = raw.dtype == torch.float32  # then `soft` is exactly `sample_tokens`'s softmax
-        cdf = (soft if same else processed.softmax(dim=-1, dtype=torch.float32)).cumsum_(dim=-1)
-        sample[rows] = pick_from_cdf(cdf, uniform[rows])
+        sample[rows] = sample_tokens(processed, generator)
+        # `soft_embedding`'s softmax, cast to the weight dtype; its matmul runs once over the canvas.
+        probs[rows] = processed.to(raw.dtype).softmax(dim=-1, dtype=torch.float32)
     self_cond = torch.matmul(probs, head.weight) * head.embed_scale.to(raw.dtype)  # [C, H]
     return entropy, confidence, argmax, sample, self_cond
 
