@@ -125,7 +125,9 @@ def plan_run(segments: list[Segment], cache: LayerCache) -> DecoderRun | None:
 def run_attention(q: Tensor, k: Tensor, v: Tensor, run: DecoderRun, cache: LayerCache) -> Tensor:
     """Attention of a decoder run. q (B * n, heads, d); k, v (B * n, kv_heads, d) -> (B * n, heads, d)."""
     b, n = run.num_segments, run.num_tokens
-    past_k, past_v = read_slots(cache, run.read_slots)  # (B, m, kv_heads, d) each
+    m = run.read_slots.shape[1]
+    past_k, past_v = read_slots(cache, run.read_slots.flatten())  # (B * m, kv_heads, d) each
+    past_k, past_v = past_k.view(b, m, *k.shape[1:]), past_v.view(b, m, *v.shape[1:])  # (B, m, kvh, d)
     keys = torch.cat([past_k, k.to(past_k.dtype).reshape(b, n, *k.shape[1:])], dim=1)  # (B, m + n, kvh, d)
     values = torch.cat([past_v, v.to(past_v.dtype).reshape(b, n, *v.shape[1:])], dim=1)
     out = F.scaled_dot_product_attention(
@@ -210,7 +212,7 @@ class TorchAttention(AttentionBackend[ReferenceMetadata]):
                 end = start + plan.num_tokens
                 outputs.append(segment_attention(q[start:end], k[start:end], v[start:end], plan, cache))
             start = end
-        return torch.cat(outputs)
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
 
 def batch_attention(q: Tensor, k: Tensor, v: Tensor, segments: list[Segment], cache: LayerCache) -> Tensor:

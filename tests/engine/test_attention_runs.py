@@ -67,3 +67,13 @@ def test_equal_canvases_run_unpadded_and_long_padding_is_not_batched() -> None:
     assert len(equal) == 1 and isinstance(equal[0], DecoderRun) and equal[0].key_mask is None
     # Canvas 2 reads 2 cached keys against the others' 40: padding it would add far more than 25%.
     assert [type(p) for p in plan_group(segments, cache)] == [SegmentPlan] * 3
+
+
+def test_canvases_with_nothing_cached_run_together() -> None:
+    q, k, v, segments, cache = make_case(
+        [(6, 0, False, 0), (6, 0, False, 1)], 2, 1, 16, 4, None, torch.float32, torch.device("cpu")
+    )
+    metadata = TorchAttention().prepare(segments, [cache])
+    assert [type(p) for p in metadata["g"]] == [DecoderRun]
+    got = TorchAttention().forward(q, k, v, clone(cache), metadata)
+    torch.testing.assert_close(got, one_by_one(q, k, v, segments, clone(cache)), atol=1e-5, rtol=1e-5)
