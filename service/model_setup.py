@@ -46,9 +46,17 @@ def device_and_dtype(settings: Settings) -> tuple[torch.device, torch.dtype]:
     device = torch.device("cuda" if wants_cuda else "cpu")
     if settings.dtype != "auto":
         return device, {"float32": torch.float32, "bfloat16": torch.bfloat16}[settings.dtype]
-    dtype, reason = (torch.bfloat16, "CUDA") if wants_cuda else auto_cpu_dtype()
-    logger.info("--dtype auto: %s (%s)", str(dtype).removeprefix("torch."), reason)
-    return device, dtype
+    return device, torch.bfloat16 if wants_cuda else auto_cpu_dtype()[0]
+
+
+def dtype_choice(settings: Settings, device: torch.device, dtype: torch.dtype) -> str:
+    """How the dtype was chosen, for the start-up log: e.g. `bfloat16 (--dtype auto: the CPU has
+    amx_bf16 and avx512_bf16)`."""
+    name = str(dtype).removeprefix("torch.")
+    if settings.dtype != "auto":
+        return f"{name} (--dtype {settings.dtype})"
+    reason = "CUDA" if device.type == "cuda" else auto_cpu_dtype()[1]
+    return f"{name} (--dtype auto: {reason})"
 
 
 def auto_cpu_dtype(flags: set[str] | None = None) -> tuple[torch.dtype, str]:
@@ -131,7 +139,12 @@ def build_service(settings: Settings) -> tuple[Service, Metrics]:
     name = settings.served_model_name or path.name
     served = ServedModel(name, canvas, checkpoint.config.vocab_size, engine.max_model_len)
     logger.info(
-        "serving %s from %s on %s (%s), max_model_len %d", name, path, device, dtype, engine.max_model_len
+        "serving %s from %s on %s, %s, max_model_len %d",
+        name,
+        path,
+        device,
+        dtype_choice(settings, device, dtype),
+        engine.max_model_len,
     )
     return Service(AsyncEngine(engine), checkpoint.tokenizer, served, settings), Metrics(
         name, engine.max_model_len

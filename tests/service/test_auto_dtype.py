@@ -1,13 +1,11 @@
-"""`--dtype auto`: bf16 on CUDA and on CPUs that multiply bf16 natively, fp32 elsewhere, and says which."""
+"""`--dtype auto`: bf16 on CUDA and on CPUs that multiply bf16 natively, fp32 elsewhere; the start-up log
+says which and why."""
 
 from __future__ import annotations
 
-import logging
-
-import pytest
 import torch
 
-from service.model_setup import auto_cpu_dtype, cpu_flags, device_and_dtype
+from service.model_setup import auto_cpu_dtype, cpu_flags, device_and_dtype, dtype_choice
 from service.settings import Settings
 
 
@@ -23,14 +21,20 @@ def test_no_native_bf16_picks_float32() -> None:
     assert auto_cpu_dtype(set())[0] == torch.float32
 
 
-def test_auto_on_this_cpu_follows_its_flags_and_logs_the_choice(caplog: pytest.LogCaptureFixture) -> None:
-    expected = torch.bfloat16 if cpu_flags() & {"amx_bf16", "avx512_bf16"} else torch.float32
-    with caplog.at_level(logging.INFO, logger="service.model_setup"):
-        device, dtype = device_and_dtype(Settings(device="cpu"))
-    assert device == torch.device("cpu") and dtype == expected
-    assert f"--dtype auto: {str(expected).removeprefix('torch.')}" in caplog.text
+def test_auto_on_this_cpu_follows_its_flags_and_says_why() -> None:
+    native = sorted(cpu_flags() & {"amx_bf16", "avx512_bf16"})
+    settings = Settings(device="cpu")
+    device, dtype = device_and_dtype(settings)
+    assert device == torch.device("cpu") and dtype == (torch.bfloat16 if native else torch.float32)
+    expected = f"the CPU has {' and '.join(native)}" if native else "the CPU has no AMX-BF16 or AVX512-BF16"
+    assert (
+        dtype_choice(settings, device, dtype)
+        == f"{str(dtype).removeprefix('torch.')} (--dtype auto: {expected})"
+    )
 
 
 def test_explicit_dtype_wins() -> None:
     assert device_and_dtype(Settings(device="cpu", dtype="float32"))[1] == torch.float32
-    assert device_and_dtype(Settings(device="cpu", dtype="bfloat16"))[1] == torch.bfloat16
+    settings = Settings(device="cpu", dtype="bfloat16")
+    assert device_and_dtype(settings)[1] == torch.bfloat16
+    assert dtype_choice(settings, torch.device("cpu"), torch.bfloat16) == "bfloat16 (--dtype bfloat16)"
