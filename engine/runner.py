@@ -14,8 +14,6 @@ layers.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
@@ -78,7 +76,9 @@ class ModelRunner:
             return RunnerOutput()
         states = [self.canvases[w.request_id] for w in work.denoise]
         results = denoise_step(hidden, self.head, states, [w.params for w in work.denoise])
-        return RunnerOutput(_outcomes(work.denoise, results))
+        return RunnerOutput(
+            {w.request_id: _outcome(w, r) for w, r in zip(work.denoise, results, strict=True)}
+        )
 
     def _build_batch(self, work: SchedulerOutput) -> ForwardBatch:
         """Causal token ids and all positions go to the device in one copy each; canvases are there."""
@@ -107,31 +107,14 @@ class ModelRunner:
         return torch.cat([zeros if s.self_cond is None else s.self_cond for s in states])
 
 
-def _outcomes(denoise: list[DenoiseWork], results: list[StepResult]) -> dict[str, DenoiseOutcome]:
-    """Plain-Python view of a step; a canvas itself only when finished or asked for.
-
-    The canvases shown are copied to the host together, in one transfer for the argmaxes and one for
-    the confidences, not one per canvas.
-    """
-    shown = [i for i, (w, r) in enumerate(zip(denoise, results, strict=True)) if r.finished or w.want_canvas]
-    live = [i for i, w in enumerate(denoise) if w.want_canvas]
-    argmax = _to_lists([results[i].argmax for i in shown])
-    confidence = _to_lists([results[i].confidence for i in live])
-    argmax_of = dict(zip(shown, argmax, strict=True))
-    confidence_of = {i: [round(float(c), 3) for c in row] for i, row in zip(live, confidence, strict=True)}
-    return {
-        w.request_id: DenoiseOutcome(
-            step=r.step,
-            finished=r.finished,
-            num_accepted=r.num_accepted,
-            mean_entropy=r.mean_entropy,
-            argmax=[int(t) for t in argmax_of[i]] if i in argmax_of else None,
-            confidence=confidence_of.get(i),
-        )
-        for i, (w, r) in enumerate(zip(denoise, results, strict=True))
-    }
-
-
-def _to_lists(rows: list[Tensor]) -> list[list[Any]]:
-    """Equal-length 1-d tensors to Python lists with one device-to-host copy."""
-    return torch.stack(rows).tolist() if rows else []
+def _outcome(work: DenoiseWork, result: StepResult) -> DenoiseOutcome:
+    """Plain-Python view of a step; the canvas itself only when finished or asked for."""
+    show = result.finished or work.want_canvas
+    return DenoiseOutcome(
+        step=result.step,
+        finished=result.finished,
+        num_accepted=result.num_accepted,
+        mean_entropy=result.mean_entropy,
+        argmax=[int(t) for t in result.argmax.tolist()] if show else None,
+        confidence=[round(float(c), 3) for c in result.confidence.tolist()] if work.want_canvas else None,
+    )
