@@ -52,7 +52,11 @@ def _serve_parser(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
     serve.add_argument("--served-model-name")
-    serve.add_argument("--dtype", choices=["auto", "float32", "bfloat16"])
+    serve.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16"],
+        help="auto (default): bfloat16 on CUDA and on CPUs with AMX-BF16 or AVX512-BF16, else float32",
+    )
     serve.add_argument("--device", choices=["auto", "cpu", "cuda"])
     serve.add_argument(
         "--max-num-seqs", type=int, help=f"requests running at once (default {LIMITS.max_num_seqs})"

@@ -44,9 +44,44 @@ def device_and_dtype(settings: Settings) -> tuple[torch.device, torch.dtype]:
     if wants_cuda and not torch.cuda.is_available():
         raise SetupError("--device cuda was asked for but no CUDA device is available: use --device cpu")
     device = torch.device("cuda" if wants_cuda else "cpu")
-    if settings.dtype == "auto":
-        return device, torch.bfloat16 if wants_cuda else torch.float32
-    return device, {"float32": torch.float32, "bfloat16": torch.bfloat16}[settings.dtype]
+    if settings.dtype != "auto":
+        return device, {"float32": torch.float32, "bfloat16": torch.bfloat16}[settings.dtype]
+    return device, torch.bfloat16 if wants_cuda else auto_cpu_dtype()[0]
+
+
+def dtype_choice(settings: Settings, device: torch.device, dtype: torch.dtype) -> str:
+    """How the dtype was chosen, for the start-up log: e.g. `bfloat16 (--dtype auto: the CPU has
+    amx_bf16 and avx512_bf16)`."""
+    name = str(dtype).removeprefix("torch.")
+    if settings.dtype != "auto":
+        return f"{name} (--dtype {settings.dtype})"
+    reason = "CUDA" if device.type == "cuda" else auto_cpu_dtype()[1]
+    return f"{name} (--dtype auto: {reason})"
+
+
+def auto_cpu_dtype(flags: set[str] | None = None) -> tuple[torch.dtype, str]:
+    """bfloat16 where the CPU multiplies bf16 natively (AMX-BF16 or AVX512-BF16), else float32; and why.
+
+    `flags` are the CPU's feature flags (default: read from /proc/cpuinfo; none off Linux). Without
+    native bf16, torch emulates bf16 matmuls and they run slower than fp32.
+    """
+    flags = cpu_flags() if flags is None else flags
+    native = sorted(flags & {"amx_bf16", "avx512_bf16"})
+    if native:
+        return torch.bfloat16, f"the CPU has {' and '.join(native)}"
+    return torch.float32, "the CPU has no AMX-BF16 or AVX512-BF16"
+
+
+def cpu_flags() -> set[str]:
+    """The feature flags of the first CPU in /proc/cpuinfo (empty where there is none)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
 
 
 def diffusion_defaults(settings: Settings, checkpoint: Checkpoint) -> DiffusionDefaults:
@@ -104,7 +139,12 @@ def build_service(settings: Settings) -> tuple[Service, Metrics]:
     name = settings.served_model_name or path.name
     served = ServedModel(name, canvas, checkpoint.config.vocab_size, engine.max_model_len)
     logger.info(
-        "serving %s from %s on %s (%s), max_model_len %d", name, path, device, dtype, engine.max_model_len
+        "serving %s from %s on %s, %s, max_model_len %d",
+        name,
+        path,
+        device,
+        dtype_choice(settings, device, dtype),
+        engine.max_model_len,
     )
     return Service(AsyncEngine(engine), checkpoint.tokenizer, served, settings), Metrics(
         name, engine.max_model_len

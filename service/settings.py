@@ -35,7 +35,7 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     """Port to listen on."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    """auto: bfloat16 on CUDA, float32 on the CPU."""
+    """auto: bfloat16 on CUDA and on CPUs with native bf16 (AMX-BF16, AVX512-BF16), else float32."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto: CUDA when available, else the CPU."""
 
