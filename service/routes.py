@@ -63,6 +63,7 @@ async def ready(service: ServiceDep) -> JSONResponse:
 @router.get("/metrics")
 async def metrics(service: ServiceDep, metrics: MetricsDep) -> Response:
     metrics.collect_engine(service.engine.stats)
+    metrics.set_engine_alive(service.engine.is_alive)
     body, content_type = metrics.render()
     return Response(body, media_type=content_type)
 
