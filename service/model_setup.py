@@ -129,12 +129,27 @@ def build_engine(settings: Settings, with_tokenizer: bool = True) -> Engine:
         raise SetupError(str(error)) from error
 
 
+def usable_cpus(cgroup_cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """Cores this process may run on: its affinity, capped by a cgroup v2 CPU quota (a container's
+    `cpu: "2"` limit on a 64-core node is 2, not 64)."""
+    cpus = len(os.sched_getaffinity(0))
+    try:
+        quota, period = cgroup_cpu_max.read_text().split()[:2]
+    except (OSError, ValueError):
+        return cpus
+    if quota == "max":
+        return cpus
+    return max(1, min(cpus, -(-int(quota) // int(period))))
+
+
 def engine_threads(settings: Settings) -> int:
-    """torch threads of the engine core process: --engine-threads, else every core this process may
-    use but one, which the API process keeps for HTTP, tokenisation and detokenisation (at least 1)."""
+    """torch threads of the engine core process: --engine-threads, else every usable core but one,
+    which the API process keeps for HTTP, tokenisation and detokenisation (at least 1). On a 2-core
+    machine that is 1: the engine's OpenMP workers then never wait at a barrier for a core the API
+    process holds (bench/RESULTS.md, "Served vs offline")."""
     if settings.engine_threads is not None:
         return settings.engine_threads
-    return max(1, len(os.sched_getaffinity(0)) - 1)
+    return max(1, usable_cpus() - 1)
 
 
 def start_engine(settings: Settings) -> tuple[EngineClient, Any, ModelConfig, int]:
