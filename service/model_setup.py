@@ -161,6 +161,8 @@ def start_engine(settings: Settings) -> tuple[EngineClient, Any, ModelConfig, in
         return AsyncEngine(engine), engine.tokenizer, engine.model.config, engine.max_model_len
     path = model_dir(settings)
     device_and_dtype(settings)  # a device that is not there fails before any process starts
+    if not path.is_dir():
+        raise SetupError(f"checkpoint directory {path} does not exist")
     try:
         config = read_model_config(path)
         tokenizer = load_tokenizer(path)
