@@ -3,16 +3,21 @@
 The same held-out Sudoku puzzles (`recipes/sudoku` evaluation set, `--per-band` per clue band), one
 request per puzzle with seed = its index and the shipped sampler settings (adaptive stopping), fp32:
 
-- offline: `LLM.generate` over all puzzles at once, `max_num_seqs` = `--concurrency` (16 at a time);
+- offline: `LLM.generate` over all puzzles at once, `max_num_seqs` = `--concurrency` (16 at a time),
+  once per `--offline-threads` value (torch threads of this process; 0: torch's default);
 - served: `canvas-serve serve models/sudoku --max-num-seqs 16 --dtype float32` over HTTP,
   `--concurrency` clients in a closed loop (`bench/serve.py`'s load generator: streamed
-  completions), once with the engine in a thread of the API process (`--no-engine-process`) and
-  once per `--engine-threads` value with the engine core in its own process.
+  completions), with the engine in a thread of the API process (`--no-engine-process`) once per
+  `--server-threads` value (its OMP_NUM_THREADS; 0: unset), and with the engine core in its own
+  process once per `--engine-threads` value (0: the server's default).
 
 Every variant runs `--rounds` times, interleaved (the order rotates each round) so that a change in
 the machine's load hits all of them alike; the servers are started once, before the first round, and
 warmed up. Per run: wall time, committed tokens/s, denoise passes (equal seeds give equal work, which
-the table checks), puzzles solved, and the 1-minute load average before and after.
+the table checks), puzzles solved, the 1-minute load average before and after, and the CPU seconds
+each side spent (from /proc: the server process, and its engine core process apart; for offline, this
+process), which a loaded machine inflates far less than wall time: served with the engine in its
+own process, the engine's CPU time is the critical path, the API's runs beside it on another core.
 
     python bench/served.py --per-band 40 --concurrency 16 --rounds 3 --json /tmp/served.json
 """
@@ -22,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -56,6 +62,11 @@ class Run:
     errors: int
     load_before: float | None
     load_after: float | None
+    cpu_engine_s: float
+    """CPU seconds of the process that steps the engine (offline: this one; served in a thread: the
+    whole server)."""
+    cpu_api_s: float = 0.0
+    """CPU seconds of the API process beside an engine core process (0 otherwise)."""
 
     @property
     def tokens_per_s(self) -> float:
@@ -68,15 +79,45 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=16, help="clients, and max_num_seqs")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument(
+        "--offline-threads", type=int, nargs="*", default=[0], help="offline variants (0: torch's default)"
+    )
+    parser.add_argument(
+        "--server-threads",
+        type=int,
+        nargs="*",
+        default=[0],
+        help="engine-thread server variants, by OMP_NUM_THREADS (0: unset)",
+    )
+    parser.add_argument(
         "--engine-threads",
         type=int,
         nargs="*",
         default=[0],
-        help="one engine-process variant per value (0: the server's default)",
+        help="engine-process server variants, by --engine-threads (0: the server's default)",
     )
-    parser.add_argument("--no-thread-variant", action="store_true", help="skip --no-engine-process")
     parser.add_argument("--json", type=Path, default=None)
     return parser.parse_args(argv)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU seconds of one process so far (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def engine_child(server_pid: int) -> int | None:
+    """The server's engine core process (multiprocessing's spawned child), if it has one."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            command = (entry / "cmdline").read_bytes()
+        except (OSError, IndexError):
+            continue
+        if ppid == server_pid and b"spawn_main" in command and b"resource_tracker" not in command:
+            return int(entry.name)
+    return None
 
 
 def solved(text: str, puzzle: list[int]) -> bool:
@@ -88,19 +129,23 @@ def solved(text: str, puzzle: list[int]) -> bool:
     return is_valid_solution(grid) and consistent(puzzle, grid)
 
 
-def offline_runner(pairs: list[Pair], concurrency: int) -> Callable[[int], Run]:
-    llm = LLM.from_checkpoint(MODEL_DIR, EngineConfig(max_num_seqs=concurrency), dtype=torch.float32)
+def offline_runner(llm: LLM, pairs: list[Pair], threads: int) -> Callable[[int], Run]:
+    """`LLM.generate` on every puzzle, with `threads` torch threads (0: torch's default)."""
     prompts = [to_string(puzzle) for puzzle, _ in pairs]
     params = [SamplingParams(seed=i) for i in range(len(pairs))]
     llm.generate(prompts[:2], params[:2])  # warm-up
+    default_threads = torch.get_num_threads()
+    label = f"{threads} torch threads" if threads else f"default: {default_threads} torch threads"
 
     def run(round_index: int) -> Run:
+        torch.set_num_threads(threads or default_threads)
         load = load_average()
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         results = llm.generate(prompts, params)
-        wall = time.perf_counter() - start
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+        torch.set_num_threads(default_threads)
         return Run(
-            "offline LLM.generate",
+            f"offline LLM.generate ({label})",
             round_index,
             wall,
             sum(len(r.token_ids) for r in results),
@@ -109,12 +154,15 @@ def offline_runner(pairs: list[Pair], concurrency: int) -> Callable[[int], Run]:
             0,
             load,
             load_average(),
+            cpu,
         )
 
     return run
 
 
-def served_runner(name: str, url: str, pairs: list[Pair], concurrency: int) -> Callable[[int], Run]:
+def served_runner(
+    name: str, server: subprocess.Popen[bytes], url: str, pairs: list[Pair], concurrency: int
+) -> Callable[[int], Run]:
     bodies: list[dict[str, Any]] = [
         {
             "prompt": to_string(puzzle),
@@ -125,10 +173,14 @@ def served_runner(name: str, url: str, pairs: list[Pair], concurrency: int) -> C
         for i, (puzzle, _) in enumerate(pairs)
     ]
     asyncio.run(run_load(url, bodies[:2], 2))  # warm-up
+    engine = engine_child(server.pid)
 
     def run(round_index: int) -> Run:
         load = load_average()
+        api_cpu, engine_cpu = cpu_seconds(server.pid), cpu_seconds(engine) if engine else 0.0
         samples, errors, wall = asyncio.run(run_load(url, bodies, concurrency))
+        api_cpu = cpu_seconds(server.pid) - api_cpu
+        engine_cpu = cpu_seconds(engine) - engine_cpu if engine else api_cpu
         return Run(
             name,
             round_index,
@@ -139,18 +191,25 @@ def served_runner(name: str, url: str, pairs: list[Pair], concurrency: int) -> C
             errors,
             load,
             load_average(),
+            engine_cpu,
+            api_cpu if engine else 0.0,
         )
 
     return run
 
 
-def server_variants(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
+def server_variants(args: argparse.Namespace) -> list[tuple[str, list[str], dict[str, str]]]:
+    """(label, flags, environment) of each server to start."""
     base = ["--max-num-seqs", str(args.concurrency), "--dtype", "float32", "--device", "cpu"]
-    variants = [] if args.no_thread_variant else [("served, engine thread", [*base, "--no-engine-process"])]
+    variants = []
+    for threads in args.server_threads:
+        env = {"OMP_NUM_THREADS": str(threads)} if threads else {}
+        label = f"OMP_NUM_THREADS={threads}" if threads else "default threads"
+        variants.append((f"served, engine thread ({label})", [*base, "--no-engine-process"], env))
     for threads in args.engine_threads:
         flags = [*base, "--engine-process"] + (["--engine-threads", str(threads)] if threads else [])
         label = f"{threads} torch threads" if threads else "default threads"
-        variants.append((f"served, engine process ({label})", flags))
+        variants.append((f"served, engine process ({label})", flags, {}))
     return variants
 
 
@@ -160,17 +219,19 @@ def table(runs: list[Run]) -> str:
     medians = {v: statistics.median(r.wall_s for r in runs if r.variant == v) for v in variants}
     offline = next((v for v in variants if v.startswith("offline")), variants[0])
     lines = [
-        "| variant | runs | wall s (median) | wall s (all) | committed tok/s | vs offline | denoise passes "
-        "| solved | errors |",
-        "|---|---:|---:|---|---:|---:|---:|---:|---:|",
+        "| variant | runs | wall s (median) | wall s (all) | committed tok/s | vs offline | engine CPU s "
+        "| API CPU s | denoise passes | solved | errors |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for v in variants:
         mine = [r for r in runs if r.variant == v]
         tokens = mine[0].completion_tokens
+        engine_cpu = statistics.median(r.cpu_engine_s for r in mine)
+        api_cpu = statistics.median(r.cpu_api_s for r in mine)
         lines.append(
             f"| {v} | {len(mine)} | {medians[v]:.2f} | {', '.join(f'{r.wall_s:.2f}' for r in mine)} "
-            f"| {tokens / medians[v]:.0f} | {medians[offline] / medians[v]:.2f}x "
-            f"| {'/'.join(sorted({str(r.denoise_passes) for r in mine}))} | {mine[0].solved} "
+            f"| {tokens / medians[v]:.0f} | {medians[offline] / medians[v]:.2f}x | {engine_cpu:.1f} "
+            f"| {api_cpu:.1f} | {'/'.join(sorted({str(r.denoise_passes) for r in mine}))} | {mine[0].solved} "
             f"| {sum(r.errors for r in mine)} |"
         )
     return "\n".join(lines)
@@ -183,11 +244,12 @@ def main(argv: list[str] | None = None) -> int:
     pairs = [pair for band in banded_set(args.per_band, EVAL_SEED).values() for pair in band]
     servers: list[subprocess.Popen[bytes]] = []
     try:
-        runners = [offline_runner(pairs, args.concurrency)]
-        for name, flags in server_variants(args):
-            process, url = spawn_server(MODEL_DIR, flags)
+        llm = LLM.from_checkpoint(MODEL_DIR, EngineConfig(max_num_seqs=args.concurrency), dtype=torch.float32)
+        runners = [offline_runner(llm, pairs, threads) for threads in args.offline_threads]
+        for name, flags, env in server_variants(args):
+            process, url = spawn_server(MODEL_DIR, flags, env)
             servers.append(process)
-            runners.append(served_runner(name, url, pairs, args.concurrency))
+            runners.append(served_runner(name, process, url, pairs, args.concurrency))
         runs = []
         for round_index in range(args.rounds):
             shift = round_index % len(runners)
@@ -197,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(
                     f"round {round_index}: {r.variant}: {r.wall_s:.2f}s, {r.tokens_per_s:.0f} tok/s, "
                     f"{r.denoise_passes} passes, {r.solved} solved, {r.errors} errors, "
+                    f"CPU s engine {r.cpu_engine_s:.1f} API {r.cpu_api_s:.1f}, "
                     f"load {r.load_before} -> {r.load_after}",
                     flush=True,
                 )
