@@ -1,7 +1,7 @@
 """`EngineCoreClient`: the API side of an engine core process (the server's default `EngineClient`).
 
-The engine (scheduler, runner, model) runs in a process of its own, started with the 'spawn' method
-(`engine.core.run_engine_core`), so the API's event loop (HTTP, JSON, SSE, tokenisation,
+The engine (scheduler, runner, model) runs in a process of its own (`engine.core_process`, running
+`engine.core.run_engine_core`), so the API's event loop (HTTP, JSON, SSE, tokenisation,
 detokenisation) never holds the GIL or a core the engine's step needs, and the engine never waits on
 HTTP (vLLM V1's split, for the same reason). They talk over two ZeroMQ sockets on IPC endpoints in a
 private temporary folder: requests, aborts and utility calls go down a PUSH socket, `CoreOutputs`
@@ -24,10 +24,8 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import multiprocessing
 import os
 import shutil
-import signal
 import tempfile
 import threading
 import time
@@ -40,7 +38,8 @@ import zmq.asyncio
 
 from engine.client import EngineDead, Event, RequestStream
 from engine.config import DiffusionDefaults
-from engine.core import CoreLaunch, run_engine_core
+from engine.core import CoreLaunch
+from engine.core_process import CoreProcess, EngineStartError
 from engine.detokenizer import IncrementalDetokenizer
 from engine.engine import Engine
 from engine.engine_config import EngineConfig
@@ -51,21 +50,18 @@ from engine.messages import (
     AddRequest,
     CoreFailed,
     CoreOutputs,
-    EngineReady,
     UtilityCall,
 )
 from engine.request import InvalidParams, RequestOutput, SamplingParams
 from engine.snapshot import RequestsView, merge_stats
 from engine.stats import EngineStats
 
+__all__ = ["EngineCoreClient", "EngineStartError"]  # EngineStartError: for the service's import
+
 logger = logging.getLogger(__name__)
 
 EXIT_GRACE_S = 0.2
 """After the process exits, how long its last messages (final outputs, `CoreFailed`) may still arrive."""
-
-
-class EngineStartError(RuntimeError):
-    """The engine core process could not build its engine; the message says why."""
 
 
 @dataclass
@@ -93,24 +89,15 @@ class EngineCoreClient:
         self._context = zmq.asyncio.Context()
         self._input = self._bind(zmq.PUSH, "input")
         self._output = self._bind(zmq.PULL, "output")
-        spawn = multiprocessing.get_context("spawn")
-        receiver, sender = spawn.Pipe(duplex=False)
         launch = CoreLaunch(
             build, self._address("input"), self._address("output"), num_threads, os.getpid(), log_level
         )
-        self.process = spawn.Process(
-            target=run_engine_core, args=(launch, sender), name="canvas-engine-core", daemon=True
-        )
-        self.process.start()
-        sender.close()
         try:
-            self._ready = self._await_ready(receiver)
+            self.process = CoreProcess(launch)
         except BaseException:
-            self._stop_process(timeout=5.0)
             self._close_sockets()
             raise
-        finally:
-            receiver.close()
+        self._ready = self.process.ready
         self.stats = EngineStats()
         """A mirror of the core's statistics, brought up to date by each snapshot it ships."""
         self._requests = RequestsView()
@@ -134,23 +121,6 @@ class EngineCoreClient:
         socket.setsockopt(zmq.LINGER, 0)
         socket.bind(self._address(name))
         return socket
-
-    def _await_ready(self, receiver: Any) -> EngineReady:
-        """The core's start-up report; raises `EngineStartError` if it failed or died first."""
-        while True:
-            if receiver.poll(0.5):
-                try:
-                    report = receiver.recv()
-                except EOFError:
-                    break
-                if isinstance(report, CoreFailed):
-                    raise EngineStartError(report.message)
-                assert isinstance(report, EngineReady)
-                return report
-            if not self.process.is_alive():
-                break
-        self.process.join(5.0)
-        raise EngineStartError(f"the engine process {_exit_text(self.process.exitcode)} before it was ready")
 
     # -- what the engine said at start-up ---------------------------------------------------------
 
@@ -184,20 +154,11 @@ class EngineCoreClient:
         self._closing = True
         if self._loop is not None and not self._loop.is_closed():
             self._loop.remove_reader(self.process.sentinel)
-        self._stop_process(timeout)
+        self.process.stop(timeout)
         self._die(EngineDead("the engine is shutting down"))
         if self._reader is not None:
             self._reader.cancel()
         self._close_sockets()
-
-    def _stop_process(self, timeout: float) -> None:
-        if self.process.is_alive():
-            self.process.terminate()
-            self.process.join(timeout)
-        if self.process.is_alive():
-            logger.warning("the engine process ignored SIGTERM for %.0fs: killing it", timeout)
-            self.process.kill()
-            self.process.join(5.0)
 
     def _close_sockets(self) -> None:
         self._input.close(linger=0)
@@ -293,7 +254,7 @@ class EngineCoreClient:
         if self._reader is None or self._closing:
             raise EngineDead("the engine is not running")
         if not self.process.is_alive():
-            raise EngineDead(f"the engine process {_exit_text(self.process.exitcode)}")
+            raise EngineDead(f"the engine process {self.process.exit_text()}")
 
     def _post(self, message: AddRequest | AbortRequests | UtilityCall) -> None:
         """Send a command to the core, from the loop's thread (hopping there from any other)."""
@@ -372,10 +333,10 @@ class EngineCoreClient:
         """The process is gone: give its last messages a moment to arrive, then fail what is left."""
         assert self._loop is not None
         self._loop.remove_reader(self.process.sentinel)
-        self.process.join(1.0)
+        self.process.reap()
         if self._closing:
             return
-        error = EngineDead(f"the engine process {_exit_text(self.process.exitcode)}")
+        error = EngineDead(f"the engine process {self.process.exit_text()}")
         logger.error("%s: failing %d in-flight requests", error, len(self._streams))
         self._loop.call_later(EXIT_GRACE_S, self._die, error)
 
@@ -392,13 +353,3 @@ class EngineCoreClient:
             if not future.done():
                 future.set_exception(error)
         self._calls.clear()
-
-
-def _exit_text(exitcode: int | None) -> str:
-    """How a process ended, in words: "exited with code 1", "was killed by SIGKILL"."""
-    if exitcode is None:
-        return "is still running"
-    if exitcode < 0:
-        with contextlib.suppress(ValueError):
-            return f"was killed by {signal.Signals(-exitcode).name}"
-    return f"exited with code {exitcode}"
