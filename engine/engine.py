@@ -70,10 +70,14 @@ class Engine:
         defaults: DiffusionDefaults,
         tokenizer: Any | None = None,
         config: EngineConfig | None = None,
+        detokenize: bool = True,
     ) -> None:
+        """`tokenizer` compiles grammars and, with `detokenize`, turns outputs into text here. The
+        engine core process keeps the tokenizer for grammars but leaves text to the API process."""
         self.model = model
         self.defaults = defaults
         self.tokenizer = tokenizer
+        self.detokenize = detokenize
         model_config = model.config
         self.config = (config or EngineConfig()).resolve(
             model_config.canvas_length, model_config.max_position_embeddings
@@ -113,7 +117,8 @@ class Engine:
         resolved.check_canvas(config.canvas_length, config.vocab_size)
         self._check_grammar(resolved)
         self.scheduler.add_request(request_id, prompt_token_ids, resolved, want_canvas, arrival_time)
-        self._detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer)
+        if self.detokenize:
+            self._detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer)
 
     def _check_grammar(self, params: SamplingParams) -> None:
         """A grammar compiles (cached for the runner) and has a stop id to end on; else `InvalidParams`."""

@@ -14,7 +14,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.async_engine import AsyncEngine, RequestStream
+from engine.client import EngineClient, RequestStream
 from engine.request import CanvasSnapshot, RequestOutput, SamplingParams, TokenLogprob, Usage
 
 
@@ -142,7 +142,7 @@ def canvas_object(request_id: str, index: int, snapshot: CanvasSnapshot, tokeniz
 
 
 async def admit_all(
-    engine: AsyncEngine, specs: list[ChoiceSpec], request_id: str, want_canvas: bool
+    engine: EngineClient, specs: list[ChoiceSpec], request_id: str, want_canvas: bool
 ) -> list[RequestStream]:
     """Admit every choice or none: on the first refusal the admitted ones are aborted and it raises."""
     streams: list[RequestStream] = []

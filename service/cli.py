@@ -101,6 +101,18 @@ def _serve_parser(serve: argparse.ArgumentParser) -> None:
     serve.add_argument(
         "--shutdown-timeout", dest="drain_timeout_s", type=float, help="alias of --drain-timeout"
     )
+    serve.add_argument(
+        "--engine-process",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run the engine in its own process (default; env CANVAS_SERVE_ENGINE_PROCESS); "
+        "--no-engine-process: in a thread of the API process",
+    )
+    serve.add_argument(
+        "--engine-threads",
+        type=int,
+        help="torch threads of the engine process (default: the usable cores but one, at least 1)",
+    )
     serve.add_argument("--canvas-min-interval", dest="canvas_min_interval_s", type=float)
     serve.add_argument("--log-level")
     _access_arguments(serve.add_argument_group("access control and limits (see README: Access control)"))

@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from engine.async_engine import EngineDead
+from engine.client import EngineDead
 from engine.request import InvalidParams
 from engine.scheduler import QueueFull
 from service.protocol import ErrorInfo, ErrorResponse

@@ -64,6 +64,7 @@ async def ready(service: ServiceDep) -> JSONResponse:
 @router.get("/metrics")
 async def metrics(service: ServiceDep, metrics: MetricsDep) -> Response:
     metrics.collect_engine(service.engine.stats)
+    metrics.set_engine_alive(service.engine.is_alive)
     body, content_type = metrics.render()
     return Response(body, media_type=content_type)
 
@@ -71,7 +72,7 @@ async def metrics(service: ServiceDep, metrics: MetricsDep) -> Response:
 @router.post("/reset_prefix_cache", responses={400: {"model": ErrorResponse}})
 async def reset_prefix_cache(service: ServiceDep) -> Response:
     """Forget every cached prefix block (vLLM's route): later requests compute their prompts again."""
-    if not await service.engine.reset_prefix_cache():
+    if not await service.engine.call_utility("reset_prefix_cache"):
         raise APIError(400, "prefix caching is off (--no-enable-prefix-caching): there is nothing to reset")
     return Response(status_code=200)
 

@@ -7,7 +7,7 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
-from engine.async_engine import AsyncEngine
+from engine.client import EngineClient
 from engine.request import TokenLogprob, Usage
 from service.choices import ChoiceEvent, ChoiceRun, ChoiceSpec, StopMatcher, admit_all, merge
 from service.errors import APIError
@@ -60,9 +60,9 @@ class Accepted:
 
 
 class Service:
-    """Everything a route needs; owns no engine state (the AsyncEngine does)."""
+    """Everything a route needs; owns no engine state (the engine client does)."""
 
-    def __init__(self, engine: AsyncEngine, tokenizer: Any, model: ServedModel, settings: Settings) -> None:
+    def __init__(self, engine: EngineClient, tokenizer: Any, model: ServedModel, settings: Settings) -> None:
         self.engine = engine
         self.tokenizer = tokenizer
         self.model = model

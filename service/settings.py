@@ -68,6 +68,13 @@ class Settings(BaseSettings):
     enable_prefix_caching: bool = ENGINE_DEFAULTS.enable_prefix_caching
     """Reuse cached K/V of shared prompt prefixes and earlier conversation turns."""
 
+    engine_process: bool = True
+    """Run the engine (scheduler, runner, model) in a process of its own, talking to this one over
+    ZeroMQ, so HTTP never competes with a step for the GIL; False (`--no-engine-process`,
+    CANVAS_SERVE_ENGINE_PROCESS=0): in a thread of the API process."""
+    engine_threads: int | None = Field(None, ge=1)
+    """torch threads of the engine process; None: every core this process may use but one."""
+
     drain_timeout_s: float = Field(30.0, ge=0)
     """On SIGTERM: stop admitting, wait this long for in-flight requests, then abort the rest."""
     canvas_min_interval_s: float = Field(0.0, ge=0)
