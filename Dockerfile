@@ -4,8 +4,11 @@
 #   docker run -p 8000:8000 canvas-serve:cpu                 # serves the embedded Sudoku model
 #   docker run --gpus all -p 8000:8000 -v /srv/model:/model:ro canvas-serve:cuda /model
 # Arguments after the image name are `canvas-serve serve` arguments (flags mirror vLLM's);
-# CANVAS_SERVE_* variables set the same settings. Checked by `make deploy-check` (hadolint, a real
-# build of the CPU target with podman, `canvas-serve --help` inside it): see deploy/README.md.
+# CANVAS_SERVE_* variables set the same settings. An API key is given at run time, never built in:
+#   docker run -e CANVAS_SERVE_API_KEY -p 8000:8000 canvas-serve:cpu      # from the caller's environment
+# (or --env-file, or a mounted secret file named by CANVAS_SERVE_API_KEY_FILE).
+# Checked by `make deploy-check` (hadolint, a real build of the CPU target with podman,
+# `canvas-serve --help` inside it): see deploy/README.md.
 
 # Pinned bases. The CUDA target uses the same Python base: PyTorch's CUDA wheels carry their own CUDA
 # libraries (nvidia-* wheels) and the NVIDIA container runtime mounts the driver (deploy/README.md).

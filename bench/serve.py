@@ -9,7 +9,11 @@ without and with `include_canvas`, to measure what live canvases cost in through
 Run against a server you started, e.g.
     canvas-serve serve /path/to/model --port 8000 &
     python bench/serve.py --url http://127.0.0.1:8000 --concurrency 8 --requests 64 --compare-canvas
-or let the script start one on a random small checkpoint: `python bench/serve.py --spawn`.
+or let the script start one on a random small checkpoint: `python bench/serve.py --spawn`
+(add `--no-engine-process` to step its engine in a thread of the API process).
+
+`bench/served.py` reuses the load generator and the server spawner below to compare the served path
+with offline generation on the Sudoku model.
 """
 
 from __future__ import annotations
@@ -45,6 +49,9 @@ class Sample:
     denoise_steps: int
     canvases: int
     canvas_chunks: int
+    text: str = ""
+    index: int = 0
+    """The request's position in the load (so results can be matched to what was asked)."""
 
 
 @dataclass
@@ -73,6 +80,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=8, help="max_denoising_steps per request")
     parser.add_argument("--fixed-steps", action="store_true", help="disable adaptive stopping")
     parser.add_argument("--compare-canvas", action="store_true", help="run without and with include_canvas")
+    parser.add_argument(
+        "--engine-process",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="with --spawn: the engine in its own process (default) or in a thread of the API process",
+    )
     parser.add_argument("--json", type=Path, default=None)
     return parser.parse_args(argv)
 
@@ -93,11 +106,12 @@ def body(index: int, args: argparse.Namespace, include_canvas: bool) -> dict[str
     return request
 
 
-async def one_request(client: httpx.AsyncClient, url: str, payload: dict[str, Any]) -> Sample:
+async def one_request(client: httpx.AsyncClient, url: str, payload: dict[str, Any], index: int = 0) -> Sample:
     start = time.perf_counter()
     ttft = None
     usage: dict[str, Any] = {}
     canvas_chunks = 0
+    text = ""
     async with client.stream("POST", f"{url}/v1/completions", json=payload) as response:
         response.raise_for_status()
         async for line in response.aiter_lines():
@@ -107,6 +121,7 @@ async def one_request(client: httpx.AsyncClient, url: str, payload: dict[str, An
             if "error" in chunk:
                 raise RuntimeError(chunk["error"]["message"])
             canvas_chunks += "canvas" in chunk
+            text += "".join(c.get("text") or "" for c in chunk.get("choices", []))
             if chunk.get("usage"):
                 usage = chunk["usage"]
             elif ttft is None and any(c.get("text") for c in chunk.get("choices", [])):
@@ -118,13 +133,17 @@ async def one_request(client: httpx.AsyncClient, url: str, payload: dict[str, An
         denoise_steps=int(usage.get("denoise_steps", 0)),
         canvases=int(usage.get("canvases", 0)),
         canvas_chunks=canvas_chunks,
+        text=text,
+        index=index,
     )
 
 
 async def run_load(
-    args: argparse.Namespace, url: str, include_canvas: bool
+    url: str, bodies: list[dict[str, Any]], concurrency: int
 ) -> tuple[list[Sample], int, float]:
-    counter = iter(range(args.requests))
+    """`concurrency` clients in a closed loop send `bodies` (streamed completions) in order, each the
+    next one as soon as its last one ended; (samples, errors, wall seconds)."""
+    counter = iter(range(len(bodies)))
     samples: list[Sample] = []
     errors = 0
 
@@ -132,14 +151,14 @@ async def run_load(
         nonlocal errors
         for index in counter:
             try:
-                samples.append(await one_request(client, url, body(index, args, include_canvas)))
+                samples.append(await one_request(client, url, bodies[index], index))
             except (httpx.HTTPError, RuntimeError):
                 errors += 1
 
-    limits = httpx.Limits(max_connections=args.concurrency + 4)
+    limits = httpx.Limits(max_connections=concurrency + 4)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
         start = time.perf_counter()
-        await asyncio.gather(*(client_loop(client) for _ in range(args.concurrency)))
+        await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
         wall = time.perf_counter() - start
     return samples, errors, wall
 
@@ -192,18 +211,32 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def spawn_server(folder: Path, concurrency: int) -> tuple[subprocess.Popen[bytes], str]:
+def spawn_random_server(
+    folder: Path, concurrency: int, engine_process: bool
+) -> tuple[subprocess.Popen[bytes], str]:
     from bench.common import save_random_checkpoint
     from tests.engine.checkpoints import save_tokenizer
 
     save_random_checkpoint(folder, SMALL_TEXT, canvas_length=64)
     save_tokenizer(folder, vocab_size=SMALL_TEXT["vocab_size"])
+    flags = ["--max-num-seqs", str(concurrency)]
+    return spawn_server(folder, [*flags, "--engine-process" if engine_process else "--no-engine-process"])
+
+
+def spawn_server(
+    model_dir: Path, flags: list[str], env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], str]:
+    """`canvas-serve serve model_dir --port P --log-level warning [flags]` on a free port, once ready."""
     port = free_port()
-    command = [sys.executable, "-m", "service.cli", "serve", str(folder), "--port", str(port)]
-    command += ["--max-num-seqs", str(concurrency), "--log-level", "warning"]
-    process = subprocess.Popen(command, cwd=Path(__file__).resolve().parents[1], env=os.environ.copy())
+    command = [sys.executable, "-m", "service.cli", "serve", str(model_dir), "--port", str(port)]
+    command += ["--log-level", "warning", *flags]
+    process = subprocess.Popen(
+        command, cwd=Path(__file__).resolve().parents[1], env={**os.environ, **(env or {})}
+    )
     url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
+    for _ in range(1500):
+        if process.poll() is not None:
+            raise RuntimeError(f"the spawned server exited with {process.returncode}")
         try:
             if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
                 return process, url
@@ -214,25 +247,35 @@ def spawn_server(folder: Path, concurrency: int) -> tuple[subprocess.Popen[bytes
     raise RuntimeError("the spawned server did not become ready")
 
 
+def stop_server(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM (the server drains, then stops its engine), then wait for it."""
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=60)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     info = machine_header() | {k: v for k, v in vars(args).items() if k != "json"} | {"json": str(args.json)}
     print(json.dumps(info, default=str))
     with tempfile.TemporaryDirectory() as tmp:
-        process, url = spawn_server(Path(tmp), args.concurrency) if args.spawn else (None, args.url)
+        process, url = (
+            spawn_random_server(Path(tmp), args.concurrency, args.engine_process)
+            if args.spawn
+            else (None, args.url)
+        )
         try:
             modes = [False, True] if args.compare_canvas else [False]
             rows = []
             for include_canvas in modes:
-                samples, errors, wall = asyncio.run(run_load(args, url, include_canvas))
+                bodies = [body(i, args, include_canvas) for i in range(args.requests)]
+                samples, errors, wall = asyncio.run(run_load(url, bodies, args.concurrency))
                 rows.append(
                     summarise("with canvases" if include_canvas else "text only", samples, errors, wall)
                 )
                 print(table(rows[-1:]).splitlines()[-1], flush=True)
         finally:
             if process is not None:
-                process.send_signal(signal.SIGTERM)
-                process.wait(timeout=60)
+                stop_server(process)
     print(table(rows))
     if len(rows) == 2:
         cost = 1 - rows[1].tokens_per_s / rows[0].tokens_per_s

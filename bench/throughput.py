@@ -13,8 +13,16 @@ Reported: committed tokens/s, p50 and p99 request latency, ours/reference; the p
 at 16 over tok/s at 1); and the engine's overhead: the share of step time spent scheduling, updating
 and detokenising, outside the runner's forward and sampler.
 
+`--workload sudoku` measures real trained weights with adaptive stopping instead: the shipped Sudoku
+model (`models/sudoku`, its generation_config.json on both sides) on the held-out puzzles
+(`--per-band` from each clue band, `recipes.sudoku.data`), all queued at once through `LLM.generate`
+with `max_num_seqs` = c against transformers' `generate` in static batches of c, `--dtype` on both
+sides. Committed tokens are each output's tokens before `<eos>`; the solve rate of each side is
+printed as a check that both did the real work.
+
 Run: `python bench/throughput.py` (a few minutes on 2 cores), or
-     `python bench/throughput.py --concurrency 1 4 --requests-per-client 2 --json /tmp/tp.json`.
+     `python bench/throughput.py --concurrency 1 4 --requests-per-client 2 --json /tmp/tp.json`,
+     `python bench/throughput.py --workload sudoku --dtype bf16 --per-band 40 --threads 1`.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -35,16 +43,22 @@ from transformers import DiffusionGemmaForBlockDiffusion
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from bench.common import SMALL_TEXT, machine_header, save_random_checkpoint
+from bench.common import SMALL_TEXT, load_average, machine_header, save_random_checkpoint
 from engine.async_engine import AsyncEngine
 from engine.engine import Engine
 from engine.engine_config import EngineConfig, batched_tokens_for
+from engine.llm import LLM
 from engine.model.loader import load_checkpoint
 from engine.request import SamplingParams
+from recipes.sudoku import MODEL_DIR as SUDOKU_DIR
+from recipes.sudoku import tokens as sudoku_tokens
+from recipes.sudoku.data import EVAL_SEED, Pair, banded_set
+from recipes.sudoku.eval import solves
 
 CANVAS = 64
 BLOCKS = 2
 NEVER_CONFIDENT = 1e-9
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -53,6 +67,13 @@ class Side:
     p50_s: float
     p99_s: float
     wall_s: float
+    cpu_s: float = 0.0
+    """Process CPU time of the run (sudoku workload): on a shared machine, wall time also counts the
+    time other processes held the cores, CPU time much less so."""
+
+    @property
+    def tokens_per_cpu_s(self) -> float:
+        return self.tokens_per_s * self.wall_s / self.cpu_s if self.cpu_s else 0.0
 
 
 @dataclass
@@ -75,6 +96,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--min-requests", type=int, default=8)
     parser.add_argument("--steps", type=int, default=8, help="denoise steps per canvas (fixed)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--workload", choices=["synthetic", "sudoku"], default="synthetic")
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), default="fp32", help="both sides (sudoku workload)"
+    )
+    parser.add_argument("--per-band", type=int, default=40, help="held-out puzzles per clue band (sudoku)")
     parser.add_argument("--json", type=Path, default=None)
     return parser.parse_args(argv)
 
@@ -181,6 +207,86 @@ def _reference_batch(model: DiffusionGemmaForBlockDiffusion, batch: list[list[in
     return int(out.sequences[:, width:].numel())
 
 
+# ----------------------------------------------------------------------------------- sudoku workload
+
+
+def sudoku_puzzles(per_band: int) -> list[Pair]:
+    """The first `per_band` held-out puzzles of each clue band (the eval's sets, seed `EVAL_SEED`)."""
+    sets = banded_set(max(per_band, 100), EVAL_SEED)
+    return [pair for pairs in sets.values() for pair in pairs[:per_band]]
+
+
+def before_eos(ids: list[int]) -> list[int]:
+    return ids[: ids.index(sudoku_tokens.EOS)] if sudoku_tokens.EOS in ids else ids
+
+
+def run_ours_sudoku(puzzles: list[Pair], concurrency: int, dtype: torch.dtype) -> tuple[Side, float, float]:
+    """All puzzles queued at once through `LLM.generate`, at most `concurrency` running: (side, engine
+    overhead, solve rate)."""
+    checkpoint = load_checkpoint(SUDOKU_DIR, dtype=dtype, with_tokenizer=False)
+    canvas = checkpoint.model.config.canvas_length
+    budget = batched_tokens_for(concurrency, canvas, prefill_chunk=512)
+    config = EngineConfig(max_num_seqs=concurrency, max_num_batched_tokens=budget)
+    engine = Engine(checkpoint.model, checkpoint.defaults, None, config)
+    prompts = [sudoku_tokens.prompt_ids(p) for p, _ in puzzles]
+    start, cpu = time.perf_counter(), time.process_time()
+    results = LLM(engine).generate(prompts, [SamplingParams(seed=i) for i in range(len(prompts))])
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+    records = list(engine.stats.records)
+    latencies = [r.e2e_s for r in records]
+    tokens = sum(len(before_eos(r.token_ids)) for r in results)
+    solved = sum(solves(r.token_ids, p) for r, (p, _) in zip(results, puzzles, strict=True))
+    timing = engine.stats.total_timing
+    overhead = (timing.schedule_s + timing.update_s) / timing.total_s
+    return replace(side(latencies, tokens, wall), cpu_s=cpu), overhead, solved / len(puzzles)
+
+
+def run_reference_sudoku(puzzles: list[Pair], concurrency: int, dtype: torch.dtype) -> tuple[Side, float]:
+    """Static batches of `concurrency` through transformers' `generate` with the checkpoint's
+    generation_config.json (every prompt has 82 tokens: no padding). (side, solve rate)."""
+    model = DiffusionGemmaForBlockDiffusion.from_pretrained(SUDOKU_DIR, dtype=dtype).eval()
+    latencies: list[float] = []
+    tokens = solved = 0
+    start, cpu = time.perf_counter(), time.process_time()
+    for first in range(0, len(puzzles), concurrency):
+        batch = puzzles[first : first + concurrency]
+        ids = torch.tensor([sudoku_tokens.prompt_ids(p) for p, _ in batch])
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids))
+        latencies += [time.perf_counter() - t0] * len(batch)
+        for row, (puzzle, _) in zip(out.sequences[:, ids.shape[1] :].tolist(), batch, strict=True):
+            output = before_eos(row)
+            tokens += len(output)
+            solved += solves(output, puzzle)
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return replace(side(latencies, tokens, wall), cpu_s=cpu), solved / len(puzzles)
+
+
+def main_sudoku(args: argparse.Namespace) -> int:
+    dtype = DTYPES[args.dtype]
+    puzzles = sudoku_puzzles(args.per_band)
+    info = machine_header() | {"workload": "sudoku", "dtype": args.dtype, "puzzles": len(puzzles)}
+    print(json.dumps(info), flush=True)
+    rows = []
+    for c in args.concurrency:
+        ours, overhead, ours_solved = run_ours_sudoku(puzzles, c, dtype)
+        reference, ref_solved = run_reference_sudoku(puzzles, c, dtype)
+        rows.append(Row(c, len(puzzles), ours, reference, overhead))
+        print(format_table(rows[-1:]).splitlines()[-1], flush=True)
+        print(
+            f"  solved: ours {ours_solved:.1%}, reference {ref_solved:.1%}; tokens per CPU-second: ours "
+            f"{ours.tokens_per_cpu_s:.0f}, reference {reference.tokens_per_cpu_s:.0f} "
+            f"({ours.tokens_per_cpu_s / reference.tokens_per_cpu_s:.2f}x)",
+            flush=True,
+        )
+    print(format_table(rows))
+    print(f"load average now {load_average()}")
+    if args.json:
+        args.json.write_text(json.dumps({"header": info, "rows": [asdict(r) for r in rows]}, indent=2))
+    return 0
+
+
 # ---------------------------------------------------------------------------------------- report
 
 
@@ -203,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.workload == "sudoku":
+        return main_sudoku(args)
     info = machine_header() | {"canvas_length": CANVAS, "blocks": BLOCKS, "steps": args.steps}
     print(json.dumps(info))
     rows = []

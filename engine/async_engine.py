@@ -1,10 +1,13 @@
-"""AsyncEngine: the engine loop in a background thread, one asyncio queue per request.
+"""AsyncEngine: the in-process `EngineClient`, the engine loop in a background thread.
 
-The event loop never runs model work. Requests and aborts cross into the engine thread through a
-command queue; events come back through `loop.call_soon_threadsafe` into each request's queue.
-`generate()` first awaits admission, so validation errors and a full queue surface before anything
-is streamed. If the loop fails, every in-flight request receives the error and the engine reports
-itself dead; new requests are refused with `EngineDead`.
+The event loop never runs model work. Requests, aborts and utility calls cross into the engine
+thread through a command queue; events come back through `loop.call_soon_threadsafe` into each
+request's queue. `generate()` first awaits admission, so validation errors and a full queue surface
+before anything is streamed. If the loop fails, every in-flight request receives the error and the
+engine reports itself dead; new requests are refused with `EngineDead`.
+
+The thread shares the GIL and the cores with the event loop; the server runs the engine in its own
+process instead (`engine.core_client.EngineCoreClient`) unless told `--no-engine-process`.
 """
 
 from __future__ import annotations
@@ -19,15 +22,17 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from engine.client import EngineDead, Event, RequestStream, utility_method
+from engine.config import DiffusionDefaults
 from engine.engine import Engine
+from engine.engine_config import EngineConfig
 from engine.request import RequestOutput, SamplingParams
+from engine.snapshot import RequestsView, safe_copy
 from engine.stats import EngineStats
 
+__all__ = ["AsyncEngine", "EngineDead", "RequestStream"]  # EngineDead and RequestStream: their old home
+
 logger = logging.getLogger(__name__)
-
-
-class EngineDead(RuntimeError):
-    """The engine loop stopped after an error; the server should report itself unhealthy."""
 
 
 @dataclass
@@ -35,15 +40,15 @@ class _Stream:
     """One request's delivery channel, owned by the event loop."""
 
     loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue[RequestOutput | BaseException] = field(default_factory=asyncio.Queue)
+    events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
     admitted: asyncio.Future[None] | None = None
 
-    def deliver(self, item: RequestOutput | BaseException) -> None:
+    def deliver(self, item: Event) -> None:
         self._call(self.events.put_nowait, item)
 
     def settle(self, error: BaseException | None) -> None:
         assert self.admitted is not None
-        self._call(_settle, self.admitted, error)
+        self._call(settle, self.admitted, None, error)
 
     def _call(self, fn: Any, *args: Any) -> None:
         """Run `fn` on the stream's loop; a loop that has closed has no one left to tell."""
@@ -51,11 +56,12 @@ class _Stream:
             self.loop.call_soon_threadsafe(fn, *args)
 
 
-def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
+def settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    """Give `future` its result, or its error; a future already done (cancelled) is left alone."""
     if future.done():
         return
     if error is None:
-        future.set_result(None)
+        future.set_result(result)
     else:
         future.set_exception(error)
 
@@ -74,32 +80,15 @@ class _Abort:
     request_id: str
 
 
-class RequestStream:
-    """One admitted request's events; `aclose()` aborts it unless it already finished."""
+@dataclass(frozen=True)
+class _Utility:
+    method: str
+    args: tuple[Any, ...]
+    loop: asyncio.AbstractEventLoop
+    result: asyncio.Future[Any]
 
-    def __init__(self, engine: AsyncEngine, request_id: str, stream: _Stream) -> None:
-        self.engine = engine
-        self.request_id = request_id
-        self._stream = stream
-        self.finished = False
 
-    def __aiter__(self) -> RequestStream:
-        return self
-
-    async def __anext__(self) -> RequestOutput:
-        if self.finished:
-            raise StopAsyncIteration
-        item = await self._stream.events.get()
-        if isinstance(item, BaseException):
-            self.finished = True
-            raise item
-        self.finished = item.finished
-        return item
-
-    async def aclose(self) -> None:
-        if not self.finished:
-            self.finished = True
-            self.engine.abort(self.request_id)
+_Command = _Add | _Abort | _Utility
 
 
 class AsyncEngine:
@@ -107,7 +96,7 @@ class AsyncEngine:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self._commands: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[_Command | None] = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
@@ -139,6 +128,19 @@ class AsyncEngine:
     @property
     def stats(self) -> EngineStats:
         return self.engine.stats
+
+    @property
+    def defaults(self) -> DiffusionDefaults:
+        return self.engine.defaults
+
+    @property
+    def config(self) -> EngineConfig:
+        return self.engine.scheduler.config
+
+    def requests(self) -> RequestsView:
+        """Read from the scheduler while the engine thread runs: copies tolerate a change meanwhile."""
+        scheduler = self.engine.scheduler
+        return RequestsView.of(safe_copy(lambda: scheduler.running), safe_copy(lambda: scheduler.waiting))
 
     @property
     def num_in_flight(self) -> int:
@@ -174,7 +176,7 @@ class AsyncEngine:
         """Admit a request and return its event stream; raises on admission like `generate`."""
         request_id = request_id or f"req-{next(self._ids)}"
         stream = await self._submit(request_id, prompt_token_ids, params, want_canvas)
-        return RequestStream(self, request_id, stream)
+        return RequestStream(request_id, stream.events, self.abort)
 
     async def _submit(
         self, request_id: str, prompt: list[int], params: SamplingParams | None, want_canvas: bool
@@ -192,10 +194,27 @@ class AsyncEngine:
         """Abort a request in any state (thread-safe; a no-op for finished or unknown ids)."""
         self._commands.put(_Abort(request_id))
 
+    async def reset_prefix_cache(self) -> bool:
+        """Forget every cached block (`Engine.reset_prefix_cache`), in the engine thread when it runs.
+        False when prefix caching is off; raises `EngineDead` if the loop is down."""
+        if self._thread is None:
+            return self.engine.reset_prefix_cache()
+        return bool(await self.call_utility("reset_prefix_cache"))
+
     def abort_all(self) -> None:
         """Abort every in-flight request (thread-safe); each stream then ends with "abort"."""
         for request_id in list(self._streams):
             self.abort(request_id)
+
+    async def call_utility(self, method: str, *args: Any) -> Any:
+        """Run `engine.<method>(*args)` in the engine thread between two steps; its result or error."""
+        utility_method(self.engine, method)  # a bad name fails here, before the queue
+        self._check_alive()
+        loop = asyncio.get_running_loop()
+        result: asyncio.Future[Any] = loop.create_future()
+        self._commands.put(_Utility(method, args, loop, result))
+        self._check_alive()
+        return await result
 
     def _check_alive(self) -> None:
         if self.error is not None:
@@ -225,13 +244,16 @@ class AsyncEngine:
             self._apply(command)
             command = self._poll()
 
-    def _poll(self) -> _Add | _Abort | None:
+    def _poll(self) -> _Command | None:
         try:
             return self._commands.get_nowait()
         except queue.Empty:
             return None
 
-    def _apply(self, command: _Add | _Abort) -> None:
+    def _apply(self, command: _Command) -> None:
+        if isinstance(command, _Utility):
+            self._call(command)
+            return
         if isinstance(command, _Abort):
             output = self.engine.abort(command.request_id)
             if output is not None:
@@ -246,6 +268,15 @@ class AsyncEngine:
             return
         self._streams[command.request_id] = command.stream
         command.stream.settle(None)
+
+    def _call(self, command: _Utility) -> None:
+        result, error = None, None
+        try:
+            result = utility_method(self.engine, command.method)(*command.args)
+        except Exception as raised:  # the caller raises it
+            error = raised
+        with contextlib.suppress(RuntimeError):  # a closed loop has no one left to tell
+            command.loop.call_soon_threadsafe(settle, command.result, result, error)
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         for output in outputs:
@@ -267,6 +298,9 @@ class AsyncEngine:
         while command is not None:
             if isinstance(command, _Add):
                 command.stream.settle(error)
+            elif isinstance(command, _Utility):
+                with contextlib.suppress(RuntimeError):
+                    command.loop.call_soon_threadsafe(settle, command.result, None, error)
             command = self._poll()
 
     def _abort_all(self) -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.request import FinishReason
+from engine.outputs import CommitSpec
+from engine.request import FinishReason, Request, TokenLogprob
 
 
 @dataclass(frozen=True)
@@ -13,6 +14,10 @@ class CanvasEnd:
 
     new_token_ids: list[int]
     finish_reason: FinishReason | None
+
+    def logprobs_of(self, logprobs: list[TokenLogprob] | None) -> list[TokenLogprob] | None:
+        """The entries of the tokens this canvas adds (the canvas's logprobs cut like its tokens)."""
+        return None if logprobs is None else logprobs[: len(self.new_token_ids)]
 
 
 def end_canvas(canvas: list[int], num_output: int, max_tokens: int, stop_ids: tuple[int, ...]) -> CanvasEnd:
@@ -30,3 +35,23 @@ def end_canvas(canvas: list[int], num_output: int, max_tokens: int, stop_ids: tu
     if len(canvas) >= remaining:
         return CanvasEnd(canvas[:remaining], "length")
     return CanvasEnd(canvas, None)
+
+
+def commit_spec(request: Request) -> CommitSpec | None:
+    """How the runner must commit the request's next canvas: None unless it asks for a grammar or logprobs.
+
+    A grammar resumes after the output so far (for a constrained request that is every committed
+    token: its canvases commit whole until the grammar or `max_tokens` ends it) and may decode only
+    the output tokens left.
+    """
+    params = request.params
+    if params.grammar is None and params.logprobs is None:
+        return None
+    assert params.max_tokens is not None and params.stop_token_ids is not None
+    return CommitSpec(
+        logprobs=params.logprobs,
+        grammar=params.grammar,
+        grammar_prefix=tuple(request.output_token_ids) if params.grammar is not None else (),
+        budget=params.max_tokens - len(request.output_token_ids),
+        stop_token_ids=params.stop_token_ids,
+    )

@@ -15,10 +15,11 @@ import torch
 from engine.config import DiffusionDefaults, ModelConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.engine_config import EngineConfig
+from engine.guided import GrammarCompiler
 from engine.kv_cache import KVCacheManager, num_blocks_for
 from engine.model.cache_tensors import allocate_layer_caches, bytes_per_block, cache_groups
 from engine.model.diffusion_gemma import DiffusionGemma
-from engine.request import RequestOutput, SamplingParams, check_prompt_ids
+from engine.request import InvalidParams, RequestOutput, SamplingParams, check_prompt_ids
 from engine.runner import ModelRunner
 from engine.scheduler import Scheduler, context_error
 from engine.stats import EngineStats, StepTiming
@@ -69,10 +70,14 @@ class Engine:
         defaults: DiffusionDefaults,
         tokenizer: Any | None = None,
         config: EngineConfig | None = None,
+        detokenize: bool = True,
     ) -> None:
+        """`tokenizer` compiles grammars and, with `detokenize`, turns outputs into text here. The
+        engine core process keeps the tokenizer for grammars but leaves text to the API process."""
         self.model = model
         self.defaults = defaults
         self.tokenizer = tokenizer
+        self.detokenize = detokenize
         model_config = model.config
         self.config = (config or EngineConfig()).resolve(
             model_config.canvas_length, model_config.max_position_embeddings
@@ -83,7 +88,8 @@ class Engine:
         caches = allocate_layer_caches(
             model_config, blocks, self.config.block_size, weight.dtype, weight.device
         )
-        self.runner = ModelRunner(model, caches)
+        self.grammars = GrammarCompiler(tokenizer, model_config.vocab_size, defaults.eos_token_ids)
+        self.runner = ModelRunner(model, caches, self.grammars)
         self.scheduler = Scheduler(
             self.config,
             model_config.canvas_length,
@@ -109,8 +115,20 @@ class Engine:
         check_prompt_ids(prompt_token_ids, config.vocab_size)
         resolved = self._resolve(params or SamplingParams(), len(prompt_token_ids))
         resolved.check_canvas(config.canvas_length, config.vocab_size)
+        self._check_grammar(resolved)
         self.scheduler.add_request(request_id, prompt_token_ids, resolved, want_canvas, arrival_time)
-        self._detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer)
+        if self.detokenize:
+            self._detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer)
+
+    def _check_grammar(self, params: SamplingParams) -> None:
+        """A grammar compiles (cached for the runner) and has a stop id to end on; else `InvalidParams`."""
+        if params.grammar is None:
+            return
+        if not params.stop_token_ids:
+            raise InvalidParams(
+                "a grammar-constrained request needs a stop token id to end on", "stop_token_ids"
+            )
+        self.grammars.compile(params.grammar)
 
     @property
     def max_model_len(self) -> int:
@@ -137,6 +155,15 @@ class Engine:
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached block, so that later requests compute their prompts again (vLLM's
+        `reset_prefix_cache`); blocks of running requests stay theirs. False when prefix caching is off.
+        Call it from the thread that drives `step()`."""
+        if not self.config.enable_prefix_caching:
+            return False
+        self.scheduler.kv.reset_prefix_cache()
+        return True
 
     def step(self) -> list[RequestOutput]:
         """One engine step; returns the events for clients (text filled in)."""

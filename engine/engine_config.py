@@ -42,6 +42,9 @@ class EngineConfig:
     max_model_len, unless `kv_cache_bytes` caps it."""
     kv_cache_bytes: int | None = None
     """Total K/V budget in bytes across cache groups; None: no cap (see `num_full_blocks`)."""
+    enable_prefix_caching: bool = True
+    """Reuse the K/V of cached full blocks whose token ids (and everything before them) match: shared
+    prompts and earlier conversation turns are computed once (see `engine.prefix_cache`)."""
 
     def __post_init__(self) -> None:
         _check_min("max_num_seqs", self.max_num_seqs, 1)

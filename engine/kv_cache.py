@@ -22,22 +22,45 @@ backed in every group or not changed at all.
 The caller (scheduler or runner) calls `release_out_of_window` after each causal write into the cache,
 with the request's new number of computed tokens; the manager never guesses what has been computed.
 
-Invariants, per group: a physical block appears in at most one request's table, at most once;
-used + free == num_blocks; a full-group table never holds `NULL_BLOCK`.
+Prefix caching (`engine.prefix_cache` has the hashing and the hit rule): once positions are computed,
+the caller registers the request's full blocks under their content hashes (`cache_blocks`); freed and
+released blocks keep their hashes in the pool (`engine.block_pool`) until they are evicted, least
+recently freed first. A new request asks `find_cached_prefix` for the longest usable hit and passes it
+to `allocate`, which puts the cached blocks at the head of its tables (sharing them, one more reference
+each) and allocates only the rest. Shared blocks are full and computed, so nobody writes them again.
+
+Invariants, per group: a block's reference count equals the number of table entries holding it, and
+no table holds a block twice; used + free == num_blocks; a full-group table never holds `NULL_BLOCK`;
+only full blocks whose positions are computed carry a hash.
 """
 
 from __future__ import annotations
 
-from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+
+from engine.block_pool import BlockPool, NoFreeBlocks
+from engine.prefix_cache import (
+    BlockHash,
+    extend_hashes,
+    longest_hit,
+    num_cached_from_start,
+    window_hit_ok,
+)
+
+__all__ = [
+    "NULL_BLOCK",
+    "BlockPool",
+    "CacheGroupSpec",
+    "CacheHit",
+    "KVCacheManager",
+    "NoFreeBlocks",
+    "first_live_block",
+    "num_blocks_for",
+]
 
 NULL_BLOCK = -1
 """Table entry of a sliding-group block that was released because it lies outside the window."""
-
-
-class NoFreeBlocks(RuntimeError):
-    """A cache group has fewer free blocks than an allocation needs; nothing was changed."""
 
 
 @dataclass(frozen=True)
@@ -86,52 +109,6 @@ def first_live_block(num_computed_tokens: int, window: int, block_size: int) -> 
     return max(0, num_computed_tokens - window + 1) // block_size
 
 
-class BlockPool:
-    """The physical block ids [0, num_blocks) of one cache group, each either free or in use.
-
-    Invariant: num_free + num_used == num_blocks, and an id handed out by `allocate` is not handed out
-    again until it is given back by `free`. Ids come out lowest first, then in the order they were freed.
-    """
-
-    def __init__(self, num_blocks: int) -> None:
-        if num_blocks < 1:
-            raise ValueError(f"a block pool needs at least 1 block, got {num_blocks}")
-        self.num_blocks = num_blocks
-        self._free_ids: deque[int] = deque(range(num_blocks))
-        self._is_free = [True] * num_blocks
-
-    @property
-    def num_free(self) -> int:
-        return len(self._free_ids)
-
-    @property
-    def num_used(self) -> int:
-        return self.num_blocks - self.num_free
-
-    def allocate(self, num_blocks: int) -> list[int]:
-        """Take `num_blocks` free ids; raise `NoFreeBlocks` (taking none) if fewer are free."""
-        if num_blocks < 0:
-            raise ValueError(f"cannot allocate {num_blocks} blocks")
-        if num_blocks > self.num_free:
-            raise NoFreeBlocks(f"need {num_blocks} blocks, {self.num_free} of {self.num_blocks} are free")
-        block_ids = [self._free_ids.popleft() for _ in range(num_blocks)]
-        for block_id in block_ids:
-            self._is_free[block_id] = False
-        return block_ids
-
-    def free(self, block_ids: Iterable[int]) -> None:
-        """Give ids back; raise ValueError (freeing none) on an unknown, repeated or already-free id."""
-        to_free = list(block_ids)
-        if len(set(to_free)) != len(to_free):
-            raise ValueError(f"block ids {to_free} repeat: each block is freed once")
-        for block_id in to_free:
-            if not 0 <= block_id < self.num_blocks or self._is_free[block_id]:
-                raise ValueError(f"block {block_id} is not an in-use block of this pool")
-        for block_id in to_free:
-            self._is_free[block_id] = True
-            self._free_ids.append(block_id)
-
-
 @dataclass
 class _GroupTable:
     """One request's block table in one group.
@@ -143,6 +120,8 @@ class _GroupTable:
 
     block_ids: list[int] = field(default_factory=list)
     num_released: int = 0
+    num_hashed: int = 0
+    """Leading logical blocks already offered to the pool's hash index (`cache_blocks`)."""
 
     def num_to_allocate(self, num_blocks: int) -> int:
         """Physical blocks needed to cover `num_blocks` logical blocks (released ones need none)."""
@@ -167,12 +146,33 @@ class _GroupTable:
         return [block_id for block_id in self.block_ids if block_id != NULL_BLOCK]
 
 
-class KVCacheManager:
-    """Block tables of all requests over one pool per cache group.
+@dataclass(frozen=True)
+class CacheHit:
+    """The cached head of a request's tables, found by `KVCacheManager.find_cached_prefix`.
 
-    Invariants, per group: a physical block belongs to at most one request's table; used + free ==
-    num_blocks; a full-group table holds no NULL_BLOCK; a sliding-group table holds NULL_BLOCK exactly
-    at the logical blocks released by `release_out_of_window`, which are never re-allocated.
+    `block_ids[group]` covers the first num_tokens // block_size logical blocks: cached block ids,
+    and NULL_BLOCK for the blocks of a sliding group that lie below its window at num_tokens.
+    `hashes` name the request's full blocks as far as the lookup hashed them (for reuse).
+    Valid only until the pools change: pass it to `allocate` in the same scheduling pass.
+    """
+
+    num_tokens: int
+    block_ids: dict[str, tuple[int, ...]]
+    hashes: tuple[BlockHash, ...] = ()
+
+    @classmethod
+    def none(cls, group_names: Sequence[str]) -> CacheHit:
+        """No hit: nothing cached is used."""
+        return cls(0, {name: () for name in group_names})
+
+
+class KVCacheManager:
+    """Block tables of all requests over one reference-counted pool per cache group.
+
+    Invariants, per group: a block's reference count equals the number of table entries holding it;
+    used + free == num_blocks; a full-group table holds no NULL_BLOCK; a sliding-group table holds
+    NULL_BLOCK exactly at the logical blocks below its window (released by `release_out_of_window` or
+    skipped by a cache hit), which are never re-allocated.
     """
 
     def __init__(self, groups: Sequence[CacheGroupSpec], block_size: int) -> None:
@@ -188,33 +188,102 @@ class KVCacheManager:
         self._specs = {group.name: group for group in groups}
         self._pools = {group.name: BlockPool(group.num_blocks) for group in groups}
         self._tables: dict[str, dict[str, _GroupTable]] = {}
+        self._hashes: dict[str, list[BlockHash]] = {}
+        """Per request: the hashes of its full blocks computed so far (the chain grows, never changes)."""
 
     @property
     def request_ids(self) -> tuple[str, ...]:
         """Requests holding a table, in the order they were first allocated."""
         return tuple(self._tables)
 
-    def can_allocate(self, request_id: str, num_tokens: int) -> bool:
-        """True iff `allocate(request_id, num_tokens)` would succeed in every group."""
-        return not self._shortfalls(request_id, num_tokens)
+    def can_allocate(self, request_id: str, num_tokens: int, hit: CacheHit | None = None) -> bool:
+        """True iff `allocate(request_id, num_tokens, hit)` would succeed in every group."""
+        return not self._shortfalls(request_id, num_tokens, hit)
 
-    def allocate(self, request_id: str, num_tokens: int) -> None:
+    def allocate(self, request_id: str, num_tokens: int, hit: CacheHit | None = None) -> None:
         """Make the request's tables cover positions [0, num_tokens), allocating only the new blocks.
 
         Already-covered entries keep their ids; released sliding blocks stay NULL_BLOCK. A smaller
-        `num_tokens` than already covered changes nothing. All-or-nothing: if any group lacks blocks,
-        raise `NoFreeBlocks` naming the groups and counts, and leave every table and pool unchanged.
+        `num_tokens` than already covered changes nothing. A `hit` (only for a request without tables)
+        becomes the head of its tables, each cached block shared with one more reference. All-or-nothing:
+        if any group lacks blocks, raise `NoFreeBlocks` naming the groups and counts, and leave every
+        table and pool unchanged.
         """
-        shortfalls = self._shortfalls(request_id, num_tokens)
+        if hit is not None and request_id in self._tables:
+            raise ValueError(f"request {request_id!r} already holds blocks: a cache hit starts a request")
+        shortfalls = self._shortfalls(request_id, num_tokens, hit)
         if shortfalls:
             raise NoFreeBlocks(
                 f"cannot cover {num_tokens} tokens of request {request_id!r}: {'; '.join(shortfalls)}; "
                 "free or preempt a request, or give the cache more blocks"
             )
-        tables = self._tables.setdefault(request_id, {name: _GroupTable() for name in self.group_names})
+        if request_id not in self._tables:
+            self._tables[request_id] = self._start_tables(hit)
+            if hit is not None:
+                self._hashes[request_id] = list(hit.hashes)
+                for name, block_ids in hit.block_ids.items():
+                    self._pools[name].touch(b for b in block_ids if b != NULL_BLOCK)
         num_blocks = num_blocks_for(num_tokens, self.block_size)
-        for name, table in tables.items():
+        for name, table in self._tables[request_id].items():
             table.grow(num_blocks, self._pools[name].allocate(table.num_to_allocate(num_blocks)))
+
+    def find_cached_prefix(
+        self, token_ids: Sequence[int], max_tokens: int, extra_key: str | None = None
+    ) -> CacheHit:
+        """The longest head of `token_ids`, at most `max_tokens` long and a whole number of blocks, whose
+        K/V every group can reuse (the rule is in `engine.prefix_cache`). Changes nothing.
+
+        Example, block_size 4: with blocks 0-2 of a 14-token prompt cached in every group and
+        max_tokens 13, the hit is 12 tokens; with max_tokens 11 it is 8.
+        """
+        hashes: list[BlockHash] = []
+        extend_hashes(hashes, token_ids[: max(0, max_tokens)], self.block_size, extra_key)
+        found = {name: [pool.lookup(h) for h in hashes] for name, pool in self._pools.items()}
+        cached = {name: [b is not None for b in ids] for name, ids in found.items()}
+        full = [name for name in self.group_names if self._specs[name].window is None]
+        windowed = [name for name in self.group_names if name not in full]
+        num_blocks = longest_hit(
+            len(hashes),
+            [num_cached_from_start(cached[name]) for name in full],
+            [self._window_check(cached[name], self._window_of(name)) for name in windowed],
+        )
+        block_ids = {}
+        for name, ids in found.items():
+            first = self._first_live(name, num_blocks * self.block_size)
+            block_ids[name] = tuple(
+                NULL_BLOCK if i < first else _cached_id(ids[i]) for i in range(num_blocks)
+            )
+        return CacheHit(num_blocks * self.block_size, block_ids, tuple(hashes))
+
+    def cache_blocks(
+        self,
+        request_id: str,
+        token_ids: Sequence[int],
+        num_computed_tokens: int,
+        extra_key: str | None = None,
+    ) -> int:
+        """Register the request's full blocks within [0, num_computed_tokens) under their content hashes.
+
+        `token_ids` are the tokens the request's cache holds (at least num_computed_tokens of them) and
+        those positions must have been written. Blocks offered before are skipped; a block whose hash
+        already names another block stays unnamed. Call it before `release_out_of_window`, so that
+        released sliding blocks stay cached. Returns how many blocks were registered.
+        """
+        tables = self._tables.get(request_id)
+        if tables is None:
+            return 0
+        hashes = self._hashes.setdefault(request_id, [])
+        extend_hashes(hashes, token_ids[:num_computed_tokens], self.block_size, extra_key)
+        num_cached = 0
+        num_full = num_computed_tokens // self.block_size  # `hashes` may name blocks still to compute
+        for name, table in tables.items():
+            end = min(num_full, len(table.block_ids))
+            for i in range(table.num_hashed, end):
+                block_id = table.block_ids[i]
+                if block_id != NULL_BLOCK:
+                    num_cached += self._pools[name].cache(block_id, hashes[i])
+            table.num_hashed = max(table.num_hashed, end)
+        return num_cached
 
     def release_out_of_window(self, request_id: str, num_computed_tokens: int) -> int:
         """In every windowed group, free the request's blocks lying entirely below the window.
@@ -238,9 +307,18 @@ class KVCacheManager:
         return num_freed
 
     def free(self, request_id: str) -> None:
-        """Return every block of the request to its pool and forget it; unknown ids are a no-op."""
+        """Drop the request's references to its blocks and forget it; unknown ids are a no-op.
+
+        Blocks are freed tail first, so a request's later blocks are evicted before its prefix.
+        """
+        self._hashes.pop(request_id, None)
         for name, table in self._tables.pop(request_id, {}).items():
-            self._pools[name].free(table.live_ids())
+            self._pools[name].free(reversed(table.live_ids()))
+
+    def reset_prefix_cache(self) -> int:
+        """Forget every content hash, so nothing cached is found again; returns how many were dropped.
+        Blocks in use stay with their requests (their K/V are still right for them)."""
+        return sum(pool.reset_cache() for pool in self._pools.values())
 
     def max_blocks_held(self, group: str, num_tokens: int, max_chunk: int) -> int:
         """Most blocks of `group` one request holds at once while its cache grows to `num_tokens`
@@ -265,17 +343,26 @@ class KVCacheManager:
         return list(tables[group].block_ids) if tables else []
 
     def num_free_blocks(self, group: str) -> int:
+        """Blocks no request holds (cached ones included: they are evicted when needed)."""
         return self._pool(group).num_free
 
     def num_used_blocks(self, group: str) -> int:
         return self._pool(group).num_used
+
+    def num_cached_blocks(self, group: str) -> int:
+        """Blocks carrying a content hash, in use or free."""
+        return self._pool(group).num_cached
+
+    def ref_count(self, group: str, block_id: int) -> int:
+        """Table entries holding the block."""
+        return self._pool(group).ref_count(block_id)
 
     def usage(self) -> float:
         """Fraction of blocks in use in the fullest group, in [0, 1]."""
         return max(self.usage_by_group().values())
 
     def usage_by_group(self) -> dict[str, float]:
-        """Fraction of blocks in use, per group, in [0, 1]."""
+        """Fraction of blocks in use, per group, in [0, 1] (cached free blocks count as free)."""
         return {name: pool.num_used / pool.num_blocks for name, pool in self._pools.items()}
 
     def _pool(self, group: str) -> BlockPool:
@@ -283,15 +370,48 @@ class KVCacheManager:
             raise KeyError(f"unknown cache group {group!r}; the groups are {list(self.group_names)}")
         return self._pools[group]
 
-    def _shortfalls(self, request_id: str, num_tokens: int) -> list[str]:
-        """One message per group whose pool cannot supply the blocks this allocation needs."""
+    def _window_of(self, group: str) -> int:
+        window = self._specs[group].window
+        assert window is not None
+        return window
+
+    def _first_live(self, group: str, num_tokens: int) -> int:
+        window = self._specs[group].window
+        return 0 if window is None else first_live_block(num_tokens, window, self.block_size)
+
+    def _window_check(self, cached: list[bool], window: int) -> Callable[[int], bool]:
+        def accepts(num_blocks: int) -> bool:
+            first = first_live_block(num_blocks * self.block_size, window, self.block_size)
+            return window_hit_ok(cached, num_blocks, first)
+
+        return accepts
+
+    def _start_tables(self, hit: CacheHit | None) -> dict[str, _GroupTable]:
+        if hit is None:
+            return {name: _GroupTable() for name in self.group_names}
+        num_blocks = hit.num_tokens // self.block_size
+        return {
+            name: _GroupTable(list(hit.block_ids[name]), self._first_live(name, hit.num_tokens), num_blocks)
+            for name in self.group_names
+        }
+
+    def _shortfalls(self, request_id: str, num_tokens: int, hit: CacheHit | None) -> list[str]:
+        """One message per group whose pool cannot supply the blocks this allocation needs (new blocks,
+        plus the hit's cached blocks that are free now and would leave the free list)."""
         num_blocks = num_blocks_for(num_tokens, self.block_size)
-        tables = self._tables.get(request_id, {})
+        tables = self._tables.get(request_id) or self._start_tables(hit)
         shortfalls = []
         for name, pool in self._pools.items():
-            needed = tables.get(name, _GroupTable()).num_to_allocate(num_blocks)
+            needed = tables[name].num_to_allocate(num_blocks)
+            if hit is not None and request_id not in self._tables:
+                needed += sum(b != NULL_BLOCK and pool.ref_count(b) == 0 for b in hit.block_ids[name])
             if needed > pool.num_free:
                 shortfalls.append(
                     f"group {name!r} needs {needed} blocks but {pool.num_free} of {pool.num_blocks} are free"
                 )
         return shortfalls
+
+
+def _cached_id(block_id: int | None) -> int:
+    assert block_id is not None, "a hit covers only cached blocks"
+    return block_id

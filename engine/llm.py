@@ -14,7 +14,15 @@ import torch
 from engine.engine import Engine
 from engine.engine_config import EngineConfig
 from engine.model.loader import load_checkpoint
-from engine.request import CanvasSnapshot, FinishReason, InvalidParams, RequestOutput, SamplingParams, Usage
+from engine.request import (
+    CanvasSnapshot,
+    FinishReason,
+    InvalidParams,
+    RequestOutput,
+    SamplingParams,
+    TokenLogprob,
+    Usage,
+)
 
 CanvasCallback = Callable[[int, CanvasSnapshot], None]
 """Called after every denoise step with (prompt index, canvas snapshot)."""
@@ -29,6 +37,8 @@ class GenerationResult:
     text: str = ""
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
+    logprobs: list[TokenLogprob] | None = None
+    """One entry per output token, when the request asked for logprobs."""
 
     @property
     def steps_per_canvas(self) -> list[int]:
@@ -37,6 +47,8 @@ class GenerationResult:
     def add(self, output: RequestOutput) -> None:
         self.token_ids += output.new_token_ids
         self.text += output.new_text
+        if output.logprobs is not None:
+            self.logprobs = (self.logprobs or []) + output.logprobs
         if output.finished:
             self.finish_reason, self.usage = output.finish_reason, output.usage
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.request import StepParams
+from engine.request import GrammarSpec, StepParams, TokenLogprob
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,23 @@ class CausalWork:
 
 
 @dataclass(frozen=True)
+class CommitSpec:
+    """How the runner commits a finished canvas of a request that asks for more than its argmax.
+
+    `grammar`: decode the canvas left to right under the grammar's token mask, resuming the grammar
+    after `grammar_prefix` (the request's output so far) and decoding at most `budget` positions (the
+    output tokens left). `logprobs`: report each position's log-probability and that many alternatives.
+    """
+
+    logprobs: int | None = None
+    grammar: GrammarSpec | None = None
+    grammar_prefix: tuple[int, ...] = ()
+    budget: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    """The request's stop ids: the grammar ends on one of them."""
+
+
+@dataclass(frozen=True)
 class NewCanvas:
     """Draw a fresh canvas number `canvas_index` of a request before its denoise pass.
 
@@ -37,6 +54,8 @@ class NewCanvas:
     canvas_index: int
     stability_threshold: int
     pinned_canvas: tuple[int, ...] | None = None
+    commit: CommitSpec | None = None
+    """None: commit the argmax canvas as it is (what most requests do)."""
 
 
 @dataclass(frozen=True)
@@ -80,9 +99,10 @@ class SchedulerOutput:
 class DenoiseOutcome:
     """What one denoise step did to one canvas.
 
-    `argmax` (the canvas's current argmax tokens) and `confidence` (probability of each argmax token)
-    are filled when the canvas finished or when the work asked for them; otherwise None, which keeps
-    device-to-host traffic to a few scalars per canvas.
+    `argmax` (the canvas's current argmax tokens; on a finished canvas with a `CommitSpec` grammar, the
+    canvas decoded under the grammar, which may end early with a stop id) and `confidence` (probability
+    of each argmax token) are filled when the canvas finished or when the work asked for them; otherwise
+    None, which keeps device-to-host traffic to a few scalars per canvas.
     """
 
     step: int
@@ -91,6 +111,9 @@ class DenoiseOutcome:
     mean_entropy: float
     argmax: list[int] | None = None
     confidence: list[float] | None = None
+    logprobs: list[TokenLogprob] | None = None
+    """One entry per `argmax` position of a finished canvas whose request asked for logprobs (for a
+    grammar-constrained canvas: up to where the grammar ended or the budget ran out)."""
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,25 @@ MIN_TEMPERATURE_SCALE = 1e-3
 FREE = -1
 """Marks a position of `SamplingParams.pinned_canvas` that the sampler is free to change."""
 
+MAX_LOGPROBS = 20
+"""The most alternatives per output token a request may ask for (`SamplingParams.logprobs`)."""
+
+GrammarKind = Literal["json_schema", "json_object", "regex", "choice", "grammar"]
+
+
+@dataclass(frozen=True)
+class GrammarSpec:
+    """A constraint on the output, as plain data (the engine compiles it; `engine.guided`).
+
+    `value` by kind: "json_schema" the schema as JSON text; "json_object" unused (""); "regex" a
+    regular expression the whole output must match; "choice" a JSON list of the allowed strings;
+    "grammar" an EBNF grammar (xgrammar's dialect, rule `root`). Hashable: the compiled grammar is
+    cached by it.
+    """
+
+    kind: GrammarKind
+    value: str = ""
+
 
 class InvalidParams(ValueError):
     """A client-supplied parameter is out of range; the message says what to change.
@@ -74,6 +93,7 @@ RANGES: dict[str, Range] = {
     "t_max": Range(0, open_minimum=True),
     "stability_threshold": Range(0, maximum=64),
     "confidence_threshold": Range(0, open_minimum=True),
+    "logprobs": Range(0, maximum=MAX_LOGPROBS),
 }
 """Every numeric `SamplingParams` field's range: checked here once, documented in the API schema."""
 
@@ -101,6 +121,10 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] | None = None
     pinned_canvas: tuple[int, ...] | None = None
+    logprobs: int | None = None
+    """Report each output token's log-probability and this many top alternatives (0-20); None: none."""
+    grammar: GrammarSpec | None = None
+    """Constrain the output to a grammar: every committed canvas is decoded under its token mask."""
 
     def __post_init__(self) -> None:
         for name, allowed in RANGES.items():
@@ -224,6 +248,11 @@ class Request:
     """When the request was last admitted to run (monotonic clock)."""
     first_token_time: float | None = None
     num_preemptions: int = 0
+    num_cached_tokens: int | None = None
+    """Prompt tokens found in the prefix cache at the first admission (None before it)."""
+    cache_key: str | None = None
+    """What else than token ids decides this request's K/V (an adapter id; None: the base model).
+    Requests with different keys never share cached blocks."""
 
     @property
     def cache_token_ids(self) -> list[int]:
@@ -254,6 +283,24 @@ class Usage:
     denoise_steps: int
     canvases: int
     steps_per_canvas: tuple[int, ...] = ()
+    cached_tokens: int = 0
+    """Prompt tokens read from the prefix cache instead of computed (OpenAI's
+    `usage.prompt_tokens_details.cached_tokens`)."""
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One output token's log-probability and its top alternatives (most likely first), plain data.
+
+    The distribution is the one the token was committed from: the temperature-1 softmax of the
+    soft-capped logits at its position in the canvas's final denoise step, restricted to the tokens
+    the request's grammar allowed there (all tokens without a grammar), see `engine.logprobs`.
+    """
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+    """(token id, log-probability) pairs, sorted by log-probability, descending."""
 
 
 @dataclass(frozen=True)
@@ -272,6 +319,8 @@ class RequestOutput:
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
     error: str | None = None
+    logprobs: list[TokenLogprob] | None = None
+    """One entry per `new_token_ids` entry, when the request asked for logprobs."""
 
     @property
     def finished(self) -> bool:

@@ -19,8 +19,11 @@ from torch import Tensor
 
 from engine.attention.selection import select_attention_backend
 from engine.attention.types import LayerCache, Segment
+from engine.commit import CanvasCommit
+from engine.guided import GrammarCompiler
 from engine.model.diffusion_gemma import DiffusionGemma, ForwardBatch
 from engine.outputs import DenoiseOutcome, DenoiseWork, NewCanvas, RunnerOutput, SchedulerOutput
+from engine.request import TokenLogprob
 from engine.sampler import CanvasState, LMHead, StepResult, denoise_step, init_canvas
 
 
@@ -36,14 +39,20 @@ def canvas_seed(seed: int, canvas_index: int) -> int:
 class ModelRunner:
     """Executes `SchedulerOutput`s on one model and one set of paged caches."""
 
-    def __init__(self, model: DiffusionGemma, caches: list[LayerCache]) -> None:
+    def __init__(
+        self, model: DiffusionGemma, caches: list[LayerCache], grammars: GrammarCompiler | None = None
+    ) -> None:
+        """`grammars` compiles the grammars of constrained requests (None: the engine admits none)."""
         self.model = model
+        self.grammars = grammars
         self.caches = caches
         weight = model.embed_tokens.weight
         self.device = weight.device
         self.attention = select_attention_backend(self.device)
         self.head = LMHead(weight, model.config.final_logit_softcapping, model.embed_scale)
         self.canvases: dict[str, CanvasState] = {}
+        self.commits: dict[str, CanvasCommit] = {}
+        """Requests whose current canvas commits with a grammar or logprobs (`NewCanvas.commit`)."""
 
     def start_canvas(self, request_id: str, spec: NewCanvas) -> None:
         """Draw a fresh uniform canvas number `spec.canvas_index` of the request."""
@@ -57,9 +66,22 @@ class ModelRunner:
             spec.pinned_canvas,
             self.device,
         )
+        self.commits.pop(request_id, None)
+        if spec.commit is not None:
+            self.commits[request_id] = self._canvas_commit(spec)
+
+    def _canvas_commit(self, spec: NewCanvas) -> CanvasCommit:
+        commit = spec.commit
+        assert commit is not None
+        if commit.grammar is None:
+            return CanvasCommit(commit)
+        assert self.grammars is not None, "a constrained request reached a runner without a grammar compiler"
+        matcher = self.grammars.matcher(commit.grammar, commit.stop_token_ids, commit.grammar_prefix)
+        return CanvasCommit(commit, matcher)
 
     def drop_canvas(self, request_id: str) -> None:
         self.canvases.pop(request_id, None)
+        self.commits.pop(request_id, None)
 
     @torch.inference_mode()
     def execute(self, work: SchedulerOutput) -> RunnerOutput:
@@ -76,9 +98,22 @@ class ModelRunner:
             return RunnerOutput()
         states = [self.canvases[w.request_id] for w in work.denoise]
         results = denoise_step(hidden, self.head, states, [w.params for w in work.denoise])
-        return RunnerOutput(
-            {w.request_id: _outcome(w, r) for w, r in zip(work.denoise, results, strict=True)}
-        )
+        outcomes = {}
+        for i, (w, r) in enumerate(zip(work.denoise, results, strict=True)):
+            committed = self._commit(w.request_id, r, hidden, i)
+            outcomes[w.request_id] = _outcome(w, r, *committed)
+        return RunnerOutput(outcomes)
+
+    def _commit(
+        self, request_id: str, result: StepResult, hidden: Tensor, index: int
+    ) -> tuple[list[int] | None, list[TokenLogprob] | None]:
+        """(canvas, logprobs) of a finished canvas with a commit spec; (None, None) for every other."""
+        commit = self.commits.get(request_id)
+        if commit is None or not result.finished:
+            return None, None
+        canvas_length = self.model.config.canvas_length
+        tile = hidden[index * canvas_length : (index + 1) * canvas_length]  # [C, H]
+        return commit.commit(tile, self.head, result.argmax)
 
     def _build_batch(self, work: SchedulerOutput) -> ForwardBatch:
         """Causal token ids and all positions go to the device in one copy each; canvases are there."""
@@ -107,14 +142,24 @@ class ModelRunner:
         return torch.cat([zeros if s.self_cond is None else s.self_cond for s in states])
 
 
-def _outcome(work: DenoiseWork, result: StepResult) -> DenoiseOutcome:
-    """Plain-Python view of a step; the canvas itself only when finished or asked for."""
+def _outcome(
+    work: DenoiseWork,
+    result: StepResult,
+    committed: list[int] | None = None,
+    logprobs: list[TokenLogprob] | None = None,
+) -> DenoiseOutcome:
+    """Plain-Python view of a step; the canvas itself only when finished or asked for (`committed`
+    replaces the argmax of a canvas that commits with a grammar)."""
     show = result.finished or work.want_canvas
+    argmax = (
+        committed if committed is not None else [int(t) for t in result.argmax.tolist()] if show else None
+    )
     return DenoiseOutcome(
         step=result.step,
         finished=result.finished,
         num_accepted=result.num_accepted,
         mean_entropy=result.mean_entropy,
-        argmax=[int(t) for t in result.argmax.tolist()] if show else None,
+        argmax=argmax,
         confidence=[round(float(c), 3) for c in result.confidence.tolist()] if work.want_canvas else None,
+        logprobs=logprobs,
     )

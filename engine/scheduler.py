@@ -11,6 +11,16 @@ Long prompts are chunked to the leftover budget, so they never stall running can
 converges, commits and finishes on its own schedule. When cache blocks run out, the newest running
 request is preempted: its blocks are freed and it is recomputed later from its prompt and committed
 canvases (its canvases are seeded per canvas index, so it draws the same tokens again).
+
+With prefix caching (`EngineConfig.enable_prefix_caching`), every request starting to run (new, or
+back from preemption) first takes the longest cached head of its cache tokens (`KVCacheManager.
+find_cached_prefix`, capped one token short, so at least one token is always computed): its
+num_computed_tokens starts there and only the rest is scheduled and counted in the budget. After each
+step's causal work ran, the scheduler registers the request's newly computed full blocks, prompt and
+committed canvases alike (`cache_blocks`), before releasing what fell out of the window. Blocks are
+registered only in `update`, after the runner wrote them, so a block is never found by a request in
+the step that writes it; a cached block is full and computed, so no work ever writes into a shared
+block, and a denoise reading K/V written by the same step's causal work still reads its own blocks.
 """
 
 from __future__ import annotations
@@ -20,9 +30,9 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from engine.canvas_end import end_canvas
+from engine.canvas_end import commit_spec, end_canvas
 from engine.engine_config import EngineConfig
-from engine.kv_cache import KVCacheManager, num_blocks_for
+from engine.kv_cache import CacheHit, KVCacheManager, num_blocks_for
 from engine.outputs import CausalWork, DenoiseOutcome, DenoiseWork, NewCanvas, RunnerOutput, SchedulerOutput
 from engine.request import (
     CanvasSnapshot,
@@ -54,6 +64,10 @@ class StepComposition:
     """Canvases given one denoise pass."""
     num_preempted: int = 0
     """Running requests preempted to make room in the cache."""
+    num_prefix_queries: int = 0
+    """Cache tokens of the requests that started running, looked up in the prefix cache."""
+    num_prefix_hits: int = 0
+    """Of those, the tokens found cached (not computed)."""
 
 
 @dataclass
@@ -176,7 +190,9 @@ class Scheduler:
         new_canvas = None
         if not request.canvas_started:
             pinned = request.params.pinned_canvas if request.canvas_index == 0 else None
-            new_canvas = NewCanvas(request.seed, request.canvas_index, params.stability_threshold, pinned)
+            new_canvas = NewCanvas(
+                request.seed, request.canvas_index, params.stability_threshold, pinned, commit_spec(request)
+            )
             request.canvas_started = True
         return DenoiseWork(
             request.request_id,
@@ -251,14 +267,35 @@ class Scheduler:
         """Start waiting requests in order while sequences, budget and blocks allow."""
         while self.waiting and len(self.running) < self.config.max_num_seqs and plan.budget > 0:
             request = self.waiting[0]
-            num_tokens = min(request.num_pending_causal, plan.budget)
-            if not self.kv.can_allocate(request.request_id, request.num_computed_tokens + num_tokens):
+            hit = self._cache_hit(request)
+            num_tokens = min(request.num_pending_causal - hit.num_tokens, plan.budget)
+            if not self.kv.can_allocate(request.request_id, hit.num_tokens + num_tokens, hit):
                 return
             self.waiting.popleft()
+            self.kv.allocate(request.request_id, hit.num_tokens + num_tokens, hit)
+            self._count_hit(request, hit, plan)
             request.status = RequestStatus.RUNNING
             request.scheduled_time = time.monotonic()
             self.running.append(request)
             self._schedule_causal(request, plan)
+
+    def _cache_hit(self, request: Request) -> CacheHit:
+        """The longest usable cached head of a waiting request's cache tokens, one token short of all."""
+        if not self.config.enable_prefix_caching:
+            return CacheHit.none(self.kv.group_names)
+        tokens = request.cache_token_ids
+        return self.kv.find_cached_prefix(tokens, len(tokens) - 1, request.cache_key)
+
+    def _count_hit(self, request: Request, hit: CacheHit, plan: _Plan) -> None:
+        """Start the request after its hit; its first admission's prompt hit goes to its usage."""
+        request.num_computed_tokens = hit.num_tokens
+        if request.num_cached_tokens is None:
+            request.num_cached_tokens = min(hit.num_tokens, len(request.prompt_token_ids))
+        if self.config.enable_prefix_caching:
+            plan.composition.num_prefix_queries += len(request.prompt_token_ids) + len(
+                request.committed_token_ids
+            )
+            plan.composition.num_prefix_hits += hit.num_tokens
 
     # -- results ---------------------------------------------------------------------------------
 
@@ -267,6 +304,13 @@ class Scheduler:
         for causal in scheduled.causal:
             request = self.requests.get(causal.request_id)
             if request is not None and request.status is RequestStatus.RUNNING:
+                if self.config.enable_prefix_caching:
+                    self.kv.cache_blocks(
+                        causal.request_id,
+                        request.cache_token_ids,
+                        request.num_computed_tokens,
+                        request.cache_key,
+                    )
                 self.kv.release_out_of_window(causal.request_id, request.num_computed_tokens)
         outputs = []
         for denoise in scheduled.denoise:
@@ -284,16 +328,17 @@ class Scheduler:
         if not outcome.finished:
             return RequestOutput(request.request_id, canvas=snapshot) if snapshot else None
         assert outcome.argmax is not None, "a finished canvas must come with its argmax"
-        return self._end_canvas(request, outcome.argmax, outcome.step, snapshot)
+        return self._end_canvas(request, outcome, outcome.argmax, snapshot)
 
     def _end_canvas(
-        self, request: Request, canvas: list[int], steps: int, snapshot: CanvasSnapshot | None
+        self, request: Request, outcome: DenoiseOutcome, canvas: list[int], snapshot: CanvasSnapshot | None
     ) -> RequestOutput:
         params = request.params
         assert params.max_tokens is not None and params.stop_token_ids is not None
         end = end_canvas(canvas, len(request.output_token_ids), params.max_tokens, params.stop_token_ids)
         request.output_token_ids += end.new_token_ids
-        request.steps_per_canvas.append(steps)
+        request.steps_per_canvas.append(outcome.step)
+        logprobs = end.logprobs_of(outcome.logprobs)
         if request.first_token_time is None and end.new_token_ids:
             request.first_token_time = time.monotonic()
         if end.finish_reason is not None:
@@ -304,11 +349,14 @@ class Scheduler:
                 canvas=snapshot,
                 finish_reason=end.finish_reason,
                 usage=finished.usage,
+                logprobs=logprobs,
             )
         request.committed_token_ids += canvas
         request.canvas_index += 1
         request.canvas_started = False
-        return RequestOutput(request.request_id, end.new_token_ids, canvas=snapshot, usage=usage_of(request))
+        return RequestOutput(
+            request.request_id, end.new_token_ids, canvas=snapshot, usage=usage_of(request), logprobs=logprobs
+        )
 
     def _finish(self, request: Request, reason: FinishReason) -> RequestOutput:
         """Mark done, free blocks, forget the request; the runner drops it on the next step."""
@@ -348,6 +396,7 @@ def usage_of(request: Request) -> Usage:
         denoise_steps=request.denoise_steps,
         canvases=len(request.steps_per_canvas),
         steps_per_canvas=tuple(request.steps_per_canvas),
+        cached_tokens=request.num_cached_tokens or 0,
     )
 
 

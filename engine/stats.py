@@ -68,6 +68,10 @@ class EngineStats:
     num_commit_tokens: int = 0
     """Tokens of committed canvases written to the KV cache by commit passes (see `StepComposition`)."""
     num_preemptions: int = 0
+    num_prefix_cache_queries: int = 0
+    """Tokens looked up in the prefix cache (each request each time it starts running)."""
+    num_prefix_cache_hits: int = 0
+    """Of those, tokens found cached."""
     finished_by_reason: dict[str, int] = field(default_factory=dict)
     last_step: StepComposition = field(default_factory=StepComposition)
     last_step_request_ids: tuple[str, ...] = ()
@@ -92,6 +96,8 @@ class EngineStats:
         self.num_prefill_tokens += composition.num_prefill_tokens
         self.num_commit_tokens += composition.num_commit_tokens
         self.num_preemptions += composition.num_preempted
+        self.num_prefix_cache_queries += composition.num_prefix_queries
+        self.num_prefix_cache_hits += composition.num_prefix_hits
         self.last_step = composition
         self.last_step_request_ids = request_ids
         self.last_timing = timing

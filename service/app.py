@@ -10,6 +10,7 @@ from fastapi import FastAPI, Request, Response
 from service.errors import error_code, install_error_handlers
 from service.metrics import Metrics, rejection_reason
 from service.routes import router
+from service.security import install_security
 from service.serving import Service
 from service.ui import install_ui
 
@@ -34,6 +35,7 @@ def create_app(service: Service, metrics: Metrics) -> FastAPI:
     install_error_handlers(app)
     app.include_router(router)
     install_ui(app)  # GET / (the live canvas page), /static, /v1/engine/*
+    install_security(app, service.settings)  # API keys, CORS, body limit (before the counting below)
 
     @app.middleware("http")
     async def count_responses(

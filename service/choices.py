@@ -14,8 +14,8 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.async_engine import AsyncEngine, RequestStream
-from engine.request import CanvasSnapshot, RequestOutput, SamplingParams, Usage
+from engine.client import EngineClient, RequestStream
+from engine.request import CanvasSnapshot, RequestOutput, SamplingParams, TokenLogprob, Usage
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,9 @@ class ChoiceEvent:
     canvas: dict[str, Any] | None = None
     finish_reason: str | None = None
     usage: Usage | None = None
+    logprobs: list[TokenLogprob] | None = None
+    """Entries of the tokens committed with this event (their text may be held back by a stop-string
+    search and come in a later event)."""
 
 
 @dataclass
@@ -99,11 +102,11 @@ class ChoiceRun:
             text += self.stops.flush()
         canvas = self._canvas(output.canvas, output.new_token_ids != [] or output.finished)
         if hit:
-            return ChoiceEvent(self.spec.index, text, canvas, "stop", self._usage_at_stop())
-        if not text and canvas is None and not output.finished:
+            return ChoiceEvent(self.spec.index, text, canvas, "stop", self._usage_at_stop(), output.logprobs)
+        if not text and canvas is None and not output.finished and not output.logprobs:
             return None
         usage = output.usage if output.finished else None
-        return ChoiceEvent(self.spec.index, text, canvas, output.finish_reason, usage)
+        return ChoiceEvent(self.spec.index, text, canvas, output.finish_reason, usage, output.logprobs)
 
     def _canvas(self, snapshot: CanvasSnapshot | None, canvas_ended: bool) -> dict[str, Any] | None:
         if snapshot is None:
@@ -139,7 +142,7 @@ def canvas_object(request_id: str, index: int, snapshot: CanvasSnapshot, tokeniz
 
 
 async def admit_all(
-    engine: AsyncEngine, specs: list[ChoiceSpec], request_id: str, want_canvas: bool
+    engine: EngineClient, specs: list[ChoiceSpec], request_id: str, want_canvas: bool
 ) -> list[RequestStream]:
     """Admit every choice or none: on the first refusal the admitted ones are aborted and it raises."""
     streams: list[RequestStream] = []

@@ -52,7 +52,11 @@ def _serve_parser(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
     serve.add_argument("--served-model-name")
-    serve.add_argument("--dtype", choices=["auto", "float32", "bfloat16"])
+    serve.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16"],
+        help="auto (default): bfloat16 on CUDA and on CPUs with AMX-BF16 or AVX512-BF16, else float32",
+    )
     serve.add_argument("--device", choices=["auto", "cpu", "cuda"])
     serve.add_argument(
         "--quantization",
@@ -92,13 +96,66 @@ def _serve_parser(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--attention-backend", help="accepted for vLLM compatibility")
     serve.add_argument("--enable-chunked-prefill", action="store_true", default=None, help="always on")
     serve.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="reuse the K/V of cached prompt prefixes and earlier turns (default on; "
+        "env CANVAS_SERVE_ENABLE_PREFIX_CACHING)",
+    )
+    serve.add_argument(
         "--drain-timeout", dest="drain_timeout_s", type=float, help="seconds to drain on SIGTERM"
     )
     serve.add_argument(
         "--shutdown-timeout", dest="drain_timeout_s", type=float, help="alias of --drain-timeout"
     )
+    serve.add_argument(
+        "--engine-process",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run the engine in its own process (default; env CANVAS_SERVE_ENGINE_PROCESS); "
+        "--no-engine-process: in a thread of the API process",
+    )
+    serve.add_argument(
+        "--engine-threads",
+        type=int,
+        help="torch threads of the engine process (default: the usable cores but one, at least 1)",
+    )
     serve.add_argument("--canvas-min-interval", dest="canvas_min_interval_s", type=float)
     serve.add_argument("--log-level")
+    _access_arguments(serve.add_argument_group("access control and limits (see README: Access control)"))
+
+
+def _access_arguments(group: argparse._ArgumentGroup) -> None:
+    # One value per flag, repeated for more (`action="append"`): with nargs="+" a model directory after
+    # the flag would silently become a key.
+    group.add_argument(
+        "--api-key",
+        action="append",
+        help="require `Authorization: Bearer KEY` on every route but /health, /ready, /metrics and the "
+        "page; repeatable (env CANVAS_SERVE_API_KEY, else VLLM_API_KEY: prefer these, a flag shows in ps)",
+    )
+    group.add_argument("--api-key-file", help="further keys, one per line (a mounted secret)")
+    for flag, default in (("origins", "none: same origin only"), ("methods", "*"), ("headers", "*")):
+        group.add_argument(
+            f"--allowed-{flag}",
+            action="append",
+            help=f"CORS: allowed {flag}, repeatable, or vLLM's JSON list (default {default})",
+        )
+    group.add_argument(
+        "--allow-credentials", action="store_true", default=None, help="CORS: allow cookies and HTTP auth"
+    )
+    group.add_argument("--ssl-keyfile", help="TLS private key (PEM); with --ssl-certfile: HTTPS")
+    group.add_argument("--ssl-certfile", help="TLS certificate chain (PEM)")
+    group.add_argument("--ssl-ca-certs", help="CA certificates for client certificates")
+    group.add_argument(
+        "--ssl-cert-reqs", type=int, help="client certificates: 0 not asked, 1 optional, 2 required"
+    )
+    group.add_argument("--root-path", help="path prefix of a path-prefixing proxy in front, e.g. /canvas")
+    group.add_argument(
+        "--max-request-body-bytes",
+        type=int,
+        help="larger request bodies get 413 (default 8 MiB; env CANVAS_SERVE_MAX_REQUEST_BODY_BYTES)",
+    )
 
 
 def _generate_parser(gen: argparse.ArgumentParser) -> None:
@@ -120,7 +177,20 @@ def settings_from(args: argparse.Namespace) -> Settings:
     }
     if args.canvas_length is not None:
         given["diffusion_config"] = {**given.get("diffusion_config", {}), "canvas_length": args.canvas_length}
+    for name in ("allowed_origins", "allowed_methods", "allowed_headers"):
+        if name in given:
+            given[name] = [item for value in given[name] for item in _words_or_json(value)]
     return Settings(**given)
+
+
+def _words_or_json(value: str) -> list[str]:
+    """vLLM's JSON spelling (`'["https://a.example"]'`) or a plain word."""
+    if not value.lstrip().startswith("["):
+        return [value]
+    items = json.loads(value)
+    if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+        raise ValueError(f"{value!r}: give a JSON list of strings, or plain words")
+    return items
 
 
 class DrainingServer(uvicorn.Server):
@@ -162,7 +232,16 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     app = create_app(service, metrics)
     config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_level=settings.log_level, timeout_keep_alive=5
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_keep_alive=5,
+        root_path=settings.root_path,
+        ssl_keyfile=settings.ssl_keyfile,
+        ssl_certfile=settings.ssl_certfile,
+        ssl_ca_certs=settings.ssl_ca_certs,
+        ssl_cert_reqs=settings.ssl_cert_reqs,
     )
     DrainingServer(config, service).run()
     return 0

@@ -1,8 +1,8 @@
 """A JSON snapshot of the engine for the live page and operators: who shares the steps, and how fast.
 
-The engine thread mutates the scheduler and `EngineStats` while the event loop reads them, so a
-snapshot copies small pieces (lists, ints) and tolerates races: a copy that fails because a container
-changed under it is retried, then skipped; a snapshot never raises. Rates (committed tok/s, steps per
+The requests come from the engine client (`EngineClient.requests()`: summaries the engine core
+process ships, or ones read from an in-process scheduler, tolerating the engine thread's changes),
+the counters from its `EngineStats`; a snapshot never raises. Rates (committed tok/s, steps per
 canvas) are differences between samples taken over the last `window_s` seconds.
 """
 
@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
-from typing import Any, TypeVar
+from typing import Any
 
-from engine.request import Request
+from engine.snapshot import RequestSummary, safe_copy
 from service.metrics import PREFIX, Metrics
 from service.serving import Service
 
-T = TypeVar("T")
+__all__ = ["EngineView", "Sample", "request_row", "safe_copy"]  # safe_copy: its old home
 WINDOW_S = 5.0
 
 
@@ -34,17 +33,7 @@ class Sample:
     canvas_steps: float
 
 
-def safe_copy(items: Callable[[], Iterable[T]], attempts: int = 3) -> list[T]:
-    """`list(items())`, retried if the engine thread changed the container meanwhile; [] at worst."""
-    for _ in range(attempts):
-        try:
-            return list(items())
-        except RuntimeError:  # "deque mutated during iteration" and the like
-            continue
-    return []
-
-
-def request_row(request: Request, now: float) -> dict[str, Any]:
+def request_row(request: RequestSummary, now: float) -> dict[str, Any]:
     """One running or waiting request: where its canvas is and how far it has come.
 
     `step` is the denoise passes of the current canvas: all passes minus those of finished canvases
@@ -53,15 +42,15 @@ def request_row(request: Request, now: float) -> dict[str, Any]:
     finished_steps = list(request.steps_per_canvas)
     return {
         "id": request.request_id,
-        "status": request.status.name.lower(),
+        "status": request.status,
         "canvas_index": request.canvas_index,
         "step": max(0, request.denoise_steps - sum(finished_steps)),
         "denoise_steps": request.denoise_steps,
         "steps_per_canvas": finished_steps,
-        "prompt_tokens": len(request.prompt_token_ids),
-        "output_tokens": len(request.output_token_ids),
-        "max_tokens": request.params.max_tokens,
-        "max_steps": request.params.max_denoising_steps,
+        "prompt_tokens": request.num_prompt_tokens,
+        "output_tokens": request.num_output_tokens,
+        "max_tokens": request.max_tokens,
+        "max_steps": request.max_denoising_steps,
         "streams_canvas": request.want_canvas,
         "num_preemptions": request.num_preemptions,
         "age_s": round(max(0.0, now - request.arrival_time), 3),
@@ -82,20 +71,18 @@ class EngineView:
         engine = self.service.engine
         stats = engine.stats
         self.metrics.collect_engine(stats)  # drains per-request records into the histograms
-        scheduler = engine.engine.scheduler
+        requests = engine.requests()
         now = time.monotonic()
-        running = safe_copy(lambda: scheduler.running)
-        waiting = safe_copy(lambda: scheduler.waiting)
         return {
             "time": time.time(),
             "model": self._model(),
             "alive": engine.is_alive,
             "draining": self.service.draining,
-            "running": [request_row(r, now) for r in running],
-            "waiting": [request_row(r, now) for r in waiting[:32]],
-            "num_running": len(running),
-            "num_waiting": len(waiting),
-            "max_num_seqs": scheduler.config.max_num_seqs,
+            "running": [request_row(r, now) for r in requests.running],
+            "waiting": [request_row(r, now) for r in requests.waiting],
+            "num_running": len(requests.running),
+            "num_waiting": requests.num_waiting,
+            "max_num_seqs": engine.config.max_num_seqs,
             "kv_usage": round(stats.kv_usage, 4),
             "last_step": {
                 **asdict(stats.last_step),
@@ -108,7 +95,7 @@ class EngineView:
 
     def _model(self) -> dict[str, Any]:
         model = self.service.model
-        defaults = self.service.engine.engine.defaults
+        defaults = self.service.engine.defaults
         return {
             "name": model.name,
             "canvas_length": model.canvas_length,

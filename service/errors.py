@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from engine.async_engine import EngineDead
+from engine.client import EngineDead
 from engine.request import InvalidParams
 from engine.scheduler import QueueFull
 from service.protocol import ErrorInfo, ErrorResponse
@@ -22,6 +22,7 @@ RETRY_AFTER_S = 1
 
 _TYPES = {
     400: "invalid_request_error",
+    401: "invalid_request_error",
     404: "not_found_error",
     405: "invalid_request_error",
     413: "invalid_request_error",

@@ -74,6 +74,11 @@ ENGINE_COUNTERS = {
     "num_output_tokens": ("generation_tokens", "Tokens committed to request outputs."),
     "num_commit_tokens": ("commit_pass_tokens", "Tokens written to the KV cache by commit passes."),
     "num_preemptions": ("num_preemptions", "Requests preempted."),
+    "num_prefix_cache_queries": (
+        "prefix_cache_queries",
+        "Prefix cache queries, in tokens looked up (each request each time it starts running).",
+    ),
+    "num_prefix_cache_hits": ("prefix_cache_hits", "Prefix cache hits, in tokens found cached."),
 }
 
 
@@ -113,6 +118,7 @@ class Metrics:
         self.model_name = model_name
         self._last: dict[str, int] = {}
         self._define_gauges()
+        self._define_engine_alive()
         self._define_counters()
         self._define_request_histograms(build_1_2_5_buckets(max_model_len))
         self._define_step_histograms(build_1_2_5_buckets(65536))
@@ -127,6 +133,12 @@ class Metrics:
             self.gauges.append(
                 (self._gauge(alias, f"Alias of {PREFIX}{name} under vLLM's name."), GAUGES[name][0])
             )
+
+    def _define_engine_alive(self) -> None:
+        self.engine_alive = self._gauge(
+            PREFIX + "engine_alive",
+            "1 while the engine (its process, or its thread) runs; 0 once it has died or stopped.",
+        )
 
     def _define_counters(self) -> None:
         self.engine_counters = {
@@ -223,6 +235,9 @@ class Metrics:
             self._observe_request(record)
         for step in stats.drain_step_records():
             self._observe_step(step)
+
+    def set_engine_alive(self, alive: bool) -> None:
+        self.engine_alive.set(1 if alive else 0)
 
     def observe_http(self, method: str, route: str, status: int) -> None:
         """Count one response; `route` is the route template (`/v1/completions`), never a raw path."""

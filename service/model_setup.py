@@ -1,17 +1,36 @@
-"""From settings to a running service: load the checkpoint, size the cache, build the engine."""
+"""From settings to a running service: load the checkpoint, size the cache, build the engine, and
+choose where it runs.
+
+`build_engine(settings)` is the one recipe for the engine, run in whichever process will step it:
+the engine core process (the default; `engine.core_client.EngineCoreClient`, which loads the model
+there while this process loads only the tokenizer and the config) or a thread of this process
+(`--no-engine-process`; `engine.async_engine.AsyncEngine`).
+"""
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from engine.async_engine import AsyncEngine
-from engine.config import DiffusionDefaults
+from engine.client import EngineClient
+from engine.config import DiffusionDefaults, ModelConfig
+from engine.core_client import EngineCoreClient, EngineStartError
 from engine.engine import Engine
-from engine.model.loader import Checkpoint, CheckpointError, load_checkpoint, read_defaults
+from engine.model.loader import (
+    Checkpoint,
+    CheckpointError,
+    load_checkpoint,
+    load_tokenizer,
+    read_defaults,
+    read_model_config,
+)
 from service.default_model import default_model_dir
 from service.metrics import Metrics
 from service.serving import ServedModel, Service
@@ -44,9 +63,44 @@ def device_and_dtype(settings: Settings) -> tuple[torch.device, torch.dtype]:
     if wants_cuda and not torch.cuda.is_available():
         raise SetupError("--device cuda was asked for but no CUDA device is available: use --device cpu")
     device = torch.device("cuda" if wants_cuda else "cpu")
-    if settings.dtype == "auto":
-        return device, torch.bfloat16 if wants_cuda else torch.float32
-    return device, {"float32": torch.float32, "bfloat16": torch.bfloat16}[settings.dtype]
+    if settings.dtype != "auto":
+        return device, {"float32": torch.float32, "bfloat16": torch.bfloat16}[settings.dtype]
+    return device, torch.bfloat16 if wants_cuda else auto_cpu_dtype()[0]
+
+
+def dtype_choice(settings: Settings, device: torch.device, dtype: torch.dtype) -> str:
+    """How the dtype was chosen, for the start-up log: e.g. `bfloat16 (--dtype auto: the CPU has
+    amx_bf16 and avx512_bf16)`."""
+    name = str(dtype).removeprefix("torch.")
+    if settings.dtype != "auto":
+        return f"{name} (--dtype {settings.dtype})"
+    reason = "CUDA" if device.type == "cuda" else auto_cpu_dtype()[1]
+    return f"{name} (--dtype auto: {reason})"
+
+
+def auto_cpu_dtype(flags: set[str] | None = None) -> tuple[torch.dtype, str]:
+    """bfloat16 where the CPU multiplies bf16 natively (AMX-BF16 or AVX512-BF16), else float32; and why.
+
+    `flags` are the CPU's feature flags (default: read from /proc/cpuinfo; none off Linux). Without
+    native bf16, torch emulates bf16 matmuls and they run slower than fp32.
+    """
+    flags = cpu_flags() if flags is None else flags
+    native = sorted(flags & {"amx_bf16", "avx512_bf16"})
+    if native:
+        return torch.bfloat16, f"the CPU has {' and '.join(native)}"
+    return torch.float32, "the CPU has no AMX-BF16 or AVX512-BF16"
+
+
+def cpu_flags() -> set[str]:
+    """The feature flags of the first CPU in /proc/cpuinfo (empty where there is none)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
 
 
 def diffusion_defaults(settings: Settings, checkpoint: Checkpoint) -> DiffusionDefaults:
@@ -81,31 +135,98 @@ def kv_cache_bytes(settings: Settings, device: torch.device) -> int:
     return max(0, int(settings.gpu_memory_utilization * total) - used)
 
 
-def build_service(settings: Settings) -> tuple[Service, Metrics]:
-    """Load the model and build the (not yet started) engine, service and metrics."""
+def check_canvas_length(settings: Settings, config: ModelConfig) -> None:
+    asked = settings.diffusion_config.get("canvas_length")
+    if asked is not None and int(asked) != config.canvas_length:
+        raise SetupError(
+            f"--diffusion-config canvas_length={asked}, but this checkpoint was trained with "
+            f"{config.canvas_length}"
+        )
+
+
+def build_engine(settings: Settings, detokenize: bool = True) -> Engine:
+    """Load the checkpoint and build the engine the settings describe; raises `SetupError`.
+
+    Runs in the process that will step the engine. The engine core's builds it with the tokenizer
+    (grammars of structured outputs compile there) but without detokenising: the API process does."""
     path = model_dir(settings)
     device, dtype = device_and_dtype(settings)
     try:
         checkpoint = load_checkpoint(path, dtype=dtype, device=device, quantization=settings.quantization)
     except CheckpointError as error:
         raise SetupError(str(error)) from error
-    canvas = checkpoint.config.canvas_length
-    asked = settings.diffusion_config.get("canvas_length")
-    if asked is not None and int(asked) != canvas:
-        raise SetupError(
-            f"--diffusion-config canvas_length={asked}, but this checkpoint was trained with {canvas}"
-        )
+    check_canvas_length(settings, checkpoint.config)
     defaults = diffusion_defaults(settings, checkpoint)
     try:
         config = settings.engine_config(kv_cache_bytes(settings, device))
-        engine = Engine(checkpoint.model, defaults, checkpoint.tokenizer, config)
+        return Engine(checkpoint.model, defaults, checkpoint.tokenizer, config, detokenize=detokenize)
     except ValueError as error:
         raise SetupError(str(error)) from error
-    name = settings.served_model_name or path.name
-    served = ServedModel(name, canvas, checkpoint.config.vocab_size, engine.max_model_len)
+
+
+def usable_cpus(cgroup_cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """Cores this process may run on: its affinity, capped by a cgroup v2 CPU quota (a container's
+    `cpu: "2"` limit on a 64-core node is 2, not 64)."""
+    cpus = len(os.sched_getaffinity(0))
+    try:
+        quota, period = cgroup_cpu_max.read_text().split()[:2]
+    except (OSError, ValueError):
+        return cpus
+    if quota == "max":
+        return cpus
+    return max(1, min(cpus, -(-int(quota) // int(period))))
+
+
+def engine_threads(settings: Settings) -> int:
+    """torch threads of the engine core process: --engine-threads, else every usable core but one,
+    which the API process keeps for HTTP, tokenisation and detokenisation (at least 1). On a 2-core
+    machine that is 1: the engine's OpenMP workers then never wait at a barrier for a core the API
+    process holds (bench/RESULTS.md, "Served vs offline")."""
+    if settings.engine_threads is not None:
+        return settings.engine_threads
+    return max(1, usable_cpus() - 1)
+
+
+def start_engine(settings: Settings) -> tuple[EngineClient, Any, ModelConfig, int]:
+    """The engine client the settings ask for, with the tokenizer, the model's config and
+    max_model_len the API side needs. The engine core process loads the model; this one only reads
+    the config and the tokenizer (and fails fast on a folder that cannot be served)."""
+    if not settings.engine_process:
+        engine = build_engine(settings)
+        return AsyncEngine(engine), engine.tokenizer, engine.model.config, engine.max_model_len
+    path = model_dir(settings)
+    device_and_dtype(settings)  # a device that is not there fails before any process starts
+    if not path.is_dir():
+        raise SetupError(f"checkpoint directory {path} does not exist")
+    try:
+        config = read_model_config(path)
+        tokenizer = load_tokenizer(path)
+    except CheckpointError as error:
+        raise SetupError(str(error)) from error
+    check_canvas_length(settings, config)
+    build = functools.partial(build_engine, settings, detokenize=False)
+    try:
+        client = EngineCoreClient(build, tokenizer, engine_threads(settings), settings.log_level)
+    except EngineStartError as error:
+        raise SetupError(str(error)) from error
+    return client, tokenizer, config, client.max_model_len
+
+
+def build_service(settings: Settings) -> tuple[Service, Metrics]:
+    """Build the engine (started in its own process unless `settings.engine_process` is False, but
+    not yet delivering: the app's lifespan starts that), the service and the metrics."""
+    engine, tokenizer, config, max_model_len = start_engine(settings)
+    device, dtype = device_and_dtype(settings)
+    name = settings.served_model_name or model_dir(settings).name
+    served = ServedModel(name, config.canvas_length, config.vocab_size, max_model_len)
+    where = "an engine core process" if settings.engine_process else "an engine thread"
     logger.info(
-        "serving %s from %s on %s (%s), max_model_len %d", name, path, device, dtype, engine.max_model_len
+        "serving %s from %s on %s, %s, in %s, max_model_len %d",
+        name,
+        model_dir(settings),
+        device,
+        dtype_choice(settings, device, dtype),
+        where,
+        max_model_len,
     )
-    return Service(AsyncEngine(engine), checkpoint.tokenizer, served, settings), Metrics(
-        name, engine.max_model_len
-    )
+    return Service(engine, tokenizer, served, settings), Metrics(name, max_model_len)

@@ -10,9 +10,10 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
-from engine.request import FREE, RANGES, SamplingParams
+from engine.request import FREE, MAX_LOGPROBS, RANGES, GrammarSpec, SamplingParams
+from service.structured import ResponseFormat, StructuredOutputs, grammar_spec
 
 MAX_SEED = 2**63 - 1
 MAX_STOP_STRINGS = 64
@@ -67,6 +68,11 @@ class DiffusionParams(OpenAIModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    response_format: ResponseFormat | None = None
+    """OpenAI's structured outputs: {"type": "json_schema", "json_schema": {...}}, {"type": "json_object"}."""
+    structured_outputs: StructuredOutputs | None = None
+    """vLLM's structured outputs: exactly one of json, regex, choice, grammar."""
+    _grammar: GrammarSpec | None = PrivateAttr(None)
 
     @field_validator("stop")
     @classmethod
@@ -86,7 +92,18 @@ class DiffusionParams(OpenAIModel):
             raise ValueError("stream_options can only be set when stream=true")
         if self.top_p is not None and self.top_p < 1:
             raise ValueError("top_p < 1 is not supported by the entropy-bound sampler: omit it or set 1")
+        self._grammar = grammar_spec(self.response_format, self.structured_outputs)
         return self
+
+    @property
+    def grammar(self) -> GrammarSpec | None:
+        """The output's constraint, from `response_format` or `structured_outputs` (at most one)."""
+        return self._grammar
+
+    @property
+    def num_logprobs(self) -> int | None:
+        """Alternatives per output token the request asks for; None: no logprobs."""
+        return None
 
     @property
     def stop_strings(self) -> list[str]:
@@ -106,6 +123,8 @@ class DiffusionParams(OpenAIModel):
             confidence_threshold=self.confidence_threshold,
             seed=None if self.seed is None else (self.seed + choice) % MAX_SEED,
             pinned_canvas=_pinned(self.pinned_canvas, canvas_length),
+            logprobs=self.num_logprobs,
+            grammar=self.grammar,
         )
 
 
@@ -126,13 +145,16 @@ class CompletionRequest(DiffusionParams):
     max_tokens: int | None = _range("max_tokens")
     """None: the checkpoint's max_new_tokens (one canvas), within the context left."""
     echo: bool = False
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    """Each output token's log-probability and this many most likely alternatives."""
     suffix: str | None = None
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
 
     @model_validator(mode="after")
     def _check_completion(self) -> CompletionRequest:
-        if self.logprobs is not None:
-            raise ValueError("logprobs are not supported by canvas-serve yet: omit logprobs")
         if self.suffix:
             raise ValueError("suffix is not supported: use pinned_canvas for infilling")
         return self
@@ -159,13 +181,19 @@ class ChatCompletionRequest(DiffusionParams):
     max_tokens: int | None = _range("max_tokens")
     max_completion_tokens: int | None = _range("max_tokens")
     logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    """With logprobs: this many most likely alternatives per output token."""
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
 
+    @property
+    def num_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
     @model_validator(mode="after")
     def _check_chat(self) -> ChatCompletionRequest:
-        if self.logprobs:
-            raise ValueError("logprobs are not supported by canvas-serve yet: omit logprobs")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs=true")
         return self
 
     @property
@@ -176,20 +204,33 @@ class ChatCompletionRequest(DiffusionParams):
 # -- responses ----------------------------------------------------------------------------------
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0
+    """Prompt tokens read from the prefix cache instead of computed."""
+
+
 class UsageInfo(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
     denoise_steps: int = 0
     """Extension: denoise passes spent on this request (all choices)."""
     canvases: int = 0
     """Extension: canvases committed for this request (all choices)."""
 
 
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
 
 
@@ -207,10 +248,25 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None = None
+    refusal: list[ChatTokenLogprob] | None = None
+
+
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 
 

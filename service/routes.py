@@ -10,6 +10,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from service.errors import APIError
+from service.logprobs import ChatLogprobFormatter
 from service.metrics import Metrics
 from service.protocol import (
     ChatCompletionRequest,
@@ -63,8 +64,17 @@ async def ready(service: ServiceDep) -> JSONResponse:
 @router.get("/metrics")
 async def metrics(service: ServiceDep, metrics: MetricsDep) -> Response:
     metrics.collect_engine(service.engine.stats)
+    metrics.set_engine_alive(service.engine.is_alive)
     body, content_type = metrics.render()
     return Response(body, media_type=content_type)
+
+
+@router.post("/reset_prefix_cache", responses={400: {"model": ErrorResponse}})
+async def reset_prefix_cache(service: ServiceDep) -> Response:
+    """Forget every cached prefix block (vLLM's route): later requests compute their prompts again."""
+    if not await service.engine.call_utility("reset_prefix_cache"):
+        raise APIError(400, "prefix caching is off (--no-enable-prefix-caching): there is nothing to reset")
+    return Response(status_code=200)
 
 
 @router.get("/v1/models", response_model=ModelList)
@@ -78,12 +88,13 @@ async def completions(body: CompletionRequest, request: Request, service: Servic
     accepted = await service.accept(body, service.completion_prompts(body), body.max_tokens, "cmpl")
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        formatter = service.completion_logprobs(accepted, body) if body.logprobs is not None else None
         events = stream_events(
-            accepted, service.model.name, "text_completion", completion_choice, include_usage
+            accepted, service.model.name, "text_completion", completion_choice, include_usage, None, formatter
         )
         return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
-    texts, reasons, usage = await until_disconnect(request, service.collect(accepted))
-    return service.completion_response(accepted, body, texts, reasons, usage)
+    collected = await until_disconnect(request, service.collect(accepted))
+    return service.completion_response(accepted, body, collected)
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERRORS)
@@ -101,12 +112,19 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, servic
             }
             for i in range(accepted.num_choices)
         ]
+        formatter = ChatLogprobFormatter(service.tokenizer) if body.logprobs else None
         events = stream_events(
-            accepted, service.model.name, "chat.completion.chunk", chat_choice, include_usage, roles
+            accepted,
+            service.model.name,
+            "chat.completion.chunk",
+            chat_choice,
+            include_usage,
+            roles,
+            formatter,
         )
         return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
-    texts, reasons, usage = await until_disconnect(request, service.collect(accepted))
-    return service.chat_response(accepted, texts, reasons, usage)
+    collected = await until_disconnect(request, service.collect(accepted))
+    return service.chat_response(accepted, collected)
 
 
 async def until_disconnect(request: Request, work: Awaitable[T]) -> T:

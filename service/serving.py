@@ -7,16 +7,19 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
-from engine.async_engine import AsyncEngine
-from engine.request import Usage
+from engine.client import EngineClient
+from engine.request import TokenLogprob, Usage
 from service.choices import ChoiceEvent, ChoiceRun, ChoiceSpec, StopMatcher, admit_all, merge
 from service.errors import APIError
+from service.logprobs import ChatLogprobFormatter, CompletionLogprobFormatter
 from service.protocol import (
     AssistantMessage,
     ChatChoice,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ChatLogprobs,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     DiffusionParams,
@@ -36,6 +39,16 @@ class ServedModel:
 
 
 @dataclass
+class Collected:
+    """A non-streamed request's result: per choice its text, finish reason and logprob entries."""
+
+    texts: list[str]
+    reasons: list[str | None]
+    usage: UsageInfo
+    logprobs: list[list[TokenLogprob] | None]
+
+
+@dataclass
 class Accepted:
     """An admitted request: its id, the merged choice events, and what the response needs."""
 
@@ -47,9 +60,9 @@ class Accepted:
 
 
 class Service:
-    """Everything a route needs; owns no engine state (the AsyncEngine does)."""
+    """Everything a route needs; owns no engine state (the engine client does)."""
 
-    def __init__(self, engine: AsyncEngine, tokenizer: Any, model: ServedModel, settings: Settings) -> None:
+    def __init__(self, engine: EngineClient, tokenizer: Any, model: ServedModel, settings: Settings) -> None:
         self.engine = engine
         self.tokenizer = tokenizer
         self.model = model
@@ -178,45 +191,66 @@ class Service:
             return options.canvas_min_interval_ms / 1000
         return self.settings.canvas_min_interval_s
 
-    async def collect(self, accepted: Accepted) -> tuple[list[str], list[str | None], UsageInfo]:
-        """Run a non-streamed request to the end: texts, finish reasons, usage."""
-        texts = [""] * accepted.num_choices
-        reasons: list[str | None] = [None] * accepted.num_choices
-        usage = UsageInfo(prompt_tokens=accepted.prompt_tokens)
+    async def collect(self, accepted: Accepted) -> Collected:
+        """Run a non-streamed request to the end: texts, finish reasons, usage, logprobs."""
+        result = Collected(
+            [""] * accepted.num_choices,
+            [None] * accepted.num_choices,
+            UsageInfo(prompt_tokens=accepted.prompt_tokens),
+            [None] * accepted.num_choices,
+        )
         async for event in accepted.events:
-            texts[event.index] += event.text
+            result.texts[event.index] += event.text
+            if event.logprobs is not None:
+                result.logprobs[event.index] = (result.logprobs[event.index] or []) + event.logprobs
             if event.finish_reason is not None:
-                reasons[event.index] = event.finish_reason
-                add_usage(usage, event.usage)
-        usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
-        return texts, reasons, usage
+                result.reasons[event.index] = event.finish_reason
+                add_usage(result.usage, event.usage)
+        result.usage.total_tokens = result.usage.prompt_tokens + result.usage.completion_tokens
+        return result
+
+    def completion_logprobs(
+        self, accepted: Accepted, request: CompletionRequest
+    ) -> CompletionLogprobFormatter:
+        """The completions formatter; with `echo`, token offsets start after the echoed prompt."""
+        per_prompt = max(1, accepted.num_choices // max(1, len(accepted.prompt_texts)))
+        starts = {
+            i: len(accepted.prompt_texts[i // per_prompt]) if request.echo else 0
+            for i in range(accepted.num_choices)
+        }
+        return CompletionLogprobFormatter(self.tokenizer, starts)
 
     def completion_response(
-        self,
-        accepted: Accepted,
-        request: CompletionRequest,
-        texts: list[str],
-        reasons: list[str | None],
-        usage: UsageInfo,
+        self, accepted: Accepted, request: CompletionRequest, collected: Collected
     ) -> CompletionResponse:
         per_prompt = max(1, accepted.num_choices // max(1, len(accepted.prompt_texts)))
+        formatter = self.completion_logprobs(accepted, request)
         choices = [
             CompletionChoice(
                 index=i,
                 text=(accepted.prompt_texts[i // per_prompt] if request.echo else "") + text,
-                finish_reason=reasons[i],
+                logprobs=None
+                if entries is None
+                else CompletionLogprobs.model_validate(formatter(i, entries)),
+                finish_reason=collected.reasons[i],
             )
-            for i, text in enumerate(texts)
+            for i, (text, entries) in enumerate(zip(collected.texts, collected.logprobs, strict=True))
         ]
+        usage = collected.usage
         return CompletionResponse(id=accepted.request_id, model=self.model.name, choices=choices, usage=usage)
 
-    def chat_response(
-        self, accepted: Accepted, texts: list[str], reasons: list[str | None], usage: UsageInfo
-    ) -> ChatCompletionResponse:
+    def chat_response(self, accepted: Accepted, collected: Collected) -> ChatCompletionResponse:
+        formatter = ChatLogprobFormatter(self.tokenizer)
         choices = [
-            ChatChoice(index=i, message=AssistantMessage(content=text), finish_reason=reasons[i])
-            for i, text in enumerate(texts)
+            ChatChoice(
+                index=i,
+                message=AssistantMessage(content=text),
+                logprobs=None if entries is None else ChatLogprobs.model_validate(formatter(i, entries)),
+                finish_reason=collected.reasons[i],
+            )
+            for i, (text, entries) in enumerate(zip(collected.texts, collected.logprobs, strict=True))
         ]
+        usage = collected.usage
         return ChatCompletionResponse(
             id=accepted.request_id, model=self.model.name, choices=choices, usage=usage
         )
@@ -227,5 +261,7 @@ def add_usage(total: UsageInfo, usage: Usage | None) -> None:
     if usage is None:
         return
     total.completion_tokens += usage.completion_tokens
+    details = total.prompt_tokens_details  # summed over choices, never above the prompt tokens
+    details.cached_tokens = min(total.prompt_tokens, details.cached_tokens + usage.cached_tokens)
     total.denoise_steps += usage.denoise_steps
     total.canvases += usage.canvases

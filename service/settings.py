@@ -6,16 +6,19 @@ the command line comes from the environment, then from the defaults below.
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from engine.engine_config import EngineConfig
 
 SUPPORTED_SAMPLERS = ("entropy_bound",)
 ENGINE_DEFAULTS = EngineConfig()
+MAX_REQUEST_BODY_BYTES = 8 * 1024**2
+"""The default body limit: far above any chat request, room for a batch of token-id prompts."""
 
 
 Quantization = Literal["compressed-tensors", "modelopt", "modelopt_fp4", "fp8", "int8"]
@@ -37,7 +40,7 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     """Port to listen on."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    """auto: bfloat16 on CUDA, float32 on the CPU."""
+    """auto: bfloat16 on CUDA and on CPUs with native bf16 (AMX-BF16, AVX512-BF16), else float32."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto: CUDA when available, else the CPU."""
     quantization: Quantization | None = None
@@ -70,6 +73,15 @@ class Settings(BaseSettings):
     """Accepted for vLLM compatibility; the engine picks its own kernels."""
     enable_chunked_prefill: bool = True
     """Always on; accepted for vLLM compatibility."""
+    enable_prefix_caching: bool = ENGINE_DEFAULTS.enable_prefix_caching
+    """Reuse cached K/V of shared prompt prefixes and earlier conversation turns."""
+
+    engine_process: bool = True
+    """Run the engine (scheduler, runner, model) in a process of its own, talking to this one over
+    ZeroMQ, so HTTP never competes with a step for the GIL; False (`--no-engine-process`,
+    CANVAS_SERVE_ENGINE_PROCESS=0): in a thread of the API process."""
+    engine_threads: int | None = Field(None, ge=1)
+    """torch threads of the engine process; None: every core this process may use but one."""
 
     drain_timeout_s: float = Field(30.0, ge=0)
     """On SIGTERM: stop admitting, wait this long for in-flight requests, then abort the rest."""
@@ -81,6 +93,36 @@ class Settings(BaseSettings):
     """Choices (`n`) one request may ask for."""
     log_level: str = "info"
     """Python logging level of the server (and uvicorn's)."""
+
+    # Access control and hardening (vLLM's names): see service/security.py.
+    api_key: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        validation_alias=AliasChoices("api_key", "CANVAS_SERVE_API_KEY", "VLLM_API_KEY"),
+    )
+    """Keys a client may send as `Authorization: Bearer <key>`; none: no key is asked for. From
+    --api-key (repeatable), else CANVAS_SERVE_API_KEY, else VLLM_API_KEY (one key each)."""
+    api_key_file: Path | None = None
+    """A file of further keys, one per line (a mounted Docker or Kubernetes secret)."""
+    allowed_origins: list[str] = Field(default_factory=list)
+    """Origins whose pages may call the API (CORS); empty: same origin only; ["*"]: any."""
+    allowed_methods: list[str] = Field(default_factory=lambda: ["*"])
+    """Methods allowed to those origins."""
+    allowed_headers: list[str] = Field(default_factory=lambda: ["*"])
+    """Request headers allowed to those origins."""
+    allow_credentials: bool = False
+    """Let those origins send cookies and HTTP auth (never together with the origin "*")."""
+    ssl_keyfile: Path | None = None
+    """TLS private key (PEM); with ssl_certfile the server speaks HTTPS."""
+    ssl_certfile: Path | None = None
+    """TLS certificate chain (PEM)."""
+    ssl_ca_certs: Path | None = None
+    """CA certificates to verify client certificates with (see ssl_cert_reqs)."""
+    ssl_cert_reqs: int = Field(int(ssl.CERT_NONE), ge=0, le=2)
+    """Client certificates: 0 not asked for, 1 optional, 2 required (Python's ssl.CERT_* values)."""
+    root_path: str = ""
+    """The path prefix a proxy serves this server under (e.g. /canvas), for path-prefixing proxies."""
+    max_request_body_bytes: int = Field(MAX_REQUEST_BODY_BYTES, ge=1)
+    """Largest request body accepted; a larger one gets 413 (checked while reading, chunked or not)."""
 
     @field_validator("model", mode="before")
     @classmethod
@@ -108,6 +150,62 @@ class Settings(BaseSettings):
             raise ValueError(f"diffusion_config keys {sorted(unknown)} are not supported")
         return value
 
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _one_key_from_the_environment(cls, value: Any) -> Any:
+        if isinstance(value, str):  # an environment variable holds one key
+            return [value]
+        return value
+
+    @field_validator("api_key")
+    @classmethod
+    def _drop_empty_keys(cls, value: list[SecretStr]) -> list[SecretStr]:
+        return [key for key in value if key.get_secret_value()]
+
+    @field_validator("root_path")
+    @classmethod
+    def _root_path_shape(cls, value: str) -> str:
+        if value and (not value.startswith("/") or value.endswith("/")):
+            raise ValueError(f"root_path={value!r}: give it as /prefix (a leading slash, none at the end)")
+        return value
+
+    @model_validator(mode="after")
+    def _no_wildcard_origin_with_credentials(self) -> Settings:
+        if self.allow_credentials and "*" in self.allowed_origins:
+            raise ValueError(
+                "--allowed-origins '*' with --allow-credentials would let any web site act with a "
+                "visitor's credentials: list the origins that may call the API, or drop --allow-credentials"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _tls_and_key_files(self) -> Settings:
+        if (self.ssl_keyfile is None) != (self.ssl_certfile is None):
+            raise ValueError("TLS needs both --ssl-keyfile and --ssl-certfile (or neither)")
+        if self.ssl_cert_reqs and self.ssl_ca_certs is None:
+            raise ValueError(
+                f"--ssl-cert-reqs {self.ssl_cert_reqs} checks client certificates: give --ssl-ca-certs"
+            )
+        for name in ("ssl_keyfile", "ssl_certfile", "ssl_ca_certs", "api_key_file"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"{name}={path}: no such file")
+        if self.api_key_file is not None and not self._file_keys():  # an empty secret: open by mistake
+            raise ValueError(
+                f"api_key_file={self.api_key_file} holds no key: write one key per line "
+                f"(e.g. openssl rand -hex 32 > {self.api_key_file})"
+            )
+        return self
+
+    def api_keys(self) -> list[str]:
+        """Every accepted key: the given ones, then the lines of api_key_file (blank lines skipped)."""
+        return [key.get_secret_value() for key in self.api_key] + self._file_keys()
+
+    def _file_keys(self) -> list[str]:
+        if self.api_key_file is None:
+            return []
+        return [line.strip() for line in self.api_key_file.read_text().splitlines() if line.strip()]
+
     @model_validator(mode="after")
     def _engine_limits(self) -> Settings:
         self.engine_config(kv_cache_bytes=None)  # EngineConfig's checks, before any model loads
@@ -122,4 +220,5 @@ class Settings(BaseSettings):
             max_model_len=self.max_model_len,
             block_size=self.block_size,
             kv_cache_bytes=kv_cache_bytes,
+            enable_prefix_caching=self.enable_prefix_caching,
         )

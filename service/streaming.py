@@ -18,27 +18,32 @@ from typing import Any
 
 from service.choices import ChoiceEvent
 from service.errors import as_api_error
+from service.logprobs import LogprobFormatter
 from service.protocol import UsageInfo
 from service.serving import Accepted, add_usage
 
 logger = logging.getLogger(__name__)
 DONE = "data: [DONE]\n\n"
 
-ChunkBuilder = Callable[[int, str | None, str | None], dict[str, Any]]
-"""(choice index, text delta or None for a canvas-only chunk, finish reason) -> one choice entry."""
+ChunkBuilder = Callable[[int, str | None, str | None, dict[str, Any] | None], dict[str, Any]]
+"""(choice index, text delta or None for a canvas-only chunk, finish reason, logprobs) -> one choice entry."""
 
 
 def sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, separators=(',', ':'), ensure_ascii=False)}\n\n"
 
 
-def completion_choice(index: int, text: str | None, finish_reason: str | None) -> dict[str, Any]:
-    return {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+def completion_choice(
+    index: int, text: str | None, finish_reason: str | None, logprobs: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    return {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
 
 
-def chat_choice(index: int, text: str | None, finish_reason: str | None) -> dict[str, Any]:
+def chat_choice(
+    index: int, text: str | None, finish_reason: str | None, logprobs: dict[str, Any] | None = None
+) -> dict[str, Any]:
     delta = {} if text is None else {"content": text}
-    return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
 async def stream_events(
@@ -48,8 +53,11 @@ async def stream_events(
     choice: ChunkBuilder,
     include_usage: bool,
     first_chunks: list[dict[str, Any]] | None = None,
+    logprobs: LogprobFormatter | None = None,
 ) -> AsyncIterator[str]:
-    """The SSE body of one request. Closing it (client gone) aborts every unfinished choice."""
+    """The SSE body of one request. Closing it (client gone) aborts every unfinished choice.
+
+    With `logprobs`, a chunk carries the entries of the tokens committed with its event."""
     created = int(time.time())
 
     def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
@@ -66,10 +74,13 @@ async def stream_events(
 
     usage = UsageInfo(prompt_tokens=accepted.prompt_tokens)
     try:
-        for entries in first_chunks or []:
-            yield chunk([entries])
+        for first in first_chunks or []:
+            yield chunk([first])
         async for event in accepted.events:
-            for line in _event_chunks(event, choice, chunk):
+            entries = (
+                None if logprobs is None or event.logprobs is None else logprobs(event.index, event.logprobs)
+            )
+            for line in _event_chunks(event, choice, chunk, entries):
                 yield line
             if event.finish_reason is not None:
                 add_usage(usage, event.usage)
@@ -84,11 +95,13 @@ async def stream_events(
     yield DONE
 
 
-def _event_chunks(event: ChoiceEvent, choice: ChunkBuilder, chunk: Callable[..., str]) -> list[str]:
-    """A canvas chunk (if any) first, then the committed text and/or the finish reason."""
+def _event_chunks(
+    event: ChoiceEvent, choice: ChunkBuilder, chunk: Callable[..., str], logprobs: dict[str, Any] | None
+) -> list[str]:
+    """A canvas chunk (if any) first, then the committed text, logprobs and/or the finish reason."""
     lines = []
     if event.canvas is not None:
-        lines.append(chunk([choice(event.index, None, None)], canvas=event.canvas))
-    if event.text or event.finish_reason is not None:
-        lines.append(chunk([choice(event.index, event.text, event.finish_reason)]))
+        lines.append(chunk([choice(event.index, None, None, None)], canvas=event.canvas))
+    if event.text or event.finish_reason is not None or logprobs is not None:
+        lines.append(chunk([choice(event.index, event.text, event.finish_reason, logprobs)]))
     return lines

@@ -13,6 +13,7 @@ import shlex
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -61,6 +62,8 @@ class Process:
     (`with` starts it and kills it)."""
 
     ready_path = "/ready"
+    tls: ssl.SSLContext | None = None
+    """Set for a process that speaks HTTPS: the client context its readiness is checked with."""
 
     def __init__(self, argv: list[str], port: int, log_path: Path, env: dict[str, str] | None = None) -> None:
         self.argv, self.port, self.log_path = argv, port, log_path
@@ -69,7 +72,7 @@ class Process:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     @property
     def pid(self) -> int:
@@ -95,7 +98,8 @@ class Process:
             if self.process.poll() is not None:
                 pytest.fail(f"{self.command} exited with {self.process.returncode}:\n{self.log_tail()}")
             try:
-                if httpx.get(self.url + self.ready_path, timeout=2).status_code == 200:
+                response = httpx.get(self.url + self.ready_path, timeout=2, verify=self.tls or True)
+                if response.status_code == 200:
                     return
             except httpx.TransportError:
                 pass

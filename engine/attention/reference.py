@@ -1,8 +1,11 @@
-"""The reference attention backend in plain torch: SDPA per segment over slots gathered from the cache.
+"""The reference attention backend in plain torch: SDPA over slots gathered from the cache.
 
 Correct first, used on the CPU and as the oracle for faster backends (tests/kernels). `prepare` builds
 each segment's cache slots and causal mask once per cache group; every layer of that group reuses
-them. The contract is `engine.attention.base`'s.
+them. Consecutive bidirectional segments of one length (the canvases of a denoise step) run as one
+batched SDPA call per layer (`DecoderRun`), their cached slots padded to the longest and masked, so a
+step's attention costs one gather and one call per layer instead of one per canvas. The contract is
+`engine.attention.base`'s.
 """
 
 from __future__ import annotations
@@ -32,8 +35,30 @@ class SegmentPlan:
     mask: Tensor | None = None
 
 
-ReferenceMetadata = dict[str, list[SegmentPlan]]
-"""Cache group name -> one plan per segment, in token order."""
+@dataclass(frozen=True)
+class DecoderRun:
+    """B consecutive bidirectional segments of n tokens each, attended in one batched call.
+
+    `read_slots` (B, m) holds each segment's cached slots of [first_visible, start), left-aligned and
+    padded to the longest; `key_mask` (B, 1, 1, m + n) is True where a key is real (None when no row
+    is padded). Keys are the cached ones followed by the segment's own n.
+    """
+
+    num_segments: int
+    num_tokens: int
+    read_slots: Tensor
+    key_mask: Tensor | None
+
+    @property
+    def total_tokens(self) -> int:
+        return self.num_segments * self.num_tokens
+
+
+MAX_PADDING = 0.25
+"""A run of canvases is batched only if padding adds at most this fraction to the keys it reads."""
+
+ReferenceMetadata = dict[str, list[SegmentPlan | DecoderRun]]
+"""Cache group name -> plans in token order: one per causal or lone segment, one per decoder run."""
 
 
 def plan_segment(segment: Segment, cache: LayerCache) -> SegmentPlan:
@@ -50,6 +75,70 @@ def plan_segment(segment: Segment, cache: LayerCache) -> SegmentPlan:
     q_pos = torch.arange(segment.start_pos, segment.end_pos, device=device)
     mask = causal_mask(q_pos, torch.arange(lo, segment.end_pos, device=device), cache.window)
     return SegmentPlan(segment.num_tokens, read, write, mask)
+
+
+def plan_group(segments: list[Segment], cache: LayerCache) -> list[SegmentPlan | DecoderRun]:
+    """The plans of one cache group: runs of >= 2 consecutive bidirectional segments of one length
+    become a `DecoderRun` when their padding stays within `MAX_PADDING`; the rest one plan each."""
+    plans: list[SegmentPlan | DecoderRun] = []
+    i = 0
+    while i < len(segments):
+        j = i + 1
+        if not segments[i].is_causal:
+            while j < len(segments) and _same_run(segments[i], segments[j]):
+                j += 1
+        run = plan_run(segments[i:j], cache) if j - i >= 2 else None
+        plans.extend([run] if run is not None else [plan_segment(s, cache) for s in segments[i:j]])
+        i = j
+    return plans
+
+
+def _same_run(first: Segment, other: Segment) -> bool:
+    return not other.is_causal and other.num_tokens == first.num_tokens
+
+
+def plan_run(segments: list[Segment], cache: LayerCache) -> DecoderRun | None:
+    """One `DecoderRun` for bidirectional segments of one length, or None when padding would waste
+    more than `MAX_PADDING` of the keys read."""
+    device = cache.key.device
+    reads = [
+        slot_ids(
+            s.block_tables[cache.group], first_visible(s, cache.window), s.start_pos, cache.block_size, device
+        )
+        for s in segments
+    ]
+    lengths = [int(r.shape[0]) for r in reads]
+    n, longest = segments[0].num_tokens, max(lengths)
+    if len(segments) * (longest + n) > (1 + MAX_PADDING) * sum(length + n for length in lengths):
+        return None
+    slots = torch.zeros((len(segments), longest), dtype=torch.long, device=device)  # (B, m), pad: slot 0
+    for row, read in enumerate(reads):
+        slots[row, : read.shape[0]] = read
+    mask = None
+    if min(lengths) < longest:
+        key_pos = torch.arange(longest + n, device=device)  # (m + n,)
+        cached = torch.tensor(lengths, device=device)[:, None]  # (B, 1)
+        mask = ((key_pos < cached) | (key_pos >= longest))[:, None, None, :]  # (B, 1, 1, m + n)
+    return DecoderRun(len(segments), n, slots, mask)
+
+
+def run_attention(q: Tensor, k: Tensor, v: Tensor, run: DecoderRun, cache: LayerCache) -> Tensor:
+    """Attention of a decoder run. q (B * n, heads, d); k, v (B * n, kv_heads, d) -> (B * n, heads, d)."""
+    b, n = run.num_segments, run.num_tokens
+    m = run.read_slots.shape[1]
+    past_k, past_v = read_slots(cache, run.read_slots.flatten())  # (B * m, kv_heads, d) each
+    past_k, past_v = past_k.view(b, m, *k.shape[1:]), past_v.view(b, m, *v.shape[1:])  # (B, m, kvh, d)
+    keys = torch.cat([past_k, k.to(past_k.dtype).reshape(b, n, *k.shape[1:])], dim=1)  # (B, m + n, kvh, d)
+    values = torch.cat([past_v, v.to(past_v.dtype).reshape(b, n, *v.shape[1:])], dim=1)
+    out = F.scaled_dot_product_attention(
+        q.reshape(b, n, *q.shape[1:]).transpose(1, 2),  # (B, heads, n, d)
+        keys.to(q.dtype).transpose(1, 2),  # (B, kv_heads, m + n, d)
+        values.to(q.dtype).transpose(1, 2),
+        attn_mask=run.key_mask,
+        scale=1.0,
+        enable_gqa=True,
+    )
+    return out.transpose(1, 2).reshape(q.shape)  # (B * n, heads, d)
 
 
 def causal_mask(q_pos: Tensor, kv_pos: Tensor, window: int | None) -> Tensor:
@@ -108,9 +197,7 @@ class TorchAttention(AttentionBackend[ReferenceMetadata]):
     name = "torch"
 
     def prepare(self, segments: list[Segment], caches: list[LayerCache]) -> ReferenceMetadata:
-        return {
-            group: [plan_segment(s, cache) for s in segments] for group, cache in group_caches(caches).items()
-        }
+        return {group: plan_group(segments, cache) for group, cache in group_caches(caches).items()}
 
     def forward(
         self, q: Tensor, k: Tensor, v: Tensor, cache: LayerCache, metadata: ReferenceMetadata
@@ -118,10 +205,14 @@ class TorchAttention(AttentionBackend[ReferenceMetadata]):
         outputs = []
         start = 0
         for plan in metadata[cache.group]:
-            end = start + plan.num_tokens
-            outputs.append(segment_attention(q[start:end], k[start:end], v[start:end], plan, cache))
+            if isinstance(plan, DecoderRun):
+                end = start + plan.total_tokens
+                outputs.append(run_attention(q[start:end], k[start:end], v[start:end], plan, cache))
+            else:
+                end = start + plan.num_tokens
+                outputs.append(segment_attention(q[start:end], k[start:end], v[start:end], plan, cache))
             start = end
-        return torch.cat(outputs)
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
 
 def batch_attention(q: Tensor, k: Tensor, v: Tensor, segments: list[Segment], cache: LayerCache) -> Tensor:

@@ -85,14 +85,33 @@ function requestFromForm() {
   for (const name of NUMBER_FIELDS) if (f[name].value !== "") body[name] = Number(f[name].value);
   if (body.t_min !== undefined || body.t_max !== undefined) body.temperature = 1; // t_min/t_max as given
   if (f.interval.value !== "") body.stream_options.canvas_min_interval_ms = Number(f.interval.value);
+  const schema = schemaFromForm();
+  if (schema !== null) body.response_format = { type: "json_schema", json_schema: { name: "page", schema, strict: true } };
   const api = f.api.value;
   if (api === "chat") body.messages = [{ role: "user", content: prompt }];
   else body.prompt = isPuzzle(prompt) ? prompt.trim() : prompt;
   return { api, body };
 }
 
+// The schema box's JSON: null when empty; throws (shown under the box) when it is not a JSON object.
+function schemaFromForm() {
+  const text = form.elements.schema.value.trim();
+  if (text === "") return null;
+  const schema = JSON.parse(text);
+  if (typeof schema !== "object" || schema === null || Array.isArray(schema)) throw new Error("a JSON schema is an object");
+  return schema;
+}
+
 function startGeneration() {
   if (form.elements.prompt.value === "") return;
+  const hint = document.getElementById("schema-hint");
+  hint.textContent = "";
+  try {
+    schemaFromForm();
+  } catch (error) {
+    hint.textContent = `JSON schema: ${error.message}`;
+    return;
+  }
   const generation = new Generation(requestFromForm(), page);
   generations.add(generation);
   list.prepend(generation.root);

@@ -1,6 +1,7 @@
 // The engine view: reads GET /v1/engine/events (snapshots a few times a second) and reconnects with
 // exponential backoff when the server goes away (restart, network), so it comes back on its own.
 
+import { apiFetch } from "./auth.js";
 import { readEvents } from "./sse.js";
 
 const BACKOFF_S = [0.5, 1, 2, 4, 8];
@@ -22,7 +23,7 @@ export class EngineView {
   async run() {
     for (;;) {
       try {
-        const response = await fetch("/v1/engine/events?interval_ms=250", { cache: "no-store" });
+        const response = await apiFetch("v1/engine/events?interval_ms=250", { cache: "no-store" });
         if (!response.ok) throw new Error(`HTTP ${response.status}`);
         this.setConnection("live");
         let received = 0;

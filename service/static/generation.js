@@ -50,7 +50,7 @@ export class Generation {
     this.reset();
     this.setState("starting");
     try {
-      const response = await postJSON(`/v1/${this.request.api === "chat" ? "chat/completions" : "completions"}`, this.request.body, controller.signal);
+      const response = await postJSON(`v1/${this.request.api === "chat" ? "chat/completions" : "completions"}`, this.request.body, controller.signal);
       this.setState("streaming");
       const complete = await this.consume(response);
       if (controller !== this.controller) return;

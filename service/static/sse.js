@@ -1,4 +1,7 @@
-// Server-sent events over fetch (EventSource can only GET): POST a body, read `data:` lines as JSON.
+// Server-sent events over fetch (EventSource can only GET, and cannot send the API key's header): POST
+// a body, read `data:` lines as JSON. Every call goes through apiFetch (auth.js), which adds the key.
+
+import { apiFetch } from "./auth.js";
 
 export class ApiError extends Error {
   constructor(status, message) {
@@ -10,7 +13,7 @@ export class ApiError extends Error {
 // POST `body` as JSON to `path` and return the response; a non-2xx status throws an ApiError
 // carrying the server's OpenAI-shaped error message.
 export async function postJSON(path, body, signal) {
-  const response = await fetch(path, {
+  const response = await apiFetch(path, {
     method: "POST",
     headers: { "Content-Type": "application/json", Accept: "text/event-stream" },
     body: JSON.stringify(body),
@@ -21,7 +24,7 @@ export async function postJSON(path, body, signal) {
 }
 
 export async function getJSON(path, signal) {
-  const response = await fetch(path, { signal, cache: "no-store" });
+  const response = await apiFetch(path, { signal, cache: "no-store" });
   if (!response.ok) throw new ApiError(response.status, await errorMessage(response));
   return response.json();
 }

@@ -37,7 +37,7 @@ export class TokenTexts {
       while (this.pending.size) {
         const ids = [...this.pending].slice(0, BATCH);
         ids.forEach((id) => this.pending.delete(id));
-        const body = await getJSON(`/v1/engine/tokens?ids=${ids.join(",")}`);
+        const body = await getJSON(`v1/engine/tokens?ids=${ids.join(",")}`);
         body.ids.forEach((id, i) => this.texts.set(id, body.tokens[i]));
         this.listeners.forEach((listener) => listener());
       }

@@ -77,6 +77,8 @@ def test_dashboard_covers_what_the_issue_asks_for() -> None:
         "canvas_serve_tokens_per_denoise_step_sum",
         "canvas_serve_iteration_denoise_canvases_sum",  # batch composition
         "canvas_serve_http_responses_total",  # errors
+        "canvas_serve_prefix_cache_hits_total",  # prefix cache hit rate
+        "canvas_serve_prefix_cache_queries_total",
     ]:
         assert metric in text, metric
 

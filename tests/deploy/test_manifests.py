@@ -150,3 +150,26 @@ def test_service_pdb_hpa_and_router_select_the_server_pods() -> None:
     args = router["spec"]["template"]["spec"]["containers"][0]["args"]
     selector = args[args.index("--selector") + 1 : args.index("--selector") + 3]
     assert dict(s.split("=") for s in selector).items() <= labels.items()
+
+
+def test_the_api_key_comes_from_a_secret_and_is_never_written_into_a_deploy_file() -> None:
+    for path in VARIANTS:
+        (deployment,) = documents(path)
+        (container,) = deployment["spec"]["template"]["spec"]["containers"]
+        keys = [e for e in container["env"] if "API_KEY" in e["name"]]
+        assert [e["name"] for e in keys] == ["CANVAS_SERVE_API_KEY"], path
+        assert "value" not in keys[0], f"{path}: the key must come from a Secret"
+        assert keys[0]["valueFrom"]["secretKeyRef"] == {"name": "canvas-serve-api-key", "key": "api-key"}
+    assert not [d for p in MANIFESTS for d in documents(p) if d.get("kind") == "Secret"], "no Secret in git"
+
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    server = compose["services"]["canvas-serve"]
+    assert server["secrets"] == ["canvas_serve_api_key"]
+    named = {n: v for n, v in server["environment"].items() if "API_KEY" in n}
+    assert named == {"CANVAS_SERVE_API_KEY_FILE": "/run/secrets/canvas_serve_api_key"}, "a file, not a key"
+    secret_file = compose["secrets"]["canvas_serve_api_key"]["file"]
+    ignored = subprocess.run(["git", "check-ignore", "-q", secret_file], cwd=REPO, check=False)
+    assert ignored.returncode == 0, f"{secret_file} must be git-ignored"
+
+    dockerfile = [args for op, args in dockerfile_instructions() if op in ("ENV", "ARG")]
+    assert not [args for args in dockerfile if "API_KEY" in args], "no key in the image"

@@ -331,3 +331,179 @@ def test_random_operations_keep_invariants(
         manager.free(request_id)
     assert all(manager.num_used_blocks(g) == 0 for g in manager.group_names)
     assert manager.usage() == 0.0
+
+
+# -- prefix caching ----------------------------------------------------------------------------------
+
+
+def full_only(num_blocks: int, block_size: int = 2) -> KVCacheManager:
+    return KVCacheManager([CacheGroupSpec("full", num_blocks, None)], block_size)
+
+
+def run_and_cache(manager: KVCacheManager, request_id: str, tokens: list[int]) -> None:
+    manager.allocate(request_id, len(tokens))
+    manager.cache_blocks(request_id, tokens, len(tokens))
+
+
+def test_block_pool_keeps_freed_blocks_cached_until_evicted_lru() -> None:
+    pool = BlockPool(4)
+    ids = pool.allocate(2)
+    assert pool.cache(ids[0], b"h0") and pool.cache(ids[1], b"h1")
+    assert not pool.cache(ids[1], b"h2")  # one hash per block
+    pool.free(ids)
+    assert (pool.num_free, pool.num_cached, pool.lookup(b"h0")) == (4, 2, 0)
+    pool.touch([0])  # a hit takes the free cached block back
+    assert (pool.ref_count(0), pool.num_free) == (1, 3)
+    pool.touch([0])
+    pool.free([0])
+    assert pool.ref_count(0) == 1
+    assert pool.allocate(3) == [2, 3, 1]  # uncached blocks first, then the least recently freed
+    assert pool.lookup(b"h1") is None and pool.lookup(b"h0") == 0  # block 1 was evicted
+    with pytest.raises(ValueError, match="not cached"):
+        pool.touch([2])
+    assert pool.reset_cache() == 1 and pool.lookup(b"h0") is None
+
+
+def test_hit_shares_blocks_with_reference_counts() -> None:
+    manager = full_only(16)
+    tokens = list(range(10, 19))  # 9 tokens: blocks 0-3 full, block 4 partial
+    run_and_cache(manager, "a", tokens)
+    assert manager.num_cached_blocks("full") == 4
+    hit = manager.find_cached_prefix([*tokens[:8], 99], max_tokens=8)
+    assert hit.num_tokens == 8 and hit.block_ids["full"] == tuple(manager.block_table("a", "full")[:4])
+    assert manager.can_allocate("b", 9, hit)
+    manager.allocate("b", 9, hit)
+    table_b = manager.block_table("b", "full")
+    assert table_b[:4] == manager.block_table("a", "full")[:4] and table_b[4] not in manager.block_table(
+        "a", "full"
+    )
+    assert [manager.ref_count("full", b) for b in table_b] == [2, 2, 2, 2, 1]
+    assert manager.num_used_blocks("full") == 6
+    manager.free("a")
+    assert [manager.ref_count("full", b) for b in table_b] == [1, 1, 1, 1, 1]
+    manager.free("b")
+    assert manager.num_used_blocks("full") == 0 and manager.num_cached_blocks("full") == 4
+    manager.allocate("c", 1)
+    with pytest.raises(ValueError, match="already holds blocks"):
+        manager.allocate("c", 9, hit)
+
+
+def test_hit_is_capped_and_ends_at_the_first_difference() -> None:
+    manager = full_only(16)
+    tokens = list(range(10, 20))
+    run_and_cache(manager, "a", tokens)
+    assert manager.find_cached_prefix(tokens, max_tokens=9).num_tokens == 8  # one token always runs
+    assert manager.find_cached_prefix(tokens, max_tokens=10).num_tokens == 10
+    changed = [*tokens[:5], 0, *tokens[6:]]  # block 2 differs, so blocks 3 and 4 (chained) miss too
+    assert manager.find_cached_prefix(changed, max_tokens=10).num_tokens == 4
+    assert manager.find_cached_prefix(tokens, max_tokens=10, extra_key="adapter-1").num_tokens == 0
+    assert manager.find_cached_prefix([], max_tokens=0).num_tokens == 0
+
+
+def test_only_computed_full_blocks_are_registered() -> None:
+    manager = full_only(16)
+    tokens = list(range(10, 20))
+    manager.allocate("a", 10)
+    assert manager.cache_blocks("a", tokens, 5) == 2  # [0, 4) computed; block 2 is half written
+    assert manager.find_cached_prefix(tokens, max_tokens=10).num_tokens == 4
+    assert manager.cache_blocks("a", tokens, 10) == 3
+    assert manager.cache_blocks("a", tokens, 10) == 0  # offered once
+    assert manager.cache_blocks("nobody", tokens, 10) == 0
+
+
+def test_duplicate_blocks_keep_the_first_copy() -> None:
+    manager = full_only(16)
+    tokens = list(range(10, 14))
+    manager.allocate("a", 4)
+    manager.allocate("b", 4)  # computed concurrently: same content, other blocks
+    assert manager.cache_blocks("a", tokens, 4) == 2
+    assert manager.cache_blocks("b", tokens, 4) == 0
+    hit = manager.find_cached_prefix(tokens, max_tokens=4)
+    assert hit.block_ids["full"] == tuple(manager.block_table("a", "full"))
+
+
+def test_eviction_takes_the_least_recently_freed_tail_first() -> None:
+    manager = full_only(8)
+    a_tokens = list(range(10, 18))
+    run_and_cache(manager, "a", a_tokens)  # blocks 0-3
+    manager.free("a")  # freed tail first: block 3 is evicted before block 0
+    run_and_cache(manager, "b", list(range(50, 58)))  # takes the 4 never-used blocks
+    assert manager.find_cached_prefix(a_tokens, max_tokens=8).num_tokens == 8
+    manager.allocate("c", 2)  # one more block: evicts a's last block
+    assert manager.find_cached_prefix(a_tokens, max_tokens=8).num_tokens == 6
+    manager.allocate("c", 8)  # three more: evicts blocks 2, 1, then 0
+    assert manager.find_cached_prefix(a_tokens, max_tokens=8).num_tokens == 0
+    assert manager.num_cached_blocks("full") == 4  # b's blocks, still in use
+
+
+def test_a_hit_counts_its_free_cached_blocks_against_the_pool() -> None:
+    manager = full_only(4)
+    tokens = list(range(10, 16))
+    run_and_cache(manager, "a", tokens)  # 3 blocks
+    manager.free("a")
+    hit = manager.find_cached_prefix([*tokens, 1, 2], max_tokens=6)
+    assert hit.num_tokens == 6
+    assert manager.can_allocate("b", 8, hit)  # 3 cached + 1 new of 4
+    assert not manager.can_allocate("b", 10, hit)  # 3 cached + 2 new: the new ones would evict the hit
+    with pytest.raises(NoFreeBlocks):
+        manager.allocate("b", 10, hit)
+    assert manager.num_used_blocks("full") == 0 and manager.num_cached_blocks("full") == 3
+
+
+@pytest.mark.parametrize(
+    ("evicted", "expected_blocks"),
+    [
+        # block_size 4, window 6: a hit of n blocks needs blocks [(4n - 5) // 4, n) in the sliding group
+        ((), 6),
+        ((0, 1, 2, 3), 6),  # the window at 24 reaches back to position 19: blocks 4 and 5 suffice
+        ((2,), 6),
+        ((5,), 5),  # 6 needs blocks 4-5; 5 needs 3-4
+        ((4,), 4),  # 6 and 5 need block 4; 4 needs 2-3
+        ((3, 4), 3),  # 3 needs 1-2
+        ((2, 4), 2),  # 4 and 3 need block 2; 2 needs 0-1
+        ((0, 2, 4), 0),  # 4 and 3 need block 2; 2 and 1 need block 0
+    ],
+)
+def test_sliding_hit_needs_only_the_blocks_inside_the_window(
+    evicted: tuple[int, ...], expected_blocks: int
+) -> None:
+    manager = make_manager(block_size=4, window=6, num_full=64, num_sliding=64)
+    tokens = list(range(10, 35))  # 25 tokens: 6 full blocks
+    run_and_cache(manager, "a", tokens)
+    sliding = manager.block_table("a", "sliding")
+    manager.free("a")
+    for block in evicted:  # drop the hash of the sliding copy only
+        pool = manager._pools["sliding"]  # the test reaches in: eviction of chosen blocks
+        pool._uncache(sliding[block])
+    hit = manager.find_cached_prefix(tokens, max_tokens=24)
+    assert hit.num_tokens == 4 * expected_blocks
+    first_live = first_live_block(hit.num_tokens, 6, 4)
+    assert hit.block_ids["sliding"][:first_live] == (NULL_BLOCK,) * first_live
+    assert NULL_BLOCK not in hit.block_ids["sliding"][first_live:]
+    assert NULL_BLOCK not in hit.block_ids["full"]
+    manager.allocate("b", 25, hit)
+    assert manager.block_table("b", "sliding")[:first_live] == [NULL_BLOCK] * first_live
+    assert manager.num_used_blocks("sliding") == len(manager.block_table("b", "sliding")) - first_live
+    manager.free("b")
+    assert manager.num_used_blocks("sliding") == manager.num_used_blocks("full") == 0
+
+
+def test_released_sliding_blocks_stay_cached() -> None:
+    manager = make_manager(block_size=4, window=6)
+    tokens = list(range(10, 35))
+    manager.allocate("a", 25)
+    manager.cache_blocks("a", tokens, 25)
+    assert manager.release_out_of_window("a", 25) == 5  # reads from 20: blocks 0-4 are dead
+    assert manager.num_cached_blocks("sliding") == 6
+    assert manager.find_cached_prefix(tokens, max_tokens=24).num_tokens == 24
+
+
+def test_reset_prefix_cache_forgets_every_block() -> None:
+    manager = full_only(8)
+    tokens = list(range(10, 18))
+    run_and_cache(manager, "a", tokens)
+    assert manager.reset_prefix_cache() == 4
+    assert manager.find_cached_prefix(tokens, max_tokens=8).num_tokens == 0
+    assert manager.block_table("a", "full") == [0, 1, 2, 3]  # a keeps its blocks
+    manager.free("a")
+    assert manager.num_used_blocks("full") == 0

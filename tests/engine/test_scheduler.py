@@ -6,6 +6,11 @@ causal work, checked to be contiguous and to equal prompt + committed canvases),
 canvas that depends only on (seed, canvas_index, step). Canvas b of a request converges after `steps[b]`
 steps, and its converged canvas holds the stop id where the script says. Outputs are therefore the
 same however the scheduler batches, chunks or preempts, and `Script.expected` computes them directly.
+
+The fake runner also keeps the content of every physical block (the token id written at each slot,
+per group): each work checks that every position it reads holds the token the request's cache must
+hold there, which is what makes a prefix-cache hit (blocks written by another request, or by this one
+before a preemption) correct or wrong.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from engine.config import DiffusionDefaults
 from engine.engine_config import EngineConfig
 from engine.kv_cache import NULL_BLOCK, CacheGroupSpec, KVCacheManager, num_blocks_for
 from engine.outputs import CausalWork, DenoiseOutcome, DenoiseWork, RunnerOutput, SchedulerOutput
-from engine.request import InvalidParams, RequestOutput, RequestStatus, SamplingParams
+from engine.request import InvalidParams, RequestOutput, RequestStatus, SamplingParams, Usage
 from engine.scheduler import QueueFull, Scheduler
 
 STOP = 1
@@ -92,14 +97,22 @@ class FakeRunner:
     """Turns a `SchedulerOutput` into a `RunnerOutput` from the scripts, checking what it is given."""
 
     def __init__(
-        self, scripts: dict[str, Script], groups: list[CacheGroupSpec], block_size: int, canvas: int
+        self,
+        scripts: dict[str, Script],
+        groups: list[CacheGroupSpec],
+        block_size: int,
+        canvas: int,
+        prefix_caching: bool = False,
     ):
         self.scripts = scripts
         self.windows = {g.name: g.window for g in groups}
         self.block_size = block_size
         self.canvas_length = canvas
+        self.prefix_caching = prefix_caching
         self.canvases: dict[str, _Canvas] = {}
         self.cache: dict[str, list[int]] = {}
+        self.slots: dict[tuple[str, int, int], int] = {}
+        """(group, block id, offset) -> the token whose K/V the slot holds."""
 
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
         for request_id in out.dropped_request_ids:
@@ -111,17 +124,24 @@ class FakeRunner:
         return RunnerOutput({d.request_id: self._denoise(d) for d in out.denoise})
 
     def _write(self, work: CausalWork) -> None:
+        script = self.scripts[work.request_id]
         cache = self.cache.setdefault(work.request_id, [])
+        if not cache and work.start_pos > 0:  # a prefix-cache hit: what it skips must be in its blocks
+            assert self.prefix_caching, "a request starts past position 0 only with prefix caching"
+            assert work.start_pos % self.block_size == 0, "a hit covers whole blocks"
+            cache.extend(script.cache(work.start_pos, self.canvas_length))
         assert work.start_pos == len(cache), "causal work must continue the cache where it stopped"
         cache.extend(work.token_ids)
-        script = self.scripts[work.request_id]
         assert cache == script.cache(len(cache), self.canvas_length), "cache must be prompt + commits"
-        self._check_tables(work.block_tables, work.start_pos, len(cache))
+        for group, table in work.block_tables.items():
+            for pos, token in enumerate(work.token_ids, work.start_pos):
+                self.slots[group, table[pos // self.block_size], pos % self.block_size] = token
+        self._check_tables(work.block_tables, work.start_pos, len(cache), cache)
 
     def _denoise(self, work: DenoiseWork) -> DenoiseOutcome:
         script, C = self.scripts[work.request_id], self.canvas_length
         assert work.start_pos == len(self.cache[work.request_id]), "denoise must follow a complete prefix"
-        self._check_tables(work.block_tables, work.start_pos, work.start_pos)
+        self._check_tables(work.block_tables, work.start_pos, work.start_pos, self.cache[work.request_id])
         canvas_index, rest = divmod(work.start_pos - len(script.prompt), C)
         assert rest == 0 and canvas_index >= 0
         if work.new_canvas is not None:
@@ -135,20 +155,38 @@ class FakeRunner:
         argmax = script.canvas(canvas_index, canvas.step, C) if show else None
         return DenoiseOutcome(canvas.step, finished, num_accepted=1, mean_entropy=0.5, argmax=argmax)
 
-    def _check_tables(self, tables: dict[str, list[int]], query_start: int, cache_end: int) -> None:
-        """Every block the work reads or writes is backed: [0, end) in full groups, the window in others."""
+    def _check_tables(
+        self, tables: dict[str, list[int]], query_start: int, cache_end: int, cache: list[int]
+    ) -> None:
+        """Every block the work reads or writes is backed: [0, end) in full groups, the window in others;
+        and every position it reads holds the K/V of the request's own cache token there."""
         for group, table in tables.items():
             window = self.windows[group]
             first = 0 if window is None else max(0, query_start - window + 1)
             needed = range(first // self.block_size, num_blocks_for(cache_end, self.block_size))
             assert len(table) >= len(needed) and all(table[i] != NULL_BLOCK for i in needed), (group, table)
+            for pos in range(first, cache_end):
+                slot = (group, table[pos // self.block_size], pos % self.block_size)
+                assert self.slots.get(slot) == cache[pos], f"{group} position {pos} holds the wrong K/V"
 
     def _check_disjoint_tables(self, out: SchedulerOutput) -> None:
+        """Without prefix caching no block is in two requests' tables; with it, no block written in
+        this step is in another request's table (shared blocks are read-only)."""
         owner: dict[tuple[str, int], str] = {}
+        written = {
+            (group, table[pos // self.block_size]): c.request_id
+            for c in out.causal
+            for group, table in c.block_tables.items()
+            for pos in range(c.start_pos, c.start_pos + len(c.token_ids))
+        }
         for work in [*out.causal, *out.denoise]:
             for group, table in work.block_tables.items():
                 for block_id in table:
-                    if block_id != NULL_BLOCK:
+                    if block_id == NULL_BLOCK:
+                        continue
+                    writer = written.get((group, block_id))
+                    assert writer is None or writer == work.request_id, "a written block is shared"
+                    if not self.prefix_caching:
                         assert owner.setdefault((group, block_id), work.request_id) == work.request_id
 
 
@@ -213,13 +251,18 @@ def make(
     num_full: int = 256,
     num_sliding: int = 256,
     window: int = 6,
+    prefix_caching: bool = False,
     **config: int,
 ) -> Harness:
+    """A scheduler over a full and a sliding group; prefix caching is off unless asked for, so that the
+    tests of chunking and preemption see every position computed."""
     groups = [CacheGroupSpec("full", num_full, None), CacheGroupSpec("sliding", num_sliding, window)]
     config.setdefault("max_model_len", 1024)
     config.setdefault("max_num_batched_tokens", 4096)
-    sched = Scheduler(EngineConfig(**config), canvas, KVCacheManager(groups, block_size))
-    return Harness(sched, FakeRunner({}, groups, block_size, canvas), {g.name: g.num_blocks for g in groups})
+    engine_config = EngineConfig(**config, enable_prefix_caching=prefix_caching)  # type: ignore[arg-type]
+    sched = Scheduler(engine_config, canvas, KVCacheManager(groups, block_size))
+    runner = FakeRunner({}, groups, block_size, canvas, prefix_caching)
+    return Harness(sched, runner, {g.name: g.num_blocks for g in groups})
 
 
 def num_causal_tokens(out: SchedulerOutput) -> int:
@@ -270,7 +313,10 @@ def check_invariants(sched: Scheduler, totals: dict[str, int]) -> None:
     assert set(kv.request_ids) == set(running)
     for group, total in totals.items():
         live = [b for i in running for b in kv.block_table(i, group) if b != NULL_BLOCK]
-        assert len(live) == len(set(live)) == kv.num_used_blocks(group)
+        if not sched.config.enable_prefix_caching:
+            assert len(live) == len(set(live))
+        assert len(set(live)) == kv.num_used_blocks(group)
+        assert all(kv.ref_count(group, b) == live.count(b) for b in set(live)), "reference counts"
         assert kv.num_used_blocks(group) + kv.num_free_blocks(group) == total
 
 
@@ -572,7 +618,7 @@ def scenarios(draw: st.DrawFn) -> tuple[dict[str, int], list[Lifecycle]]:
         s = script(
             draw(st.integers(0, 2**30)) * 32 + i, draw(st.integers(1, 30)), draw(st.integers(1, 3 * C))
         )
-        s = Script(s.prompt, s.seed, s.max_tokens, tuple(steps), stop)
+        s = Script(_shared_head(draw, lifecycles, C) + s.prompt, s.seed, s.max_tokens, tuple(steps), stop)
         abort_after = draw(st.none() | st.none() | st.integers(0, 25))
         lifecycles.append(Lifecycle(s, draw(st.integers(0, 30)), abort_after))
     block_size = draw(st.sampled_from([2, 4, 8]))
@@ -592,8 +638,25 @@ def scenarios(draw: st.DrawFn) -> tuple[dict[str, int], list[Lifecycle]]:
         num_sliding=sliding_need + draw(st.integers(0, sliding_need)),
         max_num_batched_tokens=budget,
         max_num_seqs=draw(st.integers(2, 8)),
+        prefix_caching=draw(st.booleans()),
     )
     return config, lifecycles
+
+
+SHARED_PREFIX = tuple(range(STOP + 1, STOP + 12))
+
+
+def _shared_head(draw: st.DrawFn, earlier: list[Lifecycle], canvas: int) -> tuple[int, ...]:
+    """What a prompt starts with: nothing, a prefix shared by many requests, or an earlier request's
+    prompt and some of its committed canvases (the next turn of its conversation)."""
+    kind = draw(st.sampled_from(["none", "none", "prefix", "turn"]))
+    if kind == "prefix":
+        return SHARED_PREFIX
+    if kind == "turn" and earlier:
+        previous = draw(st.sampled_from(earlier)).script
+        num_canvases = draw(st.integers(0, 2))
+        return tuple(previous.cache(len(previous.prompt) + num_canvases * canvas, canvas))
+    return ()
 
 
 @settings(max_examples=50, deadline=None)
@@ -618,6 +681,8 @@ def test_random_lifecycles_keep_invariants_and_end_clean(
         raise AssertionError("random lifecycle did not finish")
     event(f"preempted: {h.num_preempted > 0}")
     event(f"aborted: {any(h.finish(i).finish_reason == 'abort' for i in ids)}")
+    hits = any((h.finish(i).usage or Usage(0, 0, 0, 0)).cached_tokens > 0 for i in ids)
+    event(f"prefix cache hits: {hits}")
     C = config["canvas"]
     for request_id, life in zip(ids, lifecycles, strict=True):
         finish = h.finish(request_id)  # exactly one finish event
@@ -630,4 +695,4 @@ def test_random_lifecycles_keep_invariants_and_end_clean(
             assert (h.output(request_id), finish.finish_reason) == (tokens, reason)
     assert sorted(r.request_id for r in h.sched.newly_finished) == sorted(ids)
     assert not h.sched.requests and not h.sched.kv.request_ids
-    assert all(h.sched.kv.num_used_blocks(g) == 0 for g in h.totals)
+    assert all(h.sched.kv.num_used_blocks(g) == 0 for g in h.totals)  # free, or cached with count 0

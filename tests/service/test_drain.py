@@ -1,5 +1,6 @@
 """SIGTERM under load: in-flight streams finish, new requests get 503 (or a refused connection once the
-server is gone), and the process exits 0 within the drain timeout plus a few seconds."""
+server is gone), and the process exits 0 within the drain timeout plus a few seconds, whether the engine
+runs in its own process (the default) or in a thread of the server's."""
 
 from __future__ import annotations
 
@@ -83,9 +84,10 @@ def start_streams(server: RemoteServer, body: dict[str, Any], count: int) -> lis
 
 
 @pytest.mark.slow
-def test_sigterm_drains_in_flight_streams_then_exits_0(tiny_model_dir: Path) -> None:
+@pytest.mark.parametrize("engine", ["--engine-process", "--no-engine-process"])
+def test_sigterm_drains_in_flight_streams_then_exits_0(tiny_model_dir: Path, engine: str) -> None:
     drain_timeout = 60.0
-    with RemoteServer(tiny_model_dir, "--drain-timeout", str(drain_timeout)) as server:
+    with RemoteServer(tiny_model_dir, "--drain-timeout", str(drain_timeout), engine) as server:
         body = {"prompt": "hello", "max_tokens": 32, "max_denoising_steps": 40, "seed": 1}
         streamers = start_streams(server, body, 3)
         start = time.monotonic()

@@ -18,7 +18,9 @@ def test_the_last_step_lists_only_the_requests_it_served(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     model = save_servable(tmp_path)
-    settings = Settings(model=model, device="cpu", max_num_seqs=2, max_num_batched_tokens=CANVAS)
+    settings = Settings(
+        model=model, device="cpu", max_num_seqs=2, max_num_batched_tokens=CANVAS, engine_process=False
+    )
     service, metrics = build_service(settings)  # room for one canvas a step
     engine = service.engine.engine  # stepped here, synchronously: the loop thread is never started
     served: list[tuple[str, ...]] = []

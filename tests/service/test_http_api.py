@@ -136,7 +136,7 @@ COMPLETION_ERRORS: list[tuple[str, dict[str, Any], str | None]] = [
     ("out-of-vocab pinned_canvas token", {"prompt": "hi", "pinned_canvas": [500]}, None),
     ("pinned_canvas longer than a canvas", {"prompt": "hi", "pinned_canvas": [5] * 17}, None),
     ("stream_options without stream", {"prompt": "hi", "stream_options": {"include_usage": True}}, None),
-    ("logprobs", {"prompt": "hi", "logprobs": 1}, None),
+    ("logprobs over 20", {"prompt": "hi", "logprobs": 21}, "logprobs"),
     ("suffix", {"prompt": "hi", "suffix": "end"}, None),
     ("missing prompt", {"max_tokens": 4}, "prompt"),
 ]
@@ -212,7 +212,10 @@ CHAT_ERRORS: list[tuple[str, dict[str, Any]]] = [
         {"messages": [{"role": "user"}], "max_completion_tokens": 999},
     ),
     ("stream_options without stream", {"messages": [{"role": "user"}], "stream_options": {}}),
-    ("logprobs", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True}),
+    (
+        "top_logprobs over 20",
+        {"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 21},
+    ),
 ]
 
 

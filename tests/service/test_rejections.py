@@ -36,7 +36,8 @@ def test_the_reason_comes_from_the_error_code_else_from_a_4xx_status() -> None:
 def test_every_refusal_is_counted_under_its_reason_and_ready_probes_are_not(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    service, metrics = build_service(Settings(model=save_servable(tmp_path), device="cpu"))
+    settings = Settings(model=save_servable(tmp_path), device="cpu", engine_process=False)
+    service, metrics = build_service(settings)  # in-process: the test reaches into its scheduler
     body: dict[str, Any] = {"prompt": "hi", "max_tokens": 4, "max_denoising_steps": 2}
     with TestClient(create_app(service, metrics)) as client:
         assert rejected(client) == dict.fromkeys(REJECT_REASONS, 0.0)  # every label from the start

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
 
 from engine.engine_config import EngineConfig
 from service.cli import build_parser, settings_from
+from service.model_setup import engine_threads, usable_cpus
 from service.settings import Settings
 
 
@@ -39,3 +43,42 @@ def test_the_help_says_what_max_waiting_is(capsys: pytest.CaptureFixture[str]) -
     help_text = " ".join(capsys.readouterr().out.split())
     assert "--max-waiting MAX_WAITING requests waiting to run at most" in help_text
     assert "CANVAS_SERVE_MAX_WAITING" in help_text
+
+
+def test_prefix_caching_is_on_by_default_and_vllm_flags_switch_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    def parsed(*flags: str) -> bool:
+        settings = settings_from(build_parser().parse_args(["serve", *flags]))
+        return settings.engine_config(None).enable_prefix_caching
+
+    assert parsed() is True
+    assert parsed("--no-enable-prefix-caching") is False
+    assert parsed("--enable-prefix-caching") is True
+    monkeypatch.setenv("CANVAS_SERVE_ENABLE_PREFIX_CACHING", "false")
+    assert parsed() is False
+    assert parsed("--enable-prefix-caching") is True
+
+
+def test_where_the_engine_runs_from_the_flags_and_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    def parsed(*flags: str) -> Settings:
+        return settings_from(build_parser().parse_args(["serve", *flags]))
+
+    assert parsed().engine_process is True and parsed().engine_threads is None
+    assert parsed("--no-engine-process").engine_process is False
+    assert parsed("--engine-threads", "3").engine_threads == 3
+    monkeypatch.setenv("CANVAS_SERVE_ENGINE_PROCESS", "0")
+    assert parsed().engine_process is False
+    assert parsed("--engine-process").engine_process is True
+    with pytest.raises(ValidationError, match="engine_threads"):
+        parsed("--engine-threads", "0")
+
+
+def test_engine_threads_leave_one_usable_core_to_the_api(tmp_path: Path) -> None:
+    cores = len(os.sched_getaffinity(0))
+    cpu_max = tmp_path / "cpu.max"
+    cpu_max.write_text("max 100000\n")
+    assert usable_cpus(cpu_max) == cores
+    cpu_max.write_text("150000 100000\n")  # a container's `cpu: 1.5` limit
+    assert usable_cpus(cpu_max) == min(cores, 2)
+    assert usable_cpus(tmp_path / "no-cgroup") == cores
+    assert engine_threads(Settings()) == max(1, usable_cpus() - 1)
+    assert engine_threads(Settings(engine_threads=5)) == 5

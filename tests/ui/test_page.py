@@ -212,3 +212,23 @@ def test_stop_aborts_the_request_on_the_server(server: UIServer, new_page: Any) 
     wait_until(lambda: engine_id(card) != request_id)
     page.click("#stop-all")
     wait_state(card, "stopped")
+
+
+def test_the_schema_box_constrains_the_output(server: UIServer, new_page: Any) -> None:
+    """The untrained model's output validates anyway; a box that is not JSON stops the start; a schema
+    the server refuses shows its 400 (which the browser also logs: errors allowed)."""
+    page, _ = new_page(server.url, allow_errors=True)
+    page.fill("[name=schema]", "{not json")
+    page.fill("[name=prompt]", PUZZLE)
+    before = page.locator(".generation").count()
+    page.click("#start")
+    assert "JSON schema:" in filled_text(page.locator("#schema-hint"))
+    assert page.locator(".generation").count() == before
+    page.fill("[name=schema]", json.dumps({"type": "integer", "minimum": 10, "maximum": 99}))
+    card = start(page, PUZZLE, max_denoising_steps=2, seed=1)
+    wait_state(card, "done")
+    assert 10 <= int(card.locator("[data-field=text]").text_content() or "") <= 99
+    page.fill("[name=schema]", json.dumps({"type": "integer", "not": {"const": 5}}))
+    card = start(page, PUZZLE, max_denoising_steps=2)
+    wait_state(card, "error")
+    assert "'not' (negation)" in (card.locator("[data-field=error]").text_content() or "")
