@@ -29,6 +29,7 @@ import shutil
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -89,6 +90,13 @@ class EngineCoreClient:
         self._context = zmq.asyncio.Context()
         self._input = self._bind(zmq.PUSH, "input")
         self._output = self._bind(zmq.PULL, "output")
+        # Closes the channel once: at shutdown, or when a client that was never shut down is collected.
+        # Left to pyzmq's own Context.__del__, a client in a reference cycle hangs the collector: the
+        # cycle's weak references are cleared first, so the context cannot see its open sockets and
+        # `term()` waits for them forever.
+        self._closer = weakref.finalize(
+            self, _close_channel, self._context, (self._input, self._output), self._folder
+        )
         launch = CoreLaunch(
             build, self._address("input"), self._address("output"), num_threads, os.getpid(), log_level
         )
@@ -161,10 +169,7 @@ class EngineCoreClient:
         self._close_sockets()
 
     def _close_sockets(self) -> None:
-        self._input.close(linger=0)
-        self._output.close(linger=0)
-        self._context.term()
-        shutil.rmtree(self._folder, ignore_errors=True)
+        self._closer()
 
     @property
     def started(self) -> bool:
@@ -353,3 +358,13 @@ class EngineCoreClient:
             if not future.done():
                 future.set_exception(error)
         self._calls.clear()
+
+
+def _close_channel(
+    context: zmq.asyncio.Context, sockets: tuple[zmq.asyncio.Socket, ...], folder: str
+) -> None:
+    """Close the sockets without lingering, then the context, then remove the sockets' folder."""
+    for socket in sockets:
+        socket.close(linger=0)
+    context.term()
+    shutil.rmtree(folder, ignore_errors=True)
