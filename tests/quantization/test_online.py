@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from engine.async_engine import AsyncEngine
 from engine.model.loader import CheckpointError, load_checkpoint
 from engine.quantization.convert import ConvertOptions, convert_checkpoint
 from engine.quantization.methods import QuantExperts, QuantLinear, resident_bytes
@@ -81,13 +82,17 @@ def test_a_mismatch_with_the_checkpoint_is_refused(plain: Path, tmp_path: Path) 
 
 
 def test_the_flag_reaches_the_model_through_settings(plain: Path) -> None:
-    args = build_parser().parse_args(["serve", str(plain), "--quantization", "int8", "--device", "cpu"])
-    settings = settings_from(args)
+    # The engine in a thread of this process, so the test can look at its model.
+    flags = ["--quantization", "int8", "--device", "cpu", "--no-engine-process"]
+    settings = settings_from(build_parser().parse_args(["serve", str(plain), *flags]))
     assert settings.quantization == "int8"
     service, _ = build_service(settings)
+    assert isinstance(service.engine, AsyncEngine)
     assert quantised_methods(service.engine.engine.model)
     with pytest.raises(SetupError, match="needs a checkpoint stored in that format"):
-        build_service(Settings(model=plain, device="cpu", quantization="compressed-tensors"))
+        build_service(
+            Settings(model=plain, device="cpu", quantization="compressed-tensors", engine_process=False)
+        )
 
 
 def test_the_cli_refuses_an_unknown_quantization(capsys: pytest.CaptureFixture[str]) -> None:

@@ -29,7 +29,9 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def build_app(model_dir: Path, **settings: object) -> FastAPI:
-    service, metrics = build_service(Settings(model=model_dir, device="cpu", **settings))  # type: ignore[arg-type]
+    # The engine in a thread (never started here): no engine process is spawned for a header check.
+    options = {"engine_process": False, **settings}
+    service, metrics = build_service(Settings(model=model_dir, device="cpu", **options))  # type: ignore[arg-type]
     return create_app(service, metrics)
 
 
