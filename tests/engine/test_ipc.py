@@ -44,7 +44,7 @@ floats = st.floats(allow_nan=True, allow_infinity=True, width=64)
 def _in_range(name: str) -> st.SearchStrategy[Any]:
     """A valid value (or None) of one numeric `SamplingParams` field."""
     allowed = RANGES[name]
-    kind = int if name in ("max_tokens", "max_denoising_steps", "stability_threshold") else float
+    kind = int if str(SamplingParams.__annotations__[name]).startswith("int") else float  # from the field
     upper = allowed.maximum if allowed.maximum is not None else 1e6
     if kind is int:
         return st.none() | st.integers(math.ceil(allowed.minimum) + allowed.open_minimum, int(upper))
