@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from engine.model.methods.base import ExpertsMethod, LinearMethod
-from engine.model.methods.plain import gelu_tanh
+from engine.model.methods.plain import gelu_tanh, route_experts
 from engine.model.methods.selection import WeightFormatError
 from engine.quantization.experts import SCALARS
 from engine.quantization.layout import TensorSpec, linear_tensors
@@ -163,23 +163,14 @@ class QuantExperts(ExpertsMethod):
 
     def apply(self, layer: nn.Module, x: Tensor, weights: Tensor, expert_ids: Tensor) -> Tensor:
         gate_up, down = self._part(layer, "gate_up"), self._part(layer, "down")
-        out = torch.zeros_like(x)  # (T, H)
+
+        def expert(rows_x: Tensor, index: int) -> Tensor:
+            h = self.kernel.matmul(rows_x, {n: t[index] for n, t in gate_up.items()})  # (c, 2I)
+            gate, up = h.chunk(2, dim=-1)
+            return self.kernel.matmul(gelu_tanh(gate) * up, {n: t[index] for n, t in down.items()})
+
         num_experts = next(iter(gate_up.values())).shape[0]
-        flat_experts = expert_ids.flatten()  # (T*k,)
-        order = torch.argsort(flat_experts, stable=True)
-        counts = torch.bincount(flat_experts, minlength=num_experts).tolist()
-        token_ids = order // expert_ids.shape[1]
-        flat_weights = weights.flatten()[order]
-        start = 0
-        for expert, count in enumerate(counts):
-            if count:
-                rows = token_ids[start : start + count]
-                h = self.kernel.matmul(x[rows], {n: t[expert] for n, t in gate_up.items()})  # (c, 2I)
-                gate, up = h.chunk(2, dim=-1)
-                y = self.kernel.matmul(gelu_tanh(gate) * up, {n: t[expert] for n, t in down.items()})
-                out.index_add_(0, rows, (y * flat_weights[start : start + count, None]).to(out.dtype))
-            start += count
-        return out
+        return route_experts(x, weights, expert_ids, num_experts, expert)
 
 
 def resident_bytes(module: nn.Module) -> int:

@@ -7,6 +7,7 @@ Parameters keep the checkpoint's names and layouts (`weight` (out, in); `gate_up
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -66,18 +67,31 @@ def looped_experts(
     x: Tensor, weights: Tensor, expert_ids: Tensor, gate_up_proj: Tensor, down_proj: Tensor
 ) -> Tensor:
     """Sum over each token's k experts of `weight * expert(x)`: x (T, H), weights and ids (T, k)."""
+
+    def expert(rows_x: Tensor, index: int) -> Tensor:
+        gate, up = F.linear(rows_x, gate_up_proj[index]).chunk(2, dim=-1)
+        return F.linear(gelu_tanh(gate) * up, down_proj[index])
+
+    return route_experts(x, weights, expert_ids, gate_up_proj.shape[0], expert)
+
+
+def route_experts(
+    x: Tensor, weights: Tensor, expert_ids: Tensor, num_experts: int, expert: Callable[[Tensor, int], Tensor]
+) -> Tensor:
+    """The reference MoE loop for any weight format: tokens grouped by expert (one host sync for the
+    counts), `expert(x[rows], e)` (c, H) once per expert that received tokens, weighted and summed back
+    into (T, H)."""
     out = torch.zeros_like(x)  # (T, H)
     flat_experts = expert_ids.flatten()  # (T*k,)
     order = torch.argsort(flat_experts, stable=True)
-    counts = torch.bincount(flat_experts, minlength=gate_up_proj.shape[0]).tolist()
+    counts = torch.bincount(flat_experts, minlength=num_experts).tolist()
     token_ids = order // expert_ids.shape[1]
     flat_weights = weights.flatten()[order]
     start = 0
-    for expert, count in enumerate(counts):
+    for index, count in enumerate(counts):
         if count:
             rows = token_ids[start : start + count]
-            gate, up = F.linear(x[rows], gate_up_proj[expert]).chunk(2, dim=-1)
-            y = F.linear(gelu_tanh(gate) * up, down_proj[expert]) * flat_weights[start : start + count, None]
+            y = expert(x[rows], index) * flat_weights[start : start + count, None]
             out.index_add_(0, rows, y.to(out.dtype))
         start += count
     return out
