@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.client import EngineDead, Event, RequestStream, utility_method
+from engine.client import EngineDead, Event, RequestStream, stream_outputs, utility_method
 from engine.config import DiffusionDefaults
 from engine.engine import Engine
 from engine.engine_config import EngineConfig
@@ -148,7 +148,7 @@ class AsyncEngine:
 
     # -- requests --------------------------------------------------------------------------------
 
-    async def generate(
+    def generate(
         self,
         prompt_token_ids: list[int],
         params: SamplingParams | None = None,
@@ -159,12 +159,7 @@ class AsyncEngine:
 
         Raises `InvalidParams` / `QueueFull` on admission and `EngineDead` if the loop is down.
         """
-        stream = await self.submit(prompt_token_ids, params, request_id, want_canvas)
-        try:
-            async for event in stream:
-                yield event
-        finally:
-            await stream.aclose()
+        return stream_outputs(self, prompt_token_ids, params, request_id, want_canvas)
 
     async def submit(
         self,

@@ -136,6 +136,23 @@ class EngineClient(Protocol):
         ...
 
 
+async def stream_outputs(
+    client: EngineClient,
+    prompt_token_ids: list[int],
+    params: SamplingParams | None,
+    request_id: str | None,
+    want_canvas: bool,
+) -> AsyncIterator[RequestOutput]:
+    """`EngineClient.generate` for every client: submit (admission errors raise on the first
+    iteration), yield the request's outputs, and abort it if the iterator is closed early."""
+    stream = await client.submit(prompt_token_ids, params, request_id, want_canvas)
+    try:
+        async for event in stream:
+            yield event
+    finally:
+        await stream.aclose()
+
+
 def utility_method(target: object, method: str) -> Callable[..., Any]:
     """`target`'s public method `method`, or `UtilityError` naming what is wrong."""
     if method.startswith("_"):

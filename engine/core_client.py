@@ -37,7 +37,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from engine.client import EngineDead, Event, RequestStream
+from engine.client import EngineDead, Event, RequestStream, stream_outputs
 from engine.config import DiffusionDefaults
 from engine.core import CoreLaunch
 from engine.core_process import CoreProcess, EngineStartError
@@ -191,7 +191,7 @@ class EngineCoreClient:
 
     # -- requests --------------------------------------------------------------------------------
 
-    async def generate(
+    def generate(
         self,
         prompt_token_ids: list[int],
         params: SamplingParams | None = None,
@@ -199,12 +199,7 @@ class EngineCoreClient:
         want_canvas: bool = False,
     ) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs until it finishes; closing the iterator aborts it."""
-        stream = await self.submit(prompt_token_ids, params, request_id, want_canvas)
-        try:
-            async for event in stream:
-                yield event
-        finally:
-            await stream.aclose()
+        return stream_outputs(self, prompt_token_ids, params, request_id, want_canvas)
 
     async def submit(
         self,
