@@ -26,7 +26,7 @@ from engine.client import EngineDead, Event, RequestStream, stream_outputs, util
 from engine.config import DiffusionDefaults
 from engine.engine import Engine
 from engine.engine_config import EngineConfig
-from engine.request import RequestOutput, SamplingParams
+from engine.request import FinishReason, RequestOutput, SamplingParams
 from engine.snapshot import RequestsView, safe_copy
 from engine.stats import EngineStats
 
@@ -78,6 +78,7 @@ class _Add:
 @dataclass(frozen=True)
 class _Abort:
     request_id: str
+    reason: FinishReason
 
 
 @dataclass(frozen=True)
@@ -185,9 +186,9 @@ class AsyncEngine:
         await stream.admitted
         return stream
 
-    def abort(self, request_id: str) -> None:
+    def abort(self, request_id: str, reason: FinishReason = "abort") -> None:
         """Abort a request in any state (thread-safe; a no-op for finished or unknown ids)."""
-        self._commands.put(_Abort(request_id))
+        self._commands.put(_Abort(request_id, reason))
 
     async def reset_prefix_cache(self) -> bool:
         """Forget every cached block (`Engine.reset_prefix_cache`), in the engine thread when it runs.
@@ -250,7 +251,7 @@ class AsyncEngine:
             self._call(command)
             return
         if isinstance(command, _Abort):
-            output = self.engine.abort(command.request_id)
+            output = self.engine.abort(command.request_id, command.reason)
             if output is not None:
                 self._deliver([output])
             return

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 from engine.config import DiffusionDefaults
 from engine.engine_config import EngineConfig
-from engine.request import RequestOutput, SamplingParams
+from engine.request import FinishReason, RequestOutput, SamplingParams
 from engine.snapshot import RequestsView
 from engine.stats import EngineStats
 
@@ -39,7 +39,9 @@ class UtilityError(RuntimeError):
 class RequestStream:
     """One admitted request's events; `aclose()` aborts it unless it already finished."""
 
-    def __init__(self, request_id: str, events: asyncio.Queue[Event], abort: Callable[[str], None]) -> None:
+    def __init__(
+        self, request_id: str, events: asyncio.Queue[Event], abort: Callable[[str, FinishReason], None]
+    ) -> None:
         self.request_id = request_id
         self._events = events
         self._abort = abort
@@ -58,10 +60,12 @@ class RequestStream:
         self.finished = item.finished
         return item
 
-    async def aclose(self) -> None:
+    async def aclose(self, reason: FinishReason = "abort") -> None:
+        """End the request unless it already finished; `reason` "stop" when the caller ended it on a
+        stop string it found (so the engine counts it as a stop, not an abort)."""
         if not self.finished:
             self.finished = True
-            self._abort(self.request_id)
+            self._abort(self.request_id, reason)
 
 
 class EngineClient(Protocol):
@@ -123,8 +127,9 @@ class EngineClient(Protocol):
         """A request's outputs until it finishes; closing the iterator aborts it."""
         ...
 
-    def abort(self, request_id: str) -> None:
-        """Abort a request in any state (a no-op for finished or unknown ids)."""
+    def abort(self, request_id: str, reason: FinishReason = "abort") -> None:
+        """Abort a request in any state (a no-op for finished or unknown ids); `reason` as
+        `RequestStream.aclose` says."""
 
     def abort_all(self) -> None:
         """Abort every in-flight request; each stream then ends with "abort"."""

@@ -180,7 +180,7 @@ class EngineCore:
             turn.changed = True
         elif isinstance(command, AbortRequests):
             for request_id in command.request_ids:
-                output = self.engine.abort(request_id)
+                output = self.engine.abort(request_id, command.reason)
                 if output is not None:
                     turn.outputs.append(output)
                     turn.changed = True

@@ -53,7 +53,7 @@ from engine.messages import (
     CoreOutputs,
     UtilityCall,
 )
-from engine.request import InvalidParams, RequestOutput, SamplingParams
+from engine.request import FinishReason, InvalidParams, RequestOutput, SamplingParams
 from engine.snapshot import RequestsView, merge_stats
 from engine.stats import EngineStats
 
@@ -227,9 +227,9 @@ class EngineCoreClient:
             raise
         return RequestStream(request_id, stream.events, self.abort)
 
-    def abort(self, request_id: str) -> None:
+    def abort(self, request_id: str, reason: FinishReason = "abort") -> None:
         """Abort a request in any state (a no-op for finished or unknown ids); any thread."""
-        self._post(AbortRequests([request_id]))
+        self._post(AbortRequests([request_id], reason))
 
     def abort_all(self) -> None:
         """Abort every in-flight request; each stream then ends with "abort"."""

@@ -19,7 +19,7 @@ from engine.guided import GrammarCompiler
 from engine.kv_cache import KVCacheManager, num_blocks_for
 from engine.model.cache_tensors import allocate_layer_caches, bytes_per_block, cache_groups
 from engine.model.diffusion_gemma import DiffusionGemma
-from engine.request import InvalidParams, RequestOutput, SamplingParams, check_prompt_ids
+from engine.request import FinishReason, InvalidParams, RequestOutput, SamplingParams, check_prompt_ids
 from engine.runner import ModelRunner
 from engine.scheduler import Scheduler, context_error
 from engine.stats import EngineStats, StepTiming
@@ -149,8 +149,9 @@ class Engine:
             params = replace(params, max_tokens=min(self.defaults.max_new_tokens, room))
         return params.resolve(self.defaults)
 
-    def abort(self, request_id: str) -> RequestOutput | None:
-        output = self.scheduler.abort(request_id)
+    def abort(self, request_id: str, reason: FinishReason = "abort") -> RequestOutput | None:
+        """End a request in any state (`Scheduler.abort`); None if it is unknown or already done."""
+        output = self.scheduler.abort(request_id, reason)
         return None if output is None else self._finalise([output])[0]
 
     def has_unfinished(self) -> bool:

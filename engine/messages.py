@@ -19,7 +19,7 @@ from typing import Any
 from engine.client import EngineDead, UtilityError
 from engine.config import DiffusionDefaults
 from engine.engine_config import EngineConfig
-from engine.request import InvalidParams, RequestOutput, SamplingParams
+from engine.request import FinishReason, InvalidParams, RequestOutput, SamplingParams
 from engine.scheduler import QueueFull
 from engine.snapshot import EngineSnapshot
 
@@ -68,6 +68,8 @@ class AddRequest:
 @dataclass(frozen=True)
 class AbortRequests:
     request_ids: list[str]
+    reason: FinishReason = "abort"
+    """"stop" when the API side ended them on a stop string it found, else "abort"."""
 
 
 @dataclass(frozen=True)

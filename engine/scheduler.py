@@ -150,14 +150,16 @@ class Scheduler:
                     f"{self.kv.block_size} in group {group!r}): shorten the prompt or lower max_tokens"
                 )
 
-    def abort(self, request_id: str) -> RequestOutput | None:
-        """End a request in any state and free its blocks; None if it is unknown or already done."""
+    def abort(self, request_id: str, reason: FinishReason = "abort") -> RequestOutput | None:
+        """End a request in any state and free its blocks; None if it is unknown or already done.
+
+        `reason` is "abort" unless the API side ended it on purpose (a stop string it found: "stop")."""
         request = self.requests.get(request_id)
         if request is None:
             return None
         if request in self.waiting:
             self.waiting.remove(request)
-        return self._finish(request, "abort")
+        return self._finish(request, reason)
 
     # -- scheduling ------------------------------------------------------------------------------
 

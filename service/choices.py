@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine.client import EngineClient, RequestStream
-from engine.request import CanvasSnapshot, RequestOutput, SamplingParams, TokenLogprob, Usage
+from engine.request import CanvasSnapshot, FinishReason, RequestOutput, SamplingParams, TokenLogprob, Usage
 
 
 @dataclass(frozen=True)
@@ -85,15 +85,18 @@ class ChoiceRun:
     """The engine's usage so far (it comes with every committed canvas)."""
 
     async def events(self) -> AsyncIterator[ChoiceEvent]:
+        """The choice's events; a stop string found here ends the engine request as a "stop"."""
+        reason: FinishReason = "abort"
         try:
             async for output in self.stream:
                 event = self._convert(output)
                 if event is not None:
                     yield event
                 if event is not None and event.finish_reason is not None:
+                    reason = "stop" if event.finish_reason == "stop" else "abort"
                     return
         finally:
-            await self.stream.aclose()
+            await self.stream.aclose(reason)
 
     def _convert(self, output: RequestOutput) -> ChoiceEvent | None:
         self.usage = output.usage or self.usage

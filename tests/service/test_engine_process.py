@@ -18,6 +18,7 @@ from tests.service.conftest import RemoteServer, assert_openai_error, sse_payloa
 
 RUNNING = "canvas_serve_num_requests_running{}"
 ABORTS = "canvas_serve_request_success_total{finished_reason=abort}"
+STOPS = "canvas_serve_request_success_total{finished_reason=stop}"
 ALIVE = "canvas_serve_engine_alive{}"
 BODY = {"prompt": "hello", "max_tokens": 32, "max_denoising_steps": 4, "seed": 3}
 LONG = {"prompt": "hello", "max_tokens": 64, "max_denoising_steps": 1000, "seed": 1}
@@ -67,6 +68,21 @@ def test_a_completion_and_a_stream(server: RemoteServer) -> None:
     text = "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
     assert text == body["choices"][0]["text"], "same seed, same text: streamed and whole"
     assert status["alive"] is True and status["totals"]["committed_tokens"] > 0
+
+
+def test_a_stop_string_counts_as_a_stop_not_an_abort(server: RemoteServer) -> None:
+    """The API process finds stop strings and ends the core's request: the core records it as a
+    "stop" (it used to count as an abort)."""
+    with server.http() as http:
+        text = http.post("/v1/completions", json={**BODY, "max_tokens": 64}).json()["choices"][0]["text"]
+        stop = text[len(text) // 2 : len(text) // 2 + 2]
+        assert stop, f"the reference text is too short to cut: {text!r}"
+        before = server.metrics()
+        cut = http.post("/v1/completions", json={**BODY, "max_tokens": 64, "stop": [stop]}).json()
+    assert cut["choices"][0]["finish_reason"] == "stop"
+    assert stop not in cut["choices"][0]["text"]
+    wait_for(lambda: server.metrics()[STOPS] == before[STOPS] + 1)
+    assert server.metrics()[ABORTS] == before[ABORTS]
 
 
 def test_admission_errors_keep_their_status_and_field(server: RemoteServer) -> None:
