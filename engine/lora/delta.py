@@ -23,12 +23,14 @@ def add_lora_delta(
     y: Tensor, x: Tensor, a: Tensor, b: Tensor, runs: LoRARuns, ranks: Mapping[int, int]
 ) -> Tensor:
     """y (N, out) += the delta of x (N, in) per run, in place; returns y. `ranks`: populated row -> rank
-    (runs of other rows add nothing: their rows are zero)."""
+    (runs of other rows add nothing: their rows are zero). The kernel takes stacked ranks up to its
+    `MAX_RANK` (128); larger ones run the reference."""
     if use_kernels(x.device):
-        from engine.kernels.lora_matmul import lora_matmul
+        from engine.kernels.lora_matmul import MAX_RANK, lora_matmul
 
-        lora_matmul(y, x, a, b, runs.run_table, runs.max_run_len)
-        return y
+        if a.shape[-2] <= MAX_RANK:
+            lora_matmul(y, x.contiguous(), a, b, runs.run_table, runs.max_run_len)
+            return y
     return lora_delta_reference(y, x, a, b, runs.runs, ranks)
 
 
