@@ -144,10 +144,14 @@ def _lora_arguments(group: argparse._ArgumentGroup) -> None:
         '\'{"name": "a", "path": "/adapters/a", "base_model_name": "..."}\'; several, or the flag again',
     )
     group.add_argument(
-        "--max-loras", type=int, help="adapters usable in one step (default 1)"  # MERGE: LIMITS.max_loras
+        "--max-loras",
+        type=int,
+        help="adapters usable in one step (default 1)",  # MERGE: LIMITS.max_loras
     )
     group.add_argument(
-        "--max-lora-rank", type=int, help="largest adapter rank accepted (default 16)"  # MERGE: LIMITS
+        "--max-lora-rank",
+        type=int,
+        help="largest adapter rank accepted (default 16)",  # MERGE: LIMITS
     )
     group.add_argument(
         "--max-cpu-loras", type=int, help="adapters kept in host memory (default: the engine's, see README)"

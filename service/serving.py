@@ -33,6 +33,7 @@ from service.settings import Settings
 
 __all__ = ["Accepted", "Collected", "ServedModel", "Service", "add_usage"]  # ServedModel: its old home
 
+
 @dataclass
 class Collected:
     """A non-streamed request's result: per choice its text, finish reason and logprob entries."""
