@@ -161,11 +161,14 @@ async def admit_all(
     """Admit every choice (with adapter `lora_name`, None: the base model) or none: on the first
     refusal the admitted ones are aborted and it raises."""
     streams: list[RequestStream] = []
-    adapter = {"lora_name": lora_name} if lora_name is not None else {}  # MERGE: lora_name=lora_name
     try:
         for spec in specs:
             stream = await engine.submit(
-                spec.prompt_token_ids, spec.params, f"{request_id}-{spec.index}", want_canvas, **adapter
+                spec.prompt_token_ids,
+                spec.params,
+                f"{request_id}-{spec.index}",
+                want_canvas,
+                lora_name=lora_name,
             )
             streams.append(stream)
     except BaseException:

@@ -146,15 +146,17 @@ def _lora_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument(
         "--max-loras",
         type=int,
-        help="adapters usable in one step (default 1)",  # MERGE: LIMITS.max_loras
+        help=f"adapters usable in one step (default {LIMITS.max_loras})",
     )
     group.add_argument(
         "--max-lora-rank",
         type=int,
-        help="largest adapter rank accepted (default 16)",  # MERGE: LIMITS
+        help=f"largest adapter rank accepted (default {LIMITS.max_lora_rank})",
     )
     group.add_argument(
-        "--max-cpu-loras", type=int, help="adapters kept in host memory (default: the engine's, see README)"
+        "--max-cpu-loras",
+        type=int,
+        help="adapters kept in host memory; loading beyond is refused (default max(max-loras, 8))",
     )
     group.add_argument(
         "--allow-runtime-lora-updating",

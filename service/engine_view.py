@@ -43,7 +43,7 @@ def request_row(request: RequestSummary, now: float) -> dict[str, Any]:
     finished_steps = list(request.steps_per_canvas)
     return {
         "id": request.request_id,
-        "lora_name": getattr(request, "lora_name", None),  # MERGE: request.lora_name
+        "lora_name": request.lora_name,
         "status": request.status,
         "canvas_index": request.canvas_index,
         "step": max(0, request.denoise_steps - sum(finished_steps)),

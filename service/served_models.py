@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.client import EngineClient
+from engine.lora import UnknownLoRA
 from service.errors import APIError
 from service.protocol import ModelCard
 
@@ -127,7 +128,7 @@ class ServedModels:
             del self._adapters[name]
             try:
                 await self.engine.call_utility("remove_lora", name)
-            except LookupError:  # MERGE: UnknownLoRA
+            except UnknownLoRA:  # unloaded meanwhile by the engine itself: gone all the same
                 logger.warning("LoRA adapter %s was not loaded in the engine", name)
             await self._freed(name)
         logger.info("unloaded LoRA adapter %s", name)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine.client import EngineClient
+from engine.lora import UnknownLoRA
 from engine.request import TokenLogprob, Usage
 from service.choices import ChoiceEnd, ChoiceEvent, ChoiceRun, ChoiceSpec, StopMatcher, admit_all, merge
 from service.errors import APIError
@@ -28,7 +29,7 @@ from service.protocol import (
     ModelList,
     UsageInfo,
 )
-from service.served_models import Adapter, ServedModel, ServedModels
+from service.served_models import Adapter, ServedModel, ServedModels, model_not_found
 from service.settings import Settings
 
 __all__ = ["Accepted", "Collected", "ServedModel", "Service", "add_usage"]  # ServedModel: its old home
@@ -180,7 +181,10 @@ class Service:
         request_id = f"{prefix}-{uuid.uuid4().hex}"
         options = request.stream_options
         want_canvas = bool(options and options.include_canvas)
-        streams = await admit_all(self.engine, specs, request_id, want_canvas, lora_name)
+        try:
+            streams = await admit_all(self.engine, specs, request_id, want_canvas, lora_name)
+        except UnknownLoRA as error:  # unloaded between the check above and the engine's admission
+            raise model_not_found(model or "", self.model.name, self.served.adapter_names) from error
         interval = self._canvas_interval(request)
         on_end = self._adapter_counter(lora_name)
         runs = [

@@ -101,12 +101,12 @@ class Settings(BaseSettings):
     """Serve LoRA adapters beside the base model (a request picks one by `model`)."""
     lora_modules: list[LoRAModule] = Field(default_factory=list)
     """Adapters loaded at start-up; each needs --enable-lora."""
-    max_loras: int = 1  # MERGE: ENGINE_DEFAULTS.max_loras
+    max_loras: int = ENGINE_DEFAULTS.max_loras
     """Adapters one engine step may use (device slots); requests of further adapters wait their turn."""
-    max_lora_rank: int = 16  # MERGE: ENGINE_DEFAULTS.max_lora_rank
+    max_lora_rank: int = ENGINE_DEFAULTS.max_lora_rank
     """Largest adapter rank accepted; a larger adapter is refused when it loads."""
-    max_cpu_loras: int | None = None  # MERGE: ENGINE_DEFAULTS.max_cpu_loras
-    """Adapters held in host memory; None: the engine's default (see EngineConfig)."""
+    max_cpu_loras: int | None = ENGINE_DEFAULTS.max_cpu_loras
+    """Adapters held in host memory; None: max(max_loras, 8). Loading beyond it is refused."""
     allow_runtime_lora_updating: bool = Field(
         False,
         validation_alias=AliasChoices(
@@ -279,6 +279,8 @@ class Settings(BaseSettings):
             block_size=self.block_size,
             kv_cache_bytes=kv_cache_bytes,
             enable_prefix_caching=self.enable_prefix_caching,
-            # MERGE: enable_lora=self.enable_lora, max_loras=self.max_loras,
-            # max_lora_rank=self.max_lora_rank, max_cpu_loras=self.max_cpu_loras,
+            enable_lora=self.enable_lora,
+            max_loras=self.max_loras,
+            max_lora_rank=self.max_lora_rank,
+            max_cpu_loras=self.max_cpu_loras,
         )

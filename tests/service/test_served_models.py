@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from engine.lora import LoRAError
 from service.errors import APIError
 from service.served_models import Adapter, ServedModel, ServedModels
 
@@ -30,7 +31,7 @@ class StandInEngine:
         if method == "add_lora":
             name, path = args
             if (Path(path) / "bad").exists():
-                raise ValueError(f"adapter {name}: lora_A of q_proj has rank 64 > max_lora_rank 16")
+                raise LoRAError(f"adapter {name}: lora_A of q_proj has rank 64 > max_lora_rank 16")
             self.loaded[name] = path
             return None
         if method == "remove_lora":
@@ -110,7 +111,7 @@ def test_a_bad_adapter_is_refused_with_the_engines_message_and_not_served(tmp_pa
     served, _ = registry(tmp_path)
     bad = tmp_path / "bad-adapter"
     (bad / "bad").mkdir(parents=True)
-    with pytest.raises(ValueError, match="rank 64 > max_lora_rank 16"):  # LoRAError: a 400 (errors.py)
+    with pytest.raises(LoRAError, match="rank 64 > max_lora_rank 16"):  # a 400 (service.errors)
         asyncio.run(served.load("c", str(bad)))
     assert served.adapter_names == ["a"]
 
