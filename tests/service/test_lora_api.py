@@ -221,7 +221,7 @@ def test_the_engine_view_and_the_metrics_name_each_requests_adapter(
         for r in ("length", "stop")
     ]
     assert sum(grew(name) for name in reasons) == 2  # the streamed request and one more; not the base's
-    assert grew("canvas_serve_lora_prompt_tokens_total{lora_name=a1}") == 2 * 6  # BOS + "count" / "hello"
+    assert grew("canvas_serve_lora_prompt_tokens_total{lora_name=a1}") == 2 * 5  # "count", "hello"
     assert grew("canvas_serve_lora_generation_tokens_total{lora_name=a1}") > 0
     assert (
         sum(grew(f"canvas_serve_request_success_total{{finished_reason={r}}}") for r in ("length", "stop"))
