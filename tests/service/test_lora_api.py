@@ -4,6 +4,7 @@ losing no request), vLLM's statuses and messages, the engine view and the per-ad
 
 from __future__ import annotations
 
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.server_process import REPO, free_port, serve_command
 from tests.service.adapters import save_adapter
 from tests.service.conftest import FAST_STEPS, RemoteServer, assert_openai_error, sse_payloads
 
@@ -242,3 +244,21 @@ def test_runtime_updating_is_off_by_default_and_behind_the_api_key(
         assert_openai_error(unload(http, "a1"), 404)
         models = http.get("/v1/models").json()["data"]
         assert [model["id"] for model in models] == ["tiny", "a1"]
+
+
+def test_a_bad_adapter_at_start_up_stops_the_server_with_one_clear_line(
+    tiny_model_dir: Path, adapters: dict[str, Path]
+) -> None:
+    flags = ["--enable-lora", "--lora-modules", f"wide={adapters['wide']}", "--port", str(free_port())]
+    result = subprocess.run(
+        [*serve_command(), "serve", str(tiny_model_dir), "--device", "cpu", *flags],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"canvas-serve: --lora-modules wide={adapters['wide']}: "), result.stderr[-3000:]
+    assert "lora_A" in last and "16" in last, last
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
