@@ -23,6 +23,7 @@ from engine.client import EngineClient
 from engine.config import DiffusionDefaults, ModelConfig
 from engine.core_client import EngineCoreClient, EngineStartError
 from engine.engine import Engine
+from engine.lora.peft_config import read_peft_config
 from engine.model.loader import (
     Checkpoint,
     CheckpointError,
@@ -180,13 +181,25 @@ def load_lora_modules(engine: Engine, modules: list[LoRAModule]) -> None:
 def with_default_adapter(settings: Settings) -> Settings:
     """The settings `canvas-serve serve` runs with: the embedded model (no MODEL_DIR) comes with its
     `sudoku-hard` adapter when that is installed or checked out, unless --lora-modules names others or
-    --no-enable-lora (CANVAS_SERVE_ENABLE_LORA=0) asks for the base alone."""
+    --no-enable-lora (CANVAS_SERVE_ENABLE_LORA=0) asks for the base alone. --max-lora-rank, unless
+    given, rises to the adapter's rank."""
     refused = "enable_lora" in settings.model_fields_set and not settings.enable_lora
     adapter = default_adapter_dir()
     if settings.model is not None or settings.lora_modules or refused or adapter is None:
         return settings
-    module = LoRAModule(name=DEFAULT_ADAPTER_NAME, path=adapter)
-    return settings.model_copy(update={"enable_lora": True, "lora_modules": [module]})
+    update: dict[str, Any] = {
+        "enable_lora": True,
+        "lora_modules": [LoRAModule(name=DEFAULT_ADAPTER_NAME, path=adapter)],
+    }
+    if "max_lora_rank" not in settings.model_fields_set:
+        update["max_lora_rank"] = max(settings.max_lora_rank, adapter_rank(adapter))
+    return settings.model_copy(update=update)
+
+
+def adapter_rank(folder: Path) -> int:
+    """The largest rank of the PEFT adapter in `folder` (`r` and its `rank_pattern`); `LoRAError`."""
+    config = read_peft_config(folder)
+    return max([config.r, *config.rank_pattern.values()])
 
 
 def check_adapter_names(settings: Settings, base_name: str) -> None:

@@ -3,6 +3,7 @@ runtime updating (our flag, our variable and vLLM's), clear refusals, and the de
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -95,10 +96,14 @@ def test_the_embedded_model_comes_with_its_adapter_unless_told_otherwise(
     folders: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     a, b = folders
+    (a / "adapter_config.json").write_text(json.dumps({"r": 8, "rank_pattern": {"o_proj": 32}}))
     monkeypatch.setattr(model_setup, "default_adapter_dir", lambda: a)
     served = with_default_adapter(parsed())
     assert served.enable_lora is True
     assert served.lora_modules == [LoRAModule(name=DEFAULT_ADAPTER_NAME, path=a)]
+    assert served.max_lora_rank == 32  # room for the adapter's largest rank
+    assert with_default_adapter(parsed("--max-lora-rank", "64")).max_lora_rank == 64
+    assert with_default_adapter(parsed("--max-lora-rank", "8")).max_lora_rank == 8  # refused at load, then
     assert with_default_adapter(parsed("--no-enable-lora")).lora_modules == []
     own = parsed("--enable-lora", "--lora-modules", f"mine={b}")
     assert with_default_adapter(own) == own
