@@ -4,6 +4,7 @@ losing no request), vLLM's statuses and messages, the engine view and the per-ad
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import threading
 import time
@@ -17,6 +18,9 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from service.model_setup import build_service
+from service.protocol import CompletionRequest
+from service.settings import LoRAModule, Settings
 from tests.server_process import REPO, free_port, serve_command
 from tests.service.adapters import save_adapter
 from tests.service.conftest import FAST_STEPS, RemoteServer, assert_openai_error, sse_payloads
@@ -262,3 +266,36 @@ def test_a_bad_adapter_at_start_up_stops_the_server_with_one_clear_line(
     assert last.startswith(f"canvas-serve: --lora-modules wide={adapters['wide']}: "), result.stderr[-3000:]
     assert "lora_A" in last and "16" in last, last
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
+
+
+def test_in_an_engine_thread_adapters_load_serve_and_unload_too(
+    tiny_model_dir: Path, adapters: dict[str, Path]
+) -> None:
+    """--no-engine-process: the adapters of --lora-modules load in this process, and the service's
+    load, request and unload go through the in-process client."""
+    settings = Settings(
+        model=tiny_model_dir,
+        device="cpu",
+        engine_process=False,
+        enable_lora=True,
+        lora_modules=[LoRAModule(name="a1", path=adapters["a1"])],
+    )
+    service, _ = build_service(settings)
+    body = CompletionRequest(
+        model="a2", prompt="hello", max_tokens=16, max_denoising_steps=FAST_STEPS, seed=1
+    )
+
+    async def scenario() -> tuple[str, list[str]]:
+        service.engine.start()
+        try:
+            await service.served.load("a2", str(adapters["a2"]))
+            accepted = await service.accept(body, service.completion_prompts(body), 16, "cmpl", "a2")
+            collected = await service.collect(accepted)
+            await service.served.unload("a2")
+            return collected.reasons[0] or "", await service.engine.call_utility("list_loras")
+        finally:
+            service.engine.shutdown()
+
+    reason, loaded = asyncio.run(scenario())
+    assert reason in ("stop", "length")
+    assert loaded == ["a1"]
