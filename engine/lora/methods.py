@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from engine.lora.delta import add_lora_delta, expert_lora_delta
+from engine.lora.delta import add_lora_delta
 from engine.lora.index import LoRAIndex, LoRARuns
 from engine.lora.stack import LoRAStack
 from engine.lora.targets import ExpertsTarget, LinearTarget, Target, decoder_only
@@ -121,31 +121,54 @@ def _experts_with_lora(
     down: LoRAStack,
     runs: LoRARuns,
 ) -> Tensor:
-    """The reference MoE loop (tokens grouped by expert) with each token's adapter delta on both weights:
-    x (T, H), weights and ids (T, k) -> (T, H)."""
-    out = torch.zeros_like(x)  # (T, H)
-    flat_experts = expert_ids.flatten()  # (T*k,)
-    order = torch.argsort(flat_experts, stable=True)
-    counts = torch.bincount(flat_experts, minlength=gate_up_proj.shape[0]).tolist()
-    token_ids = order // expert_ids.shape[1]
+    """The reference MoE loop with each token's adapter delta on both weights: x (T, H), weights and ids
+    (T, k) -> (T, H). Routed tokens are sorted by (expert, adapter row), one host sync for the counts,
+    so each expert's tokens of one row are a contiguous slice that takes that row's delta.
+
+    Example, 2 experts, rows {-1, 0}: keys expert * 2 + (row != -1 ? 1 + index of row : 0); counts
+    [3, 1, 0, 2] mean expert 0 has 3 base tokens then 1 of row 0, expert 1 has 2 of row 0.
+    """
+    rows = sorted(runs.rows)
+    num_groups = len(rows) + 1  # the base, then each adapter row of the step
+    lookup = torch.zeros(max(rows) + 2, dtype=torch.long, device=x.device)  # row + 1 -> group
+    lookup[torch.tensor(rows, device=x.device) + 1] = torch.arange(1, num_groups, device=x.device)
+    k = expert_ids.shape[1]
+    groups = lookup[runs.token_rows.long() + 1].repeat_interleave(k)  # (T*k,) each assignment's group
+    keys = expert_ids.flatten() * num_groups + groups
+    order = torch.argsort(keys, stable=True)
+    counts = torch.bincount(keys, minlength=gate_up_proj.shape[0] * num_groups).tolist()
+    token_ids = order // k
     flat_weights = weights.flatten()[order]
-    token_rows = runs.token_rows[token_ids]  # (T*k,) each routed token's adapter row
+    out = torch.zeros_like(x)  # (T, H)
     start = 0
-    for e, count in enumerate(counts):
-        if count:
-            rows, adapter_rows = token_ids[start : start + count], token_rows[start : start + count]
-            rows_x = x[rows]  # (c, H)
-            fused = F.linear(rows_x, gate_up_proj[e])
-            fused = fused + expert_lora_delta(
-                rows_x, gate_up.a[:, e], gate_up.b[:, e], adapter_rows, gate_up.ranks
-            )
+    for e in range(gate_up_proj.shape[0]):
+        sizes = counts[e * num_groups : (e + 1) * num_groups]
+        if sum(sizes):
+            end = start + sum(sizes)
+            pieces = list(zip([-1, *rows], sizes, strict=True))  # (row, count), the base first
+            tokens = token_ids[start:end]
+            fused = _with_deltas(x[tokens], gate_up_proj[e], gate_up, e, pieces)  # (c, 2I)
             gate, up = fused.chunk(2, dim=-1)
-            hidden = gelu_tanh(gate) * up  # (c, I)
-            y = F.linear(hidden, down_proj[e])
-            y = y + expert_lora_delta(hidden, down.a[:, e], down.b[:, e], adapter_rows, down.ranks)
-            out.index_add_(0, rows, (y * flat_weights[start : start + count, None]).to(out.dtype))
-        start += count
+            y = _with_deltas(gelu_tanh(gate) * up, down_proj[e], down, e, pieces)  # (c, H)
+            out.index_add_(0, tokens, (y * flat_weights[start:end, None]).to(out.dtype))
+            start = end
     return out
+
+
+def _with_deltas(
+    x: Tensor, weight: Tensor, stack: LoRAStack, expert: int, pieces: list[tuple[int, int]]
+) -> Tensor:
+    """x (c, in) @ weight.T, plus on each piece (row, count) of consecutive tokens that row's delta
+    (none for the base's row -1 and rows this weight has no adapter in)."""
+    y = F.linear(x, weight)  # (c, out)
+    start = 0
+    for row, count in pieces:
+        rank = stack.ranks.get(row)
+        if count and rank is not None:
+            shrunk = x[start : start + count] @ stack.a[row, expert, :rank].T  # (n, r)
+            y[start : start + count] += shrunk @ stack.b[row, expert, :, :rank].T
+        start += count
+    return y
 
 
 def enable_lora(
