@@ -44,17 +44,18 @@ RUN python3 -m venv /opt/venv \
     && python3 -c "import torch; assert torch.version.cuda, torch.__version__"
 
 # ---- app: the project installed from its wheel, not editable -----------------------------------------
-# The code and the embedded default model (models/sudoku, package data `service/embedded/sudoku`) land in
-# the venv, which is all the runtime stages copy. Dependencies are installed first from pyproject.toml's
+# The code, the embedded default model (models/sudoku, package data `service/embedded/sudoku`) and its
+# LoRA adapter (models/sudoku-hard, `service/embedded/sudoku_hard`) land in the venv, which is all the
+# runtime stages copy. Dependencies are installed first from pyproject.toml's
 # list alone, so a source edit does not reinstall transformers and friends; `--no-deps` then installs
 # the project. Without models/sudoku (an empty folder keeps the wheel buildable) the server says so and
-# asks for a model directory. chmod: a working tree's weights may be 0600 (safetensors writes them so).
+# asks for a model directory; without the adapter it serves the base model alone. chmod: a working tree's weights may be 0600 (safetensors writes them so).
 FROM base AS project
 COPY pyproject.toml README.md ./
 COPY engine engine
 COPY service service
 COPY models models
-RUN mkdir -p models/sudoku && chmod -R a+rX /app
+RUN mkdir -p models/sudoku models/sudoku-hard && chmod -R a+rX /app
 
 FROM base AS requirements
 COPY pyproject.toml ./

@@ -10,12 +10,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from engine.client import EngineClient, RequestStream
-from engine.request import CanvasSnapshot, FinishReason, RequestOutput, SamplingParams, TokenLogprob, Usage
+from engine.request import CanvasSnapshot, RequestOutput, SamplingParams, TokenLogprob, Usage
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,10 @@ class ChoiceEvent:
     logprobs: list[TokenLogprob] | None = None
     """Entries of the tokens committed with this event (their text may be held back by a stop-string
     search and come in a later event)."""
+
+
+ChoiceEnd = Callable[[str, Usage | None], None]
+"""Told of each choice's end: its finish reason ("abort" when the client went away first) and usage."""
 
 
 @dataclass
@@ -80,23 +84,27 @@ class ChoiceRun:
     stops: StopMatcher
     canvas_interval_s: float
     request_id: str
+    on_end: ChoiceEnd | None = None
     last_canvas: float = field(default=-1e9)
     usage: Usage | None = None
     """The engine's usage so far (it comes with every committed canvas)."""
+    finish_reason: str | None = None
 
     async def events(self) -> AsyncIterator[ChoiceEvent]:
         """The choice's events; a stop string found here ends the engine request as a "stop"."""
-        reason: FinishReason = "abort"
         try:
             async for output in self.stream:
                 event = self._convert(output)
                 if event is not None:
                     yield event
                 if event is not None and event.finish_reason is not None:
-                    reason = "stop" if event.finish_reason == "stop" else "abort"
+                    self.finish_reason = event.finish_reason
+                    self.usage = event.usage or self.usage
                     return
         finally:
-            await self.stream.aclose(reason)
+            await self.stream.aclose("stop" if self.finish_reason == "stop" else "abort")
+            if self.on_end is not None:
+                self.on_end(self.finish_reason or "abort", self.usage)
 
     def _convert(self, output: RequestOutput) -> ChoiceEvent | None:
         self.usage = output.usage or self.usage
@@ -145,14 +153,23 @@ def canvas_object(request_id: str, index: int, snapshot: CanvasSnapshot, tokeniz
 
 
 async def admit_all(
-    engine: EngineClient, specs: list[ChoiceSpec], request_id: str, want_canvas: bool
+    engine: EngineClient,
+    specs: list[ChoiceSpec],
+    request_id: str,
+    want_canvas: bool,
+    lora_name: str | None = None,
 ) -> list[RequestStream]:
-    """Admit every choice or none: on the first refusal the admitted ones are aborted and it raises."""
+    """Admit every choice (with adapter `lora_name`, None: the base model) or none: on the first
+    refusal the admitted ones are aborted and it raises."""
     streams: list[RequestStream] = []
     try:
         for spec in specs:
             stream = await engine.submit(
-                spec.prompt_token_ids, spec.params, f"{request_id}-{spec.index}", want_canvas
+                spec.prompt_token_ids,
+                spec.params,
+                f"{request_id}-{spec.index}",
+                want_canvas,
+                lora_name=lora_name,
             )
             streams.append(stream)
     except BaseException:

@@ -13,6 +13,7 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -27,7 +28,7 @@ from engine.request import InvalidParams, SamplingParams
 from service.app import create_app
 from service.model_setup import SetupError, build_service
 from service.serving import Service
-from service.settings import QUANTIZATION_CHOICES, Settings
+from service.settings import QUANTIZATION_CHOICES, LoRAModule, Settings
 
 logger = logging.getLogger("canvas_serve")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -122,7 +123,48 @@ def _serve_parser(serve: argparse.ArgumentParser) -> None:
     )
     serve.add_argument("--canvas-min-interval", dest="canvas_min_interval_s", type=float)
     serve.add_argument("--log-level")
+    _lora_arguments(serve.add_argument_group("LoRA adapters (vLLM's flags; see README: LoRA adapters)"))
     _access_arguments(serve.add_argument_group("access control and limits (see README: Access control)"))
+
+
+def _lora_arguments(group: argparse._ArgumentGroup) -> None:
+    group.add_argument(
+        "--enable-lora",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="serve LoRA adapters beside the base model; a request picks one by `model` (default off, "
+        "on for the embedded model and its sudoku-hard adapter; --no-enable-lora serves its base only)",
+    )
+    group.add_argument(
+        "--lora-modules",
+        nargs="+",
+        action="extend",
+        metavar="NAME=PATH",
+        help="adapters to serve from the start: name=path, or vLLM's JSON "
+        '\'{"name": "a", "path": "/adapters/a", "base_model_name": "..."}\'; several, or the flag again',
+    )
+    group.add_argument(
+        "--max-loras",
+        type=int,
+        help=f"adapters usable in one step (default {LIMITS.max_loras})",
+    )
+    group.add_argument(
+        "--max-lora-rank",
+        type=int,
+        help=f"largest adapter rank accepted (default {LIMITS.max_lora_rank})",
+    )
+    group.add_argument(
+        "--max-cpu-loras",
+        type=int,
+        help="adapters kept in host memory; loading beyond is refused (default max(max-loras, 8))",
+    )
+    group.add_argument(
+        "--allow-runtime-lora-updating",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter (default off; env "
+        "CANVAS_SERVE_ALLOW_RUNTIME_LORA_UPDATING, or vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING)",
+    )
 
 
 def _access_arguments(group: argparse._ArgumentGroup) -> None:
@@ -180,7 +222,30 @@ def settings_from(args: argparse.Namespace) -> Settings:
     for name in ("allowed_origins", "allowed_methods", "allowed_headers"):
         if name in given:
             given[name] = [item for value in given[name] for item in _words_or_json(value)]
+    if "lora_modules" in given:
+        given["lora_modules"] = [parse_lora_module(value) for value in given["lora_modules"] if value]
     return Settings(**given)
+
+
+def parse_lora_module(value: str) -> LoRAModule:
+    """`name=path` or vLLM's JSON object `{"name", "path", "base_model_name"}` (ValueError naming it)."""
+    if not value.lstrip().startswith("{"):
+        name, sep, path = value.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(
+                f"--lora-modules {value!r}: give name=path or a JSON object "
+                '{"name": ..., "path": ...} (a model directory goes before --lora-modules)'
+            )
+        return LoRAModule(name=name, path=Path(path))
+    try:
+        return LoRAModule.model_validate_json(value)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'value'}: {e['msg']}" for e in error.errors()
+        )
+        raise ValueError(
+            f"--lora-modules {value!r}: {problems} (fields: name, path, base_model_name)"
+        ) from error
 
 
 def _words_or_json(value: str) -> list[str]:

@@ -34,7 +34,8 @@ class Sample:
 
 
 def request_row(request: RequestSummary, now: float) -> dict[str, Any]:
-    """One running or waiting request: where its canvas is and how far it has come.
+    """One running or waiting request: its adapter (`lora_name`, None: the base model), where its
+    canvas is and how far it has come.
 
     `step` is the denoise passes of the current canvas: all passes minus those of finished canvases
     (passes lost to a preemption count too, so it may run ahead of the sampler's own step).
@@ -42,6 +43,7 @@ def request_row(request: RequestSummary, now: float) -> dict[str, Any]:
     finished_steps = list(request.steps_per_canvas)
     return {
         "id": request.request_id,
+        "lora_name": request.lora_name,
         "status": request.status,
         "canvas_index": request.canvas_index,
         "step": max(0, request.denoise_steps - sum(finished_steps)),
@@ -72,6 +74,7 @@ class EngineView:
         stats = engine.stats
         self.metrics.collect_engine(stats)  # drains per-request records into the histograms
         requests = engine.requests()
+        self.metrics.collect_loras(requests)
         now = time.monotonic()
         return {
             "time": time.time(),
@@ -101,6 +104,7 @@ class EngineView:
             "canvas_length": model.canvas_length,
             "vocab_size": model.vocab_size,
             "max_model_len": model.max_model_len,
+            "adapters": self.service.served.adapter_names,
             "defaults": {
                 "max_denoising_steps": defaults.max_denoising_steps,
                 "entropy_bound": defaults.entropy_bound,

@@ -1,7 +1,8 @@
 """Errors in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, and their statuses.
 
-Bad input is a 400 that says what to change (never a 5xx, so clients do not retry it); an unknown
-model 404; a full queue 429 with Retry-After; not ready or draining 503 with Retry-After.
+Bad input is a 400 that says what to change (never a 5xx, so clients do not retry it), a bad LoRA
+adapter included (`LoRAError`, with the engine's message); an unknown model or adapter 404; a full
+queue 429 with Retry-After; not ready or draining 503 with Retry-After.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.client import EngineDead
+from engine.lora import UnknownLoRA
 from engine.request import InvalidParams
 from engine.scheduler import QueueFull
 from service.protocol import ErrorInfo, ErrorResponse
@@ -67,6 +69,8 @@ def as_api_error(error: BaseException) -> APIError:
         return error
     if isinstance(error, InvalidParams):
         return APIError(400, str(error), param=error.param)
+    if isinstance(error, UnknownLoRA):  # before ValueError: LoRAError is one
+        return APIError(404, str(error), param="model", code="model_not_found")
     if isinstance(error, ValueError | TypeError | OverflowError):
         return APIError(400, str(error))
     if isinstance(error, QueueFull):

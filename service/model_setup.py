@@ -23,6 +23,7 @@ from engine.client import EngineClient
 from engine.config import DiffusionDefaults, ModelConfig
 from engine.core_client import EngineCoreClient, EngineStartError
 from engine.engine import Engine
+from engine.lora.peft_config import read_peft_config
 from engine.model.loader import (
     Checkpoint,
     CheckpointError,
@@ -31,10 +32,11 @@ from engine.model.loader import (
     read_defaults,
     read_model_config,
 )
-from service.default_model import default_model_dir
+from service.default_model import DEFAULT_ADAPTER_NAME, default_adapter_dir, default_model_dir
 from service.metrics import Metrics
-from service.serving import ServedModel, Service
-from service.settings import Settings
+from service.served_models import Adapter, ServedModel
+from service.serving import Service
+from service.settings import LoRAModule, Settings
 
 logger = logging.getLogger(__name__)
 
@@ -159,9 +161,62 @@ def build_engine(settings: Settings, detokenize: bool = True) -> Engine:
     defaults = diffusion_defaults(settings, checkpoint)
     try:
         config = settings.engine_config(kv_cache_bytes(settings, device))
-        return Engine(checkpoint.model, defaults, checkpoint.tokenizer, config, detokenize=detokenize)
+        engine = Engine(checkpoint.model, defaults, checkpoint.tokenizer, config, detokenize=detokenize)
     except ValueError as error:
         raise SetupError(str(error)) from error
+    load_lora_modules(engine, settings.lora_modules)
+    return engine
+
+
+def load_lora_modules(engine: Engine, modules: list[LoRAModule]) -> None:
+    """Load the adapters of --lora-modules into `engine`; a bad one stops the start (`SetupError`)."""
+    for module in modules:
+        try:
+            engine.add_lora(module.name, str(module.path))
+        except ValueError as error:  # LoRAError: the adapter's files, shapes, targets or rank
+            raise SetupError(f"--lora-modules {module.name}={module.path}: {error}") from error
+        logger.info("loaded LoRA adapter %s from %s", module.name, module.path)
+
+
+def with_default_adapter(settings: Settings) -> Settings:
+    """The settings `canvas-serve serve` runs with: the embedded model (no MODEL_DIR) comes with its
+    `sudoku-hard` adapter when that is installed or checked out, unless --lora-modules names others or
+    --no-enable-lora (CANVAS_SERVE_ENABLE_LORA=0) asks for the base alone. --max-lora-rank, unless
+    given, rises to the adapter's rank."""
+    refused = "enable_lora" in settings.model_fields_set and not settings.enable_lora
+    adapter = default_adapter_dir()
+    if settings.model is not None or settings.lora_modules or refused or adapter is None:
+        return settings
+    update: dict[str, Any] = {
+        "enable_lora": True,
+        "lora_modules": [LoRAModule(name=DEFAULT_ADAPTER_NAME, path=adapter)],
+    }
+    if "max_lora_rank" not in settings.model_fields_set:
+        update["max_lora_rank"] = max(settings.max_lora_rank, adapter_rank(adapter))
+    return settings.model_copy(update=update)
+
+
+def adapter_rank(folder: Path) -> int:
+    """The largest rank of the PEFT adapter in `folder` (`r` and its `rank_pattern`); `LoRAError`."""
+    config = read_peft_config(folder)
+    return max([config.r, *config.rank_pattern.values()])
+
+
+def check_adapter_names(settings: Settings, base_name: str) -> None:
+    """No adapter may take the base model's served name (a request could not tell them apart)."""
+    for module in settings.lora_modules:
+        if module.name == base_name:
+            raise SetupError(
+                f"--lora-modules {module.name}: that is the base model's served name; give the adapter "
+                "another name (or the base one with --served-model-name)"
+            )
+        if module.base_model_name not in (None, base_name):
+            logger.warning(
+                "--lora-modules %s: base_model_name %r is not this server's model; its parent is %s",
+                module.name,
+                module.base_model_name,
+                base_name,
+            )
 
 
 def usable_cpus(cgroup_cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
@@ -215,18 +270,23 @@ def start_engine(settings: Settings) -> tuple[EngineClient, Any, ModelConfig, in
 def build_service(settings: Settings) -> tuple[Service, Metrics]:
     """Build the engine (started in its own process unless `settings.engine_process` is False, but
     not yet delivering: the app's lifespan starts that), the service and the metrics."""
+    settings = with_default_adapter(settings)
+    name = settings.served_model_name or model_dir(settings).name
+    check_adapter_names(settings, name)
     engine, tokenizer, config, max_model_len = start_engine(settings)
     device, dtype = device_and_dtype(settings)
-    name = settings.served_model_name or model_dir(settings).name
     served = ServedModel(name, config.canvas_length, config.vocab_size, max_model_len)
+    adapters = [Adapter(module.name, str(module.path)) for module in settings.lora_modules]
     where = "an engine core process" if settings.engine_process else "an engine thread"
     logger.info(
-        "serving %s from %s on %s, %s, in %s, max_model_len %d",
+        "serving %s from %s on %s, %s, in %s, max_model_len %d%s",
         name,
         model_dir(settings),
         device,
         dtype_choice(settings, device, dtype),
         where,
         max_model_len,
+        f", LoRA adapters {[a.name for a in adapters]}" if settings.enable_lora else "",
     )
-    return Service(engine, tokenizer, served, settings), Metrics(name, max_model_len)
+    metrics = Metrics(name, max_model_len, settings.max_loras if settings.enable_lora else None)
+    return Service(engine, tokenizer, served, settings, adapters, metrics), metrics

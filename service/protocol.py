@@ -285,6 +285,9 @@ class ModelCard(BaseModel):
     created: int = Field(default_factory=lambda: int(time.time()))
     owned_by: str = "canvas-serve"
     root: str | None = None
+    """The base model's name; an adapter's folder (as vLLM gives it)."""
+    parent: str | None = None
+    """An adapter's base model (its served name); None for the base itself."""
     max_model_len: int | None = None
     canvas_length: int | None = None
 
@@ -292,6 +295,22 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class LoadLoRAAdapterRequest(BaseModel):
+    """`POST /v1/load_lora_adapter` (vLLM's body)."""
+
+    lora_name: str = Field(max_length=256)
+    """The name requests will send as `model`."""
+    lora_path: str = Field(max_length=4096)
+    """The server-side folder holding PEFT's adapter_config.json and adapter_model.safetensors."""
+
+
+class UnloadLoRAAdapterRequest(BaseModel):
+    """`POST /v1/unload_lora_adapter` (vLLM's body; its `lora_int_id` is accepted and ignored)."""
+
+    lora_name: str = Field(max_length=256)
+    lora_int_id: int | None = None
 
 
 class ErrorInfo(BaseModel):

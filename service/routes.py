@@ -7,7 +7,7 @@ from collections.abc import Awaitable
 from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from service.errors import APIError
 from service.logprobs import ChatLogprobFormatter
@@ -18,7 +18,9 @@ from service.protocol import (
     CompletionRequest,
     CompletionResponse,
     ErrorResponse,
+    LoadLoRAAdapterRequest,
     ModelList,
+    UnloadLoRAAdapterRequest,
 )
 from service.serving import Service
 from service.streaming import chat_choice, completion_choice, stream_events
@@ -64,6 +66,7 @@ async def ready(service: ServiceDep) -> JSONResponse:
 @router.get("/metrics")
 async def metrics(service: ServiceDep, metrics: MetricsDep) -> Response:
     metrics.collect_engine(service.engine.stats)
+    metrics.collect_loras(service.engine.requests())
     metrics.set_engine_alive(service.engine.is_alive)
     body, content_type = metrics.render()
     return Response(body, media_type=content_type)
@@ -79,18 +82,51 @@ async def reset_prefix_cache(service: ServiceDep) -> Response:
 
 @router.get("/v1/models", response_model=ModelList)
 async def models(service: ServiceDep) -> ModelList:
+    """The base model, then every LoRA adapter served beside it (`parent`: the base)."""
     return service.models()
+
+
+LORA_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 404, 503)}
+
+
+@router.post("/v1/load_lora_adapter", response_class=PlainTextResponse, responses=LORA_ERRORS)
+async def load_lora_adapter(body: LoadLoRAAdapterRequest, service: ServiceDep) -> PlainTextResponse:
+    """Load a LoRA adapter at run time (vLLM's route; needs --allow-runtime-lora-updating)."""
+    check_runtime_lora_updating(service)
+    await service.served.load(body.lora_name, body.lora_path)
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+
+@router.post("/v1/unload_lora_adapter", response_class=PlainTextResponse, responses=LORA_ERRORS)
+async def unload_lora_adapter(body: UnloadLoRAAdapterRequest, service: ServiceDep) -> PlainTextResponse:
+    """Unload a LoRA adapter (vLLM's route; needs --allow-runtime-lora-updating). New requests for it
+    are refused at once; the answer comes once its requests in flight have finished."""
+    check_runtime_lora_updating(service)
+    await service.served.unload(body.lora_name)
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+
+
+def check_runtime_lora_updating(service: Service) -> None:
+    """vLLM serves these routes only with VLLM_ALLOW_RUNTIME_LORA_UPDATING: a 404 without our flag."""
+    if not service.settings.allow_runtime_lora_updating:
+        raise APIError(
+            404,
+            "loading and unloading LoRA adapters at run time is off: start the server with "
+            "--allow-runtime-lora-updating (or CANVAS_SERVE_ALLOW_RUNTIME_LORA_UPDATING=1)",
+            code="runtime_lora_updating_disabled",
+        )
 
 
 @router.post("/v1/completions", response_model=CompletionResponse, responses=ERRORS)
 async def completions(body: CompletionRequest, request: Request, service: ServiceDep) -> Any:
     service.check_model(body.model)
-    accepted = await service.accept(body, service.completion_prompts(body), body.max_tokens, "cmpl")
+    prompts = service.completion_prompts(body)
+    accepted = await service.accept(body, prompts, body.max_tokens, "cmpl", body.model)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         formatter = service.completion_logprobs(accepted, body) if body.logprobs is not None else None
         events = stream_events(
-            accepted, service.model.name, "text_completion", completion_choice, include_usage, None, formatter
+            accepted, accepted.model, "text_completion", completion_choice, include_usage, None, formatter
         )
         return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
     collected = await until_disconnect(request, service.collect(accepted))
@@ -100,7 +136,8 @@ async def completions(body: CompletionRequest, request: Request, service: Servic
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERRORS)
 async def chat_completions(body: ChatCompletionRequest, request: Request, service: ServiceDep) -> Any:
     service.check_model(body.model)
-    accepted = await service.accept(body, [service.chat_prompt(body)], body.output_limit, "chatcmpl")
+    prompt = service.chat_prompt(body)
+    accepted = await service.accept(body, [prompt], body.output_limit, "chatcmpl", body.model)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         roles = [
@@ -115,7 +152,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, servic
         formatter = ChatLogprobFormatter(service.tokenizer) if body.logprobs else None
         events = stream_events(
             accepted,
-            service.model.name,
+            accepted.model,
             "chat.completion.chunk",
             chat_choice,
             include_usage,

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
 from engine.client import EngineClient
+from engine.lora import UnknownLoRA
 from engine.request import TokenLogprob, Usage
-from service.choices import ChoiceEvent, ChoiceRun, ChoiceSpec, StopMatcher, admit_all, merge
+from service.choices import ChoiceEnd, ChoiceEvent, ChoiceRun, ChoiceSpec, StopMatcher, admit_all, merge
 from service.errors import APIError
 from service.logprobs import ChatLogprobFormatter, CompletionLogprobFormatter
+from service.metrics import Metrics
 from service.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -23,19 +26,13 @@ from service.protocol import (
     CompletionRequest,
     CompletionResponse,
     DiffusionParams,
-    ModelCard,
     ModelList,
     UsageInfo,
 )
+from service.served_models import Adapter, ServedModel, ServedModels, model_not_found
 from service.settings import Settings
 
-
-@dataclass(frozen=True)
-class ServedModel:
-    name: str
-    canvas_length: int
-    vocab_size: int
-    max_model_len: int
+__all__ = ["Accepted", "Collected", "ServedModel", "Service", "add_usage"]  # ServedModel: its old home
 
 
 @dataclass
@@ -57,16 +54,28 @@ class Accepted:
     num_choices: int
     prompt_tokens: int
     prompt_texts: list[str]
+    model: str
+    """The served name the request asked for (the base's, or an adapter's): the responses' `model`."""
 
 
 class Service:
     """Everything a route needs; owns no engine state (the engine client does)."""
 
-    def __init__(self, engine: EngineClient, tokenizer: Any, model: ServedModel, settings: Settings) -> None:
+    def __init__(
+        self,
+        engine: EngineClient,
+        tokenizer: Any,
+        model: ServedModel,
+        settings: Settings,
+        adapters: list[Adapter] | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.engine = engine
         self.tokenizer = tokenizer
         self.model = model
         self.settings = settings
+        self.served = ServedModels(model, engine, adapters or [], settings.enable_lora)
+        self.metrics = metrics
         self.draining = False
 
     # -- checks ----------------------------------------------------------------------------------
@@ -86,23 +95,12 @@ class Service:
         if not self.engine.is_alive:
             raise APIError(503, "the engine is not running", code="engine_dead", retry_after=True)
 
-    def check_model(self, name: str | None) -> None:
-        if name is not None and name != self.model.name:
-            raise APIError(
-                404,
-                f"The model `{name}` does not exist; this server serves `{self.model.name}`",
-                "model",
-                "model_not_found",
-            )
+    def check_model(self, name: str | None) -> str | None:
+        """The adapter a request's `model` picks (None: the base model); a 404 for an unknown name."""
+        return self.served.resolve(name)
 
     def models(self) -> ModelList:
-        card = ModelCard(
-            id=self.model.name,
-            root=self.model.name,
-            max_model_len=self.model.max_model_len,
-            canvas_length=self.model.canvas_length,
-        )
-        return ModelList(data=[card])
+        return ModelList(data=self.served.cards())
 
     # -- prompts ---------------------------------------------------------------------------------
 
@@ -161,10 +159,17 @@ class Service:
     # -- running ---------------------------------------------------------------------------------
 
     async def accept(
-        self, request: DiffusionParams, prompts: list[list[int]], max_tokens: int | None, prefix: str
+        self,
+        request: DiffusionParams,
+        prompts: list[list[int]],
+        max_tokens: int | None,
+        prefix: str,
+        model: str | None = None,
     ) -> Accepted:
-        """Admit every choice and return the merged event stream (nothing sent yet). The engine checks
-        the request (`InvalidParams`, a 400 naming the field) as it admits it."""
+        """Admit every choice and return the merged event stream (nothing sent yet). `model` is the
+        request's `model` (None: the base). The engine checks the request (`InvalidParams`, a 400
+        naming the field; `UnknownLoRA`, a 404, for an adapter unloaded meanwhile) as it admits it."""
+        lora_name = self.check_model(model)
         self.check_ready()
         if request.n > self.settings.max_n:
             raise APIError(400, f"n={request.n} exceeds the limit of {self.settings.max_n}", "n")
@@ -176,14 +181,29 @@ class Service:
         request_id = f"{prefix}-{uuid.uuid4().hex}"
         options = request.stream_options
         want_canvas = bool(options and options.include_canvas)
-        streams = await admit_all(self.engine, specs, request_id, want_canvas)
+        try:
+            streams = await admit_all(self.engine, specs, request_id, want_canvas, lora_name)
+        except UnknownLoRA as error:  # unloaded between the check above and the engine's admission
+            raise model_not_found(model or "", self.model.name, self.served.adapter_names) from error
         interval = self._canvas_interval(request)
+        on_end = self._adapter_counter(lora_name)
         runs = [
-            ChoiceRun(spec, stream, self.tokenizer, StopMatcher(request.stop_strings), interval, request_id)
+            ChoiceRun(
+                spec, stream, self.tokenizer, StopMatcher(request.stop_strings), interval, request_id, on_end
+            )
             for spec, stream in zip(specs, streams, strict=True)
         ]
         texts = [self.tokenizer.decode(p) if self.tokenizer is not None else "" for p in prompts]
-        return Accepted(request_id, merge(runs), len(specs), sum(len(p) for p in prompts), texts)
+        served_name = model or self.model.name
+        return Accepted(request_id, merge(runs), len(specs), sum(len(p) for p in prompts), texts, served_name)
+
+    def _adapter_counter(self, lora_name: str | None) -> ChoiceEnd | None:
+        """What counts an adapter's choices in the per-adapter metrics as they end (None: the base's
+        requests, which the engine's own counters cover)."""
+        metrics = self.metrics
+        if lora_name is None or metrics is None:
+            return None
+        return functools.partial(metrics.observe_lora_choice, lora_name)
 
     def _canvas_interval(self, request: DiffusionParams) -> float:
         options = request.stream_options
@@ -237,7 +257,7 @@ class Service:
             for i, (text, entries) in enumerate(zip(collected.texts, collected.logprobs, strict=True))
         ]
         usage = collected.usage
-        return CompletionResponse(id=accepted.request_id, model=self.model.name, choices=choices, usage=usage)
+        return CompletionResponse(id=accepted.request_id, model=accepted.model, choices=choices, usage=usage)
 
     def chat_response(self, accepted: Accepted, collected: Collected) -> ChatCompletionResponse:
         formatter = ChatLogprobFormatter(self.tokenizer)
@@ -252,7 +272,7 @@ class Service:
         ]
         usage = collected.usage
         return ChatCompletionResponse(
-            id=accepted.request_id, model=self.model.name, choices=choices, usage=usage
+            id=accepted.request_id, model=accepted.model, choices=choices, usage=usage
         )
 
 

@@ -10,7 +10,7 @@ import ssl
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from engine.engine_config import EngineConfig
@@ -24,6 +24,26 @@ MAX_REQUEST_BODY_BYTES = 8 * 1024**2
 Quantization = Literal["compressed-tensors", "modelopt", "modelopt_fp4", "fp8", "int8"]
 """`--quantization` values canvas-serve serves (vLLM's names)."""
 QUANTIZATION_CHOICES: tuple[str, ...] = get_args(Quantization)
+
+
+class LoRAModule(BaseModel):
+    """One adapter to serve from the start (`--lora-modules name=path`, or vLLM's JSON form)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1)
+    """The name clients send as `model`."""
+    path: Path
+    """Folder with PEFT's adapter_config.json and adapter_model.safetensors."""
+    base_model_name: str | None = None
+    """Accepted for vLLM compatibility: the one base model served is always the parent."""
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, name: str) -> str:
+        if name != name.strip() or "," in name:
+            raise ValueError(f"LoRA name {name!r}: no surrounding spaces and no commas")
+        return name
 
 
 class Settings(BaseSettings):
@@ -75,6 +95,28 @@ class Settings(BaseSettings):
     """Always on; accepted for vLLM compatibility."""
     enable_prefix_caching: bool = ENGINE_DEFAULTS.enable_prefix_caching
     """Reuse cached K/V of shared prompt prefixes and earlier conversation turns."""
+
+    # LoRA adapters (vLLM's names): see service/served_models.py.
+    enable_lora: bool = False
+    """Serve LoRA adapters beside the base model (a request picks one by `model`)."""
+    lora_modules: list[LoRAModule] = Field(default_factory=list)
+    """Adapters loaded at start-up; each needs --enable-lora."""
+    max_loras: int = ENGINE_DEFAULTS.max_loras
+    """Adapters one engine step may use (device slots); requests of further adapters wait their turn."""
+    max_lora_rank: int = ENGINE_DEFAULTS.max_lora_rank
+    """Largest adapter rank accepted; a larger adapter is refused when it loads."""
+    max_cpu_loras: int | None = ENGINE_DEFAULTS.max_cpu_loras
+    """Adapters held in host memory; None: max(max_loras, 8). Loading beyond it is refused."""
+    allow_runtime_lora_updating: bool = Field(
+        False,
+        validation_alias=AliasChoices(
+            "allow_runtime_lora_updating",
+            "CANVAS_SERVE_ALLOW_RUNTIME_LORA_UPDATING",
+            "VLLM_ALLOW_RUNTIME_LORA_UPDATING",
+        ),
+    )
+    """Let clients with access call POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's
+    VLLM_ALLOW_RUNTIME_LORA_UPDATING, which is read too); off, both answer 404."""
 
     engine_process: bool = True
     """Run the engine (scheduler, runner, model) in a process of its own, talking to this one over
@@ -207,6 +249,22 @@ class Settings(BaseSettings):
         return [line.strip() for line in self.api_key_file.read_text().splitlines() if line.strip()]
 
     @model_validator(mode="after")
+    def _lora_modules_need_lora(self) -> Settings:
+        if self.lora_modules and not self.enable_lora:
+            raise ValueError("--lora-modules serves adapters: add --enable-lora")
+        names = [module.name for module in self.lora_modules]
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise ValueError(f"--lora-modules names {twice} more than one adapter: give each its own name")
+        for module in self.lora_modules:
+            if not module.path.is_dir():
+                raise ValueError(
+                    f"--lora-modules {module.name}={module.path}: no such folder (it must hold PEFT's "
+                    "adapter_config.json and adapter_model.safetensors)"
+                )
+        return self
+
+    @model_validator(mode="after")
     def _engine_limits(self) -> Settings:
         self.engine_config(kv_cache_bytes=None)  # EngineConfig's checks, before any model loads
         return self
@@ -221,4 +279,8 @@ class Settings(BaseSettings):
             block_size=self.block_size,
             kv_cache_bytes=kv_cache_bytes,
             enable_prefix_caching=self.enable_prefix_caching,
+            enable_lora=self.enable_lora,
+            max_loras=self.max_loras,
+            max_lora_rank=self.max_lora_rank,
+            max_cpu_loras=self.max_cpu_loras,
         )

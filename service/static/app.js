@@ -2,6 +2,7 @@
 
 import { EngineView } from "./engine_view.js";
 import { Generation } from "./generation.js";
+import { ModelPicker } from "./models.js";
 import { EXAMPLES, isPuzzle } from "./sudoku.js";
 import { TokenTexts } from "./tokens.js";
 
@@ -10,6 +11,7 @@ const list = document.getElementById("generations");
 const generations = new Set();
 const dirty = new Set();
 let defaultsApplied = false;
+const picker = new ModelPicker(form.elements.model);
 
 // Numbers the browser test reads: events handled, frames rendered and their cost, event-loop lag.
 const stats = { canvases: 0, frames: 0, renderMsTotal: 0, renderMsMax: 0, lagMsMax: 0, lagSamples: [] };
@@ -87,6 +89,7 @@ function requestFromForm() {
   if (f.interval.value !== "") body.stream_options.canvas_min_interval_ms = Number(f.interval.value);
   const schema = schemaFromForm();
   if (schema !== null) body.response_format = { type: "json_schema", json_schema: { name: "page", schema, strict: true } };
+  if (f.model.value !== "") body.model = f.model.value;
   const api = f.api.value;
   if (api === "chat") body.messages = [{ role: "user", content: prompt }];
   else body.prompt = isPuzzle(prompt) ? prompt.trim() : prompt;
@@ -136,5 +139,6 @@ document.getElementById("example").onclick = () => {
 };
 form.elements.prompt.addEventListener("input", updatePromptHint);
 
-window.canvasServe = { generations, stats, engineView, page };
+window.canvasServe = { generations, stats, engineView, page, picker };
 engineView.run();
+picker.refresh();

@@ -64,7 +64,8 @@ export class EngineView {
     this.dirty = false;
     const s = this.snapshot;
     const t = s.throughput;
-    this.field("model").textContent = `${s.model.name} · canvas ${s.model.canvas_length}${s.draining ? " · draining" : ""}`;
+    const adapters = s.model.adapters?.length ? ` · adapters ${s.model.adapters.join(", ")}` : "";
+    this.field("model").textContent = `${s.model.name} · canvas ${s.model.canvas_length}${adapters}${s.draining ? " · draining" : ""}`;
     this.field("tok-s").textContent = fmt(t.committed_tokens_per_s);
     this.field("steps-canvas").textContent = fmt(t.steps_per_canvas ?? t.steps_per_canvas_all_time);
     this.field("steps-s").textContent = fmt(t.engine_steps_per_s);
@@ -86,7 +87,7 @@ export class EngineView {
         const own = this.mine(r.id);
         tr.dataset.requestId = r.id;
         tr.className = `${r.status}${own ? " mine" : ""}`;
-        const cells = [own ? `#${own.number}` : "", r.id.slice(-14), r.status, r.canvas_index, `${r.step}/${r.max_steps}`, r.denoise_steps, r.output_tokens, r.streams_canvas ? "yes" : "no"];
+        const cells = [own ? `#${own.number}` : "", r.id.slice(-14), r.lora_name ?? "base", r.status, r.canvas_index, `${r.step}/${r.max_steps}`, r.denoise_steps, r.output_tokens, r.streams_canvas ? "yes" : "no"];
         tr.replaceChildren(...cells.map((value) => Object.assign(document.createElement("td"), { textContent: value })));
         return tr;
       }),

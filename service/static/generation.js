@@ -23,7 +23,8 @@ export class Generation {
     this.root = template.content.firstElementChild.cloneNode(true);
     this.root.dataset.number = this.number;
     this.field = (name) => this.root.querySelector(`[data-field="${name}"]`);
-    this.field("title").textContent = `#${this.number} ${this.prompt.slice(0, 60)}`;
+    const model = this.request.body.model ? ` [${this.request.body.model}]` : "";
+    this.field("title").textContent = `#${this.number}${model} ${this.prompt.slice(0, 60)}`;
     this.canvasView = new CanvasView(this.field("canvas"));
     this.board = isPuzzle(this.prompt) ? new SudokuBoard(this.field("board"), this.prompt) : null;
     this.root.querySelector("[data-action=stop]").onclick = () => this.stop();

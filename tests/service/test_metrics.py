@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import re
+import time
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from engine.request import Usage
 from engine.scheduler import StepComposition
+from engine.snapshot import RequestSummary, RequestsView
 from engine.stats import EngineStats, RequestRecord, StepTiming
 from service.metrics import Metrics, build_1_2_5_buckets
 
@@ -163,3 +166,55 @@ def test_names_are_valid_unique_and_registries_independent() -> None:
 def test_1_2_5_buckets() -> None:
     assert build_1_2_5_buckets(100) == [1, 2, 5, 10, 20, 50, 100]
     assert build_1_2_5_buckets(8192)[-1] == 5000
+
+
+def summary(request_id: str, lora_name: str | None) -> RequestSummary:
+    return RequestSummary(
+        request_id=request_id,
+        status="running",
+        canvas_index=0,
+        denoise_steps=0,
+        steps_per_canvas=(),
+        num_prompt_tokens=3,
+        num_output_tokens=0,
+        max_tokens=None,
+        max_denoising_steps=None,
+        want_canvas=False,
+        num_preemptions=0,
+        arrival_time=0.0,
+        lora_name=lora_name,
+    )
+
+
+def test_lora_metrics_only_with_lora_and_vllms_info_gauge_has_vllms_labels() -> None:
+    assert not any("lora" in family.name for family in Metrics(MODEL).registry.collect())
+    metrics = Metrics(MODEL, max_loras=2)
+    running = [summary("r0", "a"), summary("r1", None), summary("r2", "b"), summary("r3", "a")]
+    metrics.collect_loras(RequestsView(running, [summary("w0", "c")], 1))
+    metrics.collect_loras(RequestsView(running[:2], [], 0))  # the latest state only: one series
+    samples = scrape(metrics)
+    info = [(name, dict(labels)) for name, labels in samples if name.endswith("lora_requests_info")]
+    latest = {"max_lora": "2", "running_lora_adapters": "a", "waiting_lora_adapters": ""}
+    assert sorted(info, key=lambda item: item[0]) == [
+        ("canvas_serve_lora_requests_info", {"model_name": MODEL, **latest}),
+        ("vllm:lora_requests_info", latest),
+    ]
+    assert abs(samples[("vllm:lora_requests_info", frozenset(latest.items()))] - time.time()) < 60
+
+
+def test_each_adapters_choices_and_tokens_are_counted_under_lora_name() -> None:
+    metrics = Metrics(MODEL, max_loras=1)
+    usage = Usage(prompt_tokens=5, completion_tokens=16, denoise_steps=4, canvases=1)
+    metrics.observe_lora_choice("a", "length", usage)
+    metrics.observe_lora_choice("a", "stop", usage)
+    metrics.observe_lora_choice("a", "abort", None)  # gone before any usage came
+    metrics.observe_lora_choice("b", "stop", usage)
+    samples = scrape(metrics)
+    for reason, count in (("length", 1), ("stop", 1), ("abort", 1)):
+        assert (
+            value(samples, "canvas_serve_lora_request_success_total", lora_name="a", finished_reason=reason)
+            == count
+        )
+    assert value(samples, "canvas_serve_lora_prompt_tokens_total", lora_name="a") == 10
+    assert value(samples, "canvas_serve_lora_generation_tokens_total", lora_name="a") == 32
+    assert value(samples, "canvas_serve_lora_generation_tokens_total", lora_name="b") == 16

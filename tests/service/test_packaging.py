@@ -1,4 +1,5 @@
-"""A plain (non-editable) wheel ships the embedded default model, and the server finds it there.
+"""A plain (non-editable) wheel ships the embedded default model and its `sudoku-hard` LoRA adapter,
+and the server finds them there.
 
 The wheel is built offline (`pip wheel --no-deps --no-build-isolation`, setuptools from this venv) from
 a copy of exactly what the Dockerfile copies, so the build leaves nothing in the checkout.
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from service.default_model import CHECKOUT_DIR
+from service.default_model import ADAPTER_FILES, CHECKOUT_ADAPTER_DIR, CHECKOUT_DIR
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD_INPUTS = ["pyproject.toml", "README.md", "engine", "service", "models"]
@@ -28,6 +29,13 @@ MODEL_FILES = [
     "tokenizer_config.json",
     "chat_template.jinja",
 ]
+
+
+HAS_ADAPTER = all((CHECKOUT_ADAPTER_DIR / name).is_file() for name in ADAPTER_FILES)
+NO_ADAPTER_YET = (
+    f"{CHECKOUT_ADAPTER_DIR} holds no adapter yet (recipes/sudoku trains sudoku-hard: "
+    f"{' + '.join(ADAPTER_FILES)})"
+)
 
 
 def sha256(data: bytes) -> str:
@@ -97,3 +105,37 @@ def test_an_installed_wheel_serves_the_embedded_model_with_no_checkout_around(
     assert result.returncode == 0, result.stderr[-3000:]
     path = Path(result.stdout.strip().splitlines()[-1])
     assert path == site / "service" / "embedded" / "sudoku"  # served as "sudoku", as from a checkout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_ADAPTER, reason=NO_ADAPTER_YET)
+def test_the_wheel_holds_the_default_adapter_and_serve_with_no_model_picks_it(
+    wheel: Path, tmp_path: Path
+) -> None:
+    """The adapter's files, byte for byte, as service/embedded/sudoku_hard; installed, `canvas-serve
+    serve` with no model serves the packaged model with the packaged adapter as `sudoku-hard`."""
+    with zipfile.ZipFile(wheel) as archive:
+        for name in ADAPTER_FILES:
+            data = archive.read(f"service/embedded/sudoku_hard/{name}")
+            assert sha256(data) == sha256((CHECKOUT_ADAPTER_DIR / name).read_bytes()), name
+        archive.extractall(tmp_path / "site")
+    site = tmp_path / "site"
+    script = (
+        "from service.model_setup import model_dir, with_default_adapter\n"
+        "from service.settings import Settings\n"
+        "settings = with_default_adapter(Settings())\n"
+        "(module,) = settings.lora_modules\n"
+        "print(settings.enable_lora, module.name, model_dir(settings), module.path)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {str(site)!r})\n{script}"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    enabled, name, model, adapter = result.stdout.strip().splitlines()[-1].split()
+    assert (enabled, name) == ("True", "sudoku-hard")
+    assert Path(model) == site / "service" / "embedded" / "sudoku"
+    assert Path(adapter) == site / "service" / "embedded" / "sudoku_hard"

@@ -21,6 +21,7 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.schemas import APIOperation
 from schemathesis.specs.openapi.schemas import OpenApiSchema
 
+from tests.service.adapters import save_adapter
 from tests.service.conftest import RemoteServer
 
 Case = schemathesis.Case[Any]
@@ -31,8 +32,11 @@ ENDLESS = {"GET /v1/engine/events"}
 
 
 @pytest.fixture(scope="module")
-def fuzz_server(tiny_model_dir: Path) -> Iterator[RemoteServer]:
+def fuzz_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RemoteServer]:
+    """With LoRA on, an adapter loaded and run-time loading open, so the adapter routes are fuzzed too."""
+    adapter = save_adapter(tiny_model_dir, tmp_path_factory.mktemp("fuzz-adapter") / "fz", seed=5)
     flags = ["--max-model-len", "64", "--diffusion-config", json.dumps({"max_denoising_steps": MAX_STEPS})]
+    flags += ["--enable-lora", "--lora-modules", f"fz={adapter}", "--allow-runtime-lora-updating"]
     env = {"CANVAS_SERVE_MAX_N": "2", "CANVAS_SERVE_MAX_PROMPTS_PER_REQUEST": "3"}
     with RemoteServer(tiny_model_dir, *flags, "--max-waiting", "64", env=env) as remote:
         yield remote
@@ -86,6 +90,7 @@ def test_the_schema_has_our_routes(api_schema: OpenApiSchema) -> None:
     labels = [operation.label for operation in operations(api_schema)]
     for label in ["POST /v1/completions", "POST /v1/chat/completions", "GET /v1/models", "GET /ready"]:
         assert label in labels
+    assert {"POST /v1/load_lora_adapter", "POST /v1/unload_lora_adapter"} <= set(labels)
 
 
 @pytest.mark.slow
