@@ -78,7 +78,8 @@ class StepComposition:
     num_prefix_hits: int = 0
     """Of those, the tokens found cached (not computed)."""
     num_tail_tokens: int = 0
-    """Of `num_commit_tokens`, those of cache tails: ended requests' last canvases (`engine.cache_tail`)."""
+    """Tokens of cache tails written to the KV cache: ended requests' last canvases (`engine.cache_tail`);
+    not in `num_commit_tokens`."""
 
 
 @dataclass
@@ -341,7 +342,6 @@ class Scheduler:
             plan.causal.append(CausalWork(tail.request_id, chunk, start, tables))
             plan.budget -= num_tokens
             room -= num_tokens
-            plan.composition.num_commit_tokens += num_tokens
             plan.composition.num_tail_tokens += num_tokens
             tail.num_computed_tokens = target
 

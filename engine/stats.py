@@ -68,7 +68,7 @@ class EngineStats:
     num_commit_tokens: int = 0
     """Tokens of committed canvases written to the KV cache by commit passes (see `StepComposition`)."""
     num_cache_tail_tokens: int = 0
-    """Of `num_commit_tokens`, the tokens of ended requests' last canvases (`engine.cache_tail`)."""
+    """Tokens of ended requests' last canvases written by cache tail passes (`engine.cache_tail`)."""
     num_preemptions: int = 0
     num_prefix_cache_queries: int = 0
     """Tokens looked up in the prefix cache (each request each time it starts running)."""

@@ -75,7 +75,7 @@ ENGINE_COUNTERS = {
     "num_commit_tokens": ("commit_pass_tokens", "Tokens written to the KV cache by commit passes."),
     "num_cache_tail_tokens": (
         "cache_tail_tokens",
-        "Tokens of ended requests' last canvases written for the prefix cache (part of commit_pass_tokens).",
+        "Tokens of ended requests' last canvases written to the KV cache for the prefix cache.",
     ),
     "num_preemptions": ("num_preemptions", "Requests preempted."),
     "num_prefix_cache_queries": (

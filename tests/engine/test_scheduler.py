@@ -302,7 +302,10 @@ def check_step(sched: Scheduler, out: SchedulerOutput, running_before: list[str]
     assert out.causal[len(out.causal) - len(tail_works) :] == tail_works, "tails come after all requests"
     assert sum(len(c.token_ids) for c in tail_works) == composition.num_tail_tokens <= sched.canvas_length
     assert composition.num_preempted == 0 or not tail_works, "a tail is dropped before anyone is preempted"
-    assert composition.num_prefill_tokens + composition.num_commit_tokens == num_causal_tokens(out)
+    assert (
+        composition.num_prefill_tokens + composition.num_commit_tokens + composition.num_tail_tokens
+        == num_causal_tokens(out)
+    )
     assert composition.num_denoise_canvases == len(out.denoise)
     preempted = [i for i in running_before if i in out.dropped_request_ids and i in sched.requests]
     assert preempted == running_before[len(running_before) - len(preempted) :], "newest go first"
