@@ -14,6 +14,7 @@ two workloads, round after round, so that background load on a shared machine fa
   tokenizer decodes one token name per id), followed by the stop id when a stop id ended it, as a chat
   template closing the model's turn with its end-of-turn token would send them. (The bench model is
   random: its answers are mostly `<unusedN>` tokens, which re-tokenising the text would split.)
+  `--think-s` is a user's pause before each next turn (0: the next turn is sent at once).
 
 Each round starts with `POST /reset_prefix_cache` on the caching servers, so every round pays one cold
 system prompt. TTFT is the first streamed chunk with committed text (the first canvas). The hit rate
@@ -83,6 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=2)
     parser.add_argument("--conversations", type=int, default=3, help="conversations per round")
     parser.add_argument("--turns", type=int, default=4)
+    parser.add_argument("--think-s", type=float, default=0.0, help="a user's pause before each next turn")
     parser.add_argument("--rounds", type=int, default=2, help="on/off alternations")
     parser.add_argument("--max-tokens", type=int, default=64, help="one canvas of the bench model")
     parser.add_argument("--steps", type=int, default=4, help="max_denoising_steps")
@@ -179,7 +181,9 @@ async def chat_workload(url: str, system: str, seed: int, args: argparse.Namespa
         rng = random.Random(seed * 1000 + index)
         history = ids.encode(system)
         results = []
-        for _ in range(args.turns):
+        for turn in range(args.turns):
+            if turn:
+                await asyncio.sleep(args.think_s)
             history += ids.encode("\nuser: " + text(rng, rng.randrange(12, 40)) + "\nassistant: ")
             result = await complete(client, url, history, args)
             history += ids.of_output(result.text) + ([ids.stop_id] if result.finish_reason == "stop" else [])
