@@ -8,8 +8,9 @@ answer's last canvas: usually the whole answer.
 With prefix caching on (and `EngineConfig.cache_final_canvas`), a request that ends keeps its blocks as
 a *cache tail*: the tokens a client's next prompt repeats and the request's cache lacks, cut down to
 whole blocks (only full blocks are ever cached). The scheduler gives a tail one causal pass, at the
-lowest priority: after every request's work, in the budget left, at most one canvas of tokens a step;
-then it registers the tail's full blocks and frees its blocks, which stay cached. A tail never costs
+lowest priority: after every request's work, in the budget left, at most one canvas of tokens beside
+request work (the whole budget in a step with none); then it registers the tail's full blocks and
+frees its blocks, which stay cached. A tail never costs
 a request anything else: where blocks are short it is dropped (its blocks freed) before any request is
 preempted or refused admission, and an ending request that would complete no new block leaves none.
 

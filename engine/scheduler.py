@@ -25,10 +25,10 @@ block, and a denoise reading K/V written by the same step's causal work still re
 
 A request that ends with prefix caching on may leave a *cache tail* (`engine.cache_tail`): its last
 canvas, still unwritten, kept with the request's blocks and written by one causal pass scheduled after
-everything else (at most one canvas of tokens a step). Tails hold blocks only while nobody needs them:
-they are dropped before a request is preempted or refused. A tail is written in the step after its
-request ended, so a next turn admitted in that very step computes the answer itself; a server's round
-trip to its client gives the tail that step.
+everything else (at most one canvas of tokens beside request work). Tails hold blocks only while
+nobody needs them: they are dropped before a request is preempted or refused. A tail is written in the
+step after its request ended, so a next turn admitted in that very step computes the answer itself;
+a server's round trip to its client gives the tail that step.
 """
 
 from __future__ import annotations
@@ -325,9 +325,11 @@ class Scheduler:
     # -- cache tails -----------------------------------------------------------------------------
 
     def _schedule_tails(self, plan: _Plan) -> None:
-        """Write cache tails, oldest first, in the budget left and at most one canvas of tokens a step;
-        a tail whose blocks cannot be allocated is dropped (it never preempts anything)."""
-        room = min(plan.budget, self.canvas_length)
+        """Write cache tails, oldest first, in the budget left: at most one canvas of tokens in a step
+        with request work (which they would slow), the whole budget in a step without (an offline batch
+        that ended together drains its tails in a few steps). A tail whose blocks cannot be allocated is
+        dropped (it never preempts anything)."""
+        room = min(plan.budget, self.canvas_length) if plan.causal or plan.denoise else plan.budget
         for tail in list(self.tails.values()):
             num_tokens = min(tail.num_pending, room)
             if num_tokens == 0:

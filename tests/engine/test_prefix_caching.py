@@ -235,3 +235,17 @@ def test_tails_fill_only_the_budget_left_and_one_canvas_a_step() -> None:
     tail_steps = [o for o in h.outputs if any(c.request_id[0] == "t" and c.start_pos > 0 for c in o.causal)]
     assert len(tail_steps) >= 3  # 18 tail tokens, at most 8 a step
     assert_finished_as_scripted(h)
+
+
+def test_a_step_with_no_request_work_writes_every_tail_in_its_budget() -> None:
+    C = 8
+    h = make(prefix_caching=True, canvas=C, window=6)
+    for i in range(4):  # all finish in the first step, each leaving 6 tail tokens
+        h.add(f"t{i}", script(i, prompt_len=6, max_tokens=C, steps=(1,)))
+    h.step()
+    assert len(h.sched.tails) == 4
+    out = h.step()  # nothing else to run: an offline batch's tails drain at once, not one canvas a step
+    assert [c.request_id for c in out.causal] == ["t0", "t1", "t2", "t3"] and not out.denoise
+    assert h.sched.last_step.num_tail_tokens == 24 > C
+    assert not h.sched.has_unfinished()
+    assert_finished_as_scripted(h)
