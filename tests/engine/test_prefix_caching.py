@@ -184,7 +184,7 @@ def test_a_stop_id_is_written_with_the_answer_and_nothing_after_it() -> None:
     assert_finished_as_scripted(h)
 
 
-def test_an_aborted_request_writes_its_committed_canvas_and_nothing_of_an_unwritten_prompt() -> None:
+def test_an_aborted_request_writes_its_committed_canvas() -> None:
     C = 8
     h = make(prefix_caching=True, canvas=C, window=6)
     s = script(1, prompt_len=8, max_tokens=3 * C, steps=(1, 2))
@@ -210,7 +210,8 @@ def test_an_abort_during_prefill_leaves_no_tail() -> None:
     assert not h.sched.tails and not h.sched.kv.request_ids
 
 
-def test_a_tail_is_dropped_before_a_request_is_refused_or_preempted() -> None:
+def test_a_tail_is_dropped_before_a_request_is_refused() -> None:
+    """(The hypothesis lifecycle test drops tails in `_make_room` too, before any preemption.)"""
     C = 8
     h = make(prefix_caching=True, canvas=C, window=6, num_full=6)
     h.add("a", script(1, prompt_len=8, max_tokens=C, steps=(1,)))
