@@ -1,19 +1,25 @@
 """Prefix caching on vs off: TTFT and throughput of shared-system-prompt and multi-turn chat traffic.
 
-Two servers of the same build on one random small checkpoint (`bench.common.SMALL_TEXT`, canvas 64,
-char-level tokenizer: one token per character), one with prefix caching (the default) and one with
-`--no-enable-prefix-caching`, take turns running the same two workloads, round after round, so that
-background load on a shared machine falls on both alike:
+Three servers of the same build on one random small checkpoint (`bench.common.SMALL_TEXT`, canvas 64,
+char-level tokenizer: one token per character): "on" with prefix caching (the default), "no-tail" with
+prefix caching but `--no-cache-final-canvas` (an ended request's last canvas is not written, as before
+`engine.cache_tail`), and "off" with `--no-enable-prefix-caching`. They take turns running the same
+two workloads, round after round, so that background load on a shared machine falls on all alike:
 
 - shared: `--requests` streamed completions, `--concurrency` at a time, each a 2,000-token system prompt
   plus a short distinct question;
 - chat: `--conversations` conversations of `--turns` turns, one request at a time per conversation;
-  turn k sends the system prompt, every earlier question and answer, and the new question. The bench
-  model is random: its answers are mostly `<unusedN>` markup, which the client drops (keeping the plain
-  characters), as the char tokenizer would otherwise turn each such token into a dozen.
+  turn k sends the system prompt, every earlier question and answer, and the new question, as token
+  ids: the answer's ids are the model's own (read back from the streamed text, which the char
+  tokenizer decodes one token name per id), followed by the stop id when a stop id ended it, as a chat
+  template closing the model's turn with its end-of-turn token would send them. (The bench model is
+  random: its answers are mostly `<unusedN>` tokens, which re-tokenising the text would split.)
+  `--think-s` is a user's pause before each next turn (0: the next turn is sent at once).
 
-Each round starts with `POST /reset_prefix_cache` on the caching server, so every round pays one cold
-system prompt. TTFT is the first streamed chunk with committed text (the first canvas).
+Each round starts with `POST /reset_prefix_cache` on the caching servers, so every round pays one cold
+system prompt. TTFT is the first streamed chunk with committed text (the first canvas). The hit rate
+is cached prompt tokens over prompt tokens; the "on" server's `cache_tail_tokens` counter says how
+many tokens the tail passes wrote.
 
     python bench/prefix_cache.py --rounds 2
 """
@@ -53,6 +59,8 @@ class Result:
     completion_tokens: int
     cached_tokens: int
     text: str
+    prompt_tokens: int = 0
+    finish_reason: str | None = None
 
 
 @dataclass
@@ -64,7 +72,9 @@ class Row:
     ttft_p99_s: float
     tokens_per_s: float
     cached_fraction: float
-    """Cached prompt tokens over prompt characters sent (the char tokenizer adds one BOS)."""
+    """Cached prompt tokens over system-prompt tokens sent."""
+    hit_rate: float = 0.0
+    """Cached prompt tokens over prompt tokens."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -74,6 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=2)
     parser.add_argument("--conversations", type=int, default=3, help="conversations per round")
     parser.add_argument("--turns", type=int, default=4)
+    parser.add_argument("--think-s", type=float, default=0.0, help="a user's pause before each next turn")
     parser.add_argument("--rounds", type=int, default=2, help="on/off alternations")
     parser.add_argument("--max-tokens", type=int, default=64, help="one canvas of the bench model")
     parser.add_argument("--steps", type=int, default=4, help="max_denoising_steps")
@@ -85,7 +96,9 @@ def text(rng: random.Random, length: int) -> str:
     return "".join(rng.choice(ALPHABET) for _ in range(length))
 
 
-async def complete(client: httpx.AsyncClient, url: str, prompt: str, args: argparse.Namespace) -> Result:
+async def complete(
+    client: httpx.AsyncClient, url: str, prompt: str | list[int], args: argparse.Namespace
+) -> Result:
     payload = {
         "prompt": prompt,
         "max_tokens": args.max_tokens,
@@ -98,6 +111,7 @@ async def complete(client: httpx.AsyncClient, url: str, prompt: str, args: argpa
     ttft: float | None = None
     pieces: list[str] = []
     usage: dict[str, Any] = {}
+    finish_reason = None
     async with client.stream("POST", f"{url}/v1/completions", json=payload) as response:
         if response.status_code != 200:
             await response.aread()
@@ -109,6 +123,7 @@ async def complete(client: httpx.AsyncClient, url: str, prompt: str, args: argpa
             if chunk.get("usage"):
                 usage = chunk["usage"]
             for choice in chunk.get("choices", []):
+                finish_reason = choice.get("finish_reason") or finish_reason
                 if choice.get("text"):
                     ttft = ttft if ttft is not None else time.perf_counter() - start
                     pieces.append(choice["text"])
@@ -120,6 +135,8 @@ async def complete(client: httpx.AsyncClient, url: str, prompt: str, args: argpa
         int(usage.get("completion_tokens", 0)),
         int(details.get("cached_tokens", 0)),
         "".join(pieces),
+        int(usage.get("prompt_tokens", 0)),
+        finish_reason,
     )
 
 
@@ -137,17 +154,39 @@ async def shared_workload(url: str, system: str, seed: int, args: argparse.Names
     return results
 
 
+class TokenIds:
+    """Text to token ids and back for the bench's char-level tokenizer: every id decodes to its name."""
+
+    def __init__(self, folder: Path) -> None:
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        self.stop_id = int(self.tokenizer.eos_token_id)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def of_output(self, output: str) -> list[int]:
+        """The ids of a streamed output: one per `<...>` name or character (special tokens, dropped from
+        the text, are lost: then the next prompt differs from the cache there)."""
+        names = re.findall(r"<[^<>]*>|.", output, flags=re.DOTALL)
+        return [int(i) for i in self.tokenizer.convert_tokens_to_ids(names)]
+
+
 async def chat_workload(url: str, system: str, seed: int, args: argparse.Namespace) -> list[Result]:
     """Conversations run side by side; within one, turn k+1 waits for turn k's answer."""
+    ids: TokenIds = args.token_ids
 
     async def conversation(client: httpx.AsyncClient, index: int) -> list[Result]:
         rng = random.Random(seed * 1000 + index)
-        history = system
+        history = ids.encode(system)
         results = []
-        for _ in range(args.turns):
-            history += "\nuser: " + text(rng, rng.randrange(12, 40)) + "\nassistant: "
+        for turn in range(args.turns):
+            if turn:
+                await asyncio.sleep(args.think_s)
+            history += ids.encode("\nuser: " + text(rng, rng.randrange(12, 40)) + "\nassistant: ")
             result = await complete(client, url, history, args)
-            history += "".join(c for c in re.sub(r"<[^>]*>", "", result.text) if c in ALPHABET)
+            history += ids.of_output(result.text) + ([ids.stop_id] if result.finish_reason == "stop" else [])
             results.append(result)
         return results
 
@@ -166,6 +205,7 @@ def summarise(workload: str, caching: str, results: list[Result], wall: float, p
         ttft_p99_s=percentile(ttfts, 0.99),
         tokens_per_s=sum(r.completion_tokens for r in results) / wall,
         cached_fraction=sum(r.cached_tokens for r in results) / max(1, prompt_chars),
+        hit_rate=sum(r.cached_tokens for r in results) / max(1, sum(r.prompt_tokens for r in results)),
     )
 
 
@@ -186,15 +226,19 @@ def spawn(folder: Path, flags: list[str]) -> tuple[subprocess.Popen[bytes], str]
     raise RuntimeError(f"the server with flags {flags} did not become ready")
 
 
+MODES = {"on": [], "no-tail": ["--no-cache-final-canvas"], "off": ["--no-enable-prefix-caching"]}
+"""Server flags per mode."""
+
+
 def run_rounds(urls: dict[str, str], args: argparse.Namespace) -> list[Row]:
-    """Alternate the servers round by round (on first in even rounds); pool each mode's results."""
+    """Rotate the servers' order round by round; pool each mode's results."""
     system = text(random.Random(0), args.system_tokens)
     pooled: dict[tuple[str, str], tuple[list[Result], float, int]] = {}
     for round_index in range(args.rounds):
-        order = list(urls) if round_index % 2 == 0 else list(reversed(urls))
+        order = list(urls)[round_index % len(urls) :] + list(urls)[: round_index % len(urls)]
         for caching in order:
             url = urls[caching]
-            if caching == "on":
+            if caching != "off":
                 httpx.post(f"{url}/reset_prefix_cache", timeout=60).raise_for_status()
             for workload in ("shared", "chat"):
                 run = shared_workload if workload == "shared" else chat_workload
@@ -206,18 +250,27 @@ def run_rounds(urls: dict[str, str], args: argparse.Namespace) -> list[Row]:
                 pooled[workload, caching] = (old[0] + results, old[1] + wall, old[2] + chars)
                 row = summarise(workload, caching, results, wall, chars)
                 print(f"round {round_index} load {load_average()}: {json.dumps(asdict(row))}", flush=True)
-    return [summarise(w, c, *pooled[w, c]) for w in ("shared", "chat") for c in ("on", "off")]
+    return [summarise(w, c, *pooled[w, c]) for w in ("shared", "chat") for c in urls]
+
+
+def counter(url: str, name: str) -> float:
+    """A Prometheus counter's value from the server's /metrics (0 when absent)."""
+    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
 
 
 def table(rows: list[Row]) -> str:
     lines = [
-        "| workload | prefix caching | requests | TTFT p50 s | TTFT p99 s | tok/s | cached / system tokens |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| workload | prefix caching | requests | TTFT p50 s | TTFT p99 s | tok/s | cached / system tokens "
+        "| hit rate |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r.workload} | {r.caching} | {r.requests} | {r.ttft_p50_s:.3f} | {r.ttft_p99_s:.3f} "
-            f"| {r.tokens_per_s:.1f} | {r.cached_fraction:.2f} |"
+            f"| {r.tokens_per_s:.1f} | {r.cached_fraction:.2f} | {r.hit_rate:.2f} |"
         )
     return "\n".join(lines)
 
@@ -233,22 +286,29 @@ def main(argv: list[str] | None = None) -> int:
         folder = Path(tmp) / "small"
         save_random_checkpoint(folder, SMALL_TEXT, canvas_length=64)
         save_tokenizer(folder, vocab_size=SMALL_TEXT["vocab_size"])
-        servers = {"on": spawn(folder, []), "off": spawn(folder, ["--no-enable-prefix-caching"])}
+        args.token_ids = TokenIds(folder)
+        servers = {mode: spawn(folder, flags) for mode, flags in MODES.items()}
         try:
             rows = run_rounds({mode: url for mode, (_, url) in servers.items()}, args)
+            tail_tokens = counter(servers["on"][1], "canvas_serve_cache_tail_tokens_total")
         finally:
             for process, _ in servers.values():
                 process.send_signal(signal.SIGTERM)
                 process.wait(timeout=60)
     print(table(rows))
     for workload in ("shared", "chat"):
-        on, off = (next(r for r in rows if (r.workload, r.caching) == (workload, c)) for c in ("on", "off"))
+        by_mode = {r.caching: r for r in rows if r.workload == workload}
+        on, no_tail, off = by_mode["on"], by_mode["no-tail"], by_mode["off"]
         print(
-            f"{workload}: TTFT p50 {off.ttft_p50_s / on.ttft_p50_s:.1f}x lower with caching, "
-            f"throughput {on.tokens_per_s / off.tokens_per_s:.2f}x"
+            f"{workload}: TTFT p50 {off.ttft_p50_s / on.ttft_p50_s:.1f}x lower with caching "
+            f"({off.ttft_p50_s / no_tail.ttft_p50_s:.1f}x without the tail pass), throughput "
+            f"{on.tokens_per_s / off.tokens_per_s:.2f}x ({no_tail.tokens_per_s / off.tokens_per_s:.2f}x)"
         )
+    requests = sum(r.requests for r in rows if r.caching == "on")
+    print(f"tail passes of the 'on' server: {tail_tokens:.0f} tokens, {tail_tokens / requests:.1f} a request")
     if args.json:
-        args.json.write_text(json.dumps({"header": info, "rows": [asdict(r) for r in rows]}, indent=2))
+        payload = {"header": info, "rows": [asdict(r) for r in rows], "cache_tail_tokens": tail_tokens}
+        args.json.write_text(json.dumps(payload, indent=2))
     return 0
 
 

@@ -37,6 +37,17 @@ def end_canvas(canvas: list[int], num_output: int, max_tokens: int, stop_ids: tu
     return CanvasEnd(canvas, None)
 
 
+def repeated_tokens(canvas: list[int], end: CanvasEnd) -> list[int]:
+    """The tokens of a request's last canvas that a client's next prompt repeats (`engine.cache_tail`).
+
+    The output, and after a stop id that stop id too: a chat template closes the model's turn with its
+    end-of-turn token, which is a stop id (Gemma 4's `<turn|>`). Nothing after it: the rest of the
+    canvas was never output. Example: canvas [5, 9, 1, 7] ended by stop id 1 after [5, 9]: [5, 9, 1].
+    """
+    num_output = len(end.new_token_ids)
+    return canvas[: num_output + 1] if end.finish_reason == "stop" else canvas[:num_output]
+
+
 def commit_spec(request: Request) -> CommitSpec | None:
     """How the runner must commit the request's next canvas: None unless it asks for a grammar or logprobs.
 

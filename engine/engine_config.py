@@ -45,6 +45,10 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     """Reuse the K/V of cached full blocks whose token ids (and everything before them) match: shared
     prompts and earlier conversation turns are computed once (see `engine.prefix_cache`)."""
+    cache_final_canvas: bool = True
+    """With prefix caching: write an ended request's last canvas (up to what a client's next prompt
+    repeats) into the cache in one low-priority causal pass, so the next turn of a conversation hits
+    the whole answer (`engine.cache_tail`). Off saves that pass where no prompt repeats an answer."""
     enable_lora: bool = False
     """Serve LoRA adapters beside the base model (`Engine.add_lora`, `engine.lora`). Off: no LoRA code
     runs and adapters are refused."""

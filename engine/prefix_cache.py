@@ -27,9 +27,9 @@ down until every group accepts it; h = 0 always qualifies. The caller caps h bel
 tokens it must cache, so at least one token is always computed.
 
 **Limits.** Only blocks whose K/V were written are cached: a prompt, and every canvas committed
-before the next one is denoised. The last canvas of a finished request is never written (nothing
-reads it), so the next turn of a conversation hits its prompt and the answer's earlier canvases, not
-the answer's last canvas. A block that differs in one token misses, and so does every block after it.
+before the next one is denoised. The last canvas of a request is written after it ended, by a cache
+tail (`engine.cache_tail`), so the next turn of a conversation hits the whole answer. A block that
+differs in one token misses, and so does every block after it.
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ Every step packs, under a token budget, into one forward:
 2. causal work of running requests: commits of converged canvases and prompt chunks, each followed by
    its request's denoise pass in the same step when it completes the prefix (the runner runs causal
    work first in every layer, so that pass reads what the commit just wrote);
-3. newly admitted requests, first come first served, starting with their first prompt chunk.
+3. newly admitted requests, first come first served, starting with their first prompt chunk;
+4. cache tails of ended requests (below), in the budget left.
 
 Long prompts are chunked to the leftover budget, so they never stall running canvases. Each canvas
 converges, commits and finishes on its own schedule. When cache blocks run out, the newest running
@@ -21,6 +22,13 @@ committed canvases alike (`cache_blocks`), before releasing what fell out of the
 registered only in `update`, after the runner wrote them, so a block is never found by a request in
 the step that writes it; a cached block is full and computed, so no work ever writes into a shared
 block, and a denoise reading K/V written by the same step's causal work still reads its own blocks.
+
+A request that ends with prefix caching on may leave a *cache tail* (`engine.cache_tail`): its last
+canvas, still unwritten, kept with the request's blocks and written by one causal pass scheduled after
+everything else (at most one canvas of tokens beside request work). Tails hold blocks only while
+nobody needs them: they are dropped before a request is preempted or refused. A tail is written in the
+step after its request ended, so a next turn admitted in that very step computes the answer itself;
+a server's round trip to its client gives the tail that step.
 """
 
 from __future__ import annotations
@@ -30,7 +38,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from engine.canvas_end import commit_spec, end_canvas
+from engine.cache_tail import CacheTail, cache_tail
+from engine.canvas_end import commit_spec, end_canvas, repeated_tokens
 from engine.engine_config import EngineConfig
 from engine.kv_cache import CacheHit, KVCacheManager, num_blocks_for
 from engine.lora.admission import lora_cache_key, pick_admissible
@@ -69,6 +78,9 @@ class StepComposition:
     """Cache tokens of the requests that started running, looked up in the prefix cache."""
     num_prefix_hits: int = 0
     """Of those, the tokens found cached (not computed)."""
+    num_tail_tokens: int = 0
+    """Tokens of cache tails written to the KV cache: ended requests' last canvases (`engine.cache_tail`);
+    not in `num_commit_tokens`."""
 
 
 @dataclass
@@ -103,6 +115,8 @@ class Scheduler:
         self._dropped: list[str] = []
         self.newly_finished: list[Request] = []
         """Requests finished since the engine last drained this list (for statistics)."""
+        self.tails: dict[str, CacheTail] = {}
+        """Cache tails still to write, oldest first; each holds its ended request's block tables."""
         self.last_step = StepComposition()
 
     # -- admission and abort ---------------------------------------------------------------------
@@ -123,6 +137,8 @@ class Scheduler:
         its cached blocks are keyed by that id."""
         if request_id in self.requests:
             raise InvalidParams(f"request id {request_id!r} is already in use")
+        if request_id in self.tails:
+            self._drop_tail(request_id)  # its block tables go by the same id
         if len(self.waiting) >= self.config.max_waiting:
             raise QueueFull(f"{len(self.waiting)} requests are waiting (the bound): retry later")
         self._check_fits(prompt_token_ids, params)
@@ -163,7 +179,8 @@ class Scheduler:
                 )
 
     def abort(self, request_id: str, reason: FinishReason = "abort") -> RequestOutput | None:
-        """End a request in any state and free its blocks; None if it is unknown or already done.
+        """End a request in any state and free its blocks (a running one may keep them as a cache tail
+        of its committed canvases); None if it is unknown or already done.
 
         `reason` is "abort" unless the API side ended it on purpose (a stop string it found: "stop")."""
         request = self.requests.get(request_id)
@@ -176,7 +193,8 @@ class Scheduler:
     # -- scheduling ------------------------------------------------------------------------------
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        """Requests to run, or cache tails to write (a step with only tails returns no events)."""
+        return bool(self.waiting or self.running or self.tails)
 
     def schedule(self) -> SchedulerOutput:
         """Build one step's work under the token and sequence budgets."""
@@ -188,6 +206,7 @@ class Scheduler:
             if request.num_pending_causal > 0 and request.status is RequestStatus.RUNNING:
                 self._schedule_causal(request, plan)
         self._admit(plan)
+        self._schedule_tails(plan)
         self.last_step = plan.composition
         dropped, self._dropped = self._dropped, []
         return SchedulerOutput(plan.causal, plan.denoise, dropped)
@@ -247,6 +266,9 @@ class Scheduler:
         """
         target = request.num_computed_tokens + num_tokens
         while not self.kv.can_allocate(request.request_id, target):
+            if self.tails:
+                self._drop_tail(next(iter(self.tails)))
+                continue
             victim = self.running[-1]
             self._preempt(victim, plan)
             if victim is request:
@@ -294,6 +316,9 @@ class Scheduler:
             hit = self._cache_hit(request)
             num_tokens = min(request.num_pending_causal - hit.num_tokens, plan.budget)
             if not self.kv.can_allocate(request.request_id, hit.num_tokens + num_tokens, hit):
+                if self.tails:
+                    self._drop_tail(next(iter(self.tails)))
+                    continue  # look the hit up again: the pools changed
                 return
             self.waiting.remove(request)
             pick.admitted()
@@ -322,6 +347,62 @@ class Scheduler:
             )
             plan.composition.num_prefix_hits += hit.num_tokens
 
+    # -- cache tails -----------------------------------------------------------------------------
+
+    def _schedule_tails(self, plan: _Plan) -> None:
+        """Write cache tails, oldest first, in the budget left: at most one canvas of tokens in a step
+        with request work (which they would slow), the whole budget in a step without (an offline batch
+        that ended together drains its tails in a few steps). A tail whose blocks cannot be allocated is
+        dropped (it never preempts anything)."""
+        room = min(plan.budget, self.canvas_length) if plan.causal or plan.denoise else plan.budget
+        for tail in list(self.tails.values()):
+            num_tokens = min(tail.num_pending, room)
+            if num_tokens == 0:
+                return
+            start, target = tail.num_computed_tokens, tail.num_computed_tokens + num_tokens
+            if not self.kv.can_allocate(tail.request_id, target):
+                self._drop_tail(tail.request_id)
+                continue
+            self.kv.allocate(tail.request_id, target)
+            tables = {g: self.kv.block_table(tail.request_id, g) for g in self.kv.group_names}
+            chunk = tuple(tail.token_ids[start:target])
+            plan.causal.append(CausalWork(tail.request_id, chunk, start, tables))
+            plan.budget -= num_tokens
+            room -= num_tokens
+            plan.composition.num_tail_tokens += num_tokens
+            tail.num_computed_tokens = target
+
+    def _advance_tail(self, tail: CacheTail) -> None:
+        """After a step wrote the tail's positions: register its full blocks; free it once complete."""
+        self.kv.cache_blocks(tail.request_id, tail.token_ids, tail.num_computed_tokens, tail.cache_key)
+        if tail.num_pending == 0:
+            self._drop_tail(tail.request_id)
+        else:
+            self.kv.release_out_of_window(tail.request_id, tail.num_computed_tokens)
+
+    def _drop_tail(self, request_id: str) -> None:
+        """Forget a tail and free its blocks (those registered stay cached)."""
+        del self.tails[request_id]
+        self.kv.free(request_id)
+
+    def _release(self, request: Request, repeated: list[int] | None) -> None:
+        """Free the blocks of a request leaving the running list, or keep them as its cache tail.
+
+        `repeated`: the tokens of its last canvas a next prompt repeats, for a request that finished
+        (None: aborted, which leaves a tail only of committed canvases, once its prompt is written).
+        A request on a LoRA adapter leaves none: its adapter may be unloaded, or lack a slot, by the
+        time the tail would run, and its K/V must come from the adapter's weights.
+        """
+        tail = None
+        wanted = self.config.enable_prefix_caching and self.config.cache_final_canvas
+        wanted = wanted and request.lora_id is None
+        if wanted and (repeated is not None or request.num_computed_tokens >= len(request.prompt_token_ids)):
+            tail = cache_tail(request, repeated or [], self.kv.block_size)
+        if tail is None:
+            self.kv.free(request.request_id)
+        else:
+            self.tails[request.request_id] = tail
+
     # -- results ---------------------------------------------------------------------------------
 
     def update(self, scheduled: SchedulerOutput, result: RunnerOutput) -> list[RequestOutput]:
@@ -337,6 +418,8 @@ class Scheduler:
                         request.cache_key,
                     )
                 self.kv.release_out_of_window(causal.request_id, request.num_computed_tokens)
+            elif causal.request_id in self.tails:  # a tail, or the in-flight work of a request that left
+                self._advance_tail(self.tails[causal.request_id])
         outputs = []
         for denoise in scheduled.denoise:
             request = self.requests.get(denoise.request_id)
@@ -371,7 +454,7 @@ class Scheduler:
         if request.first_token_time is None and end.new_token_ids:
             request.first_token_time = time.monotonic()
         if end.finish_reason is not None:
-            finished = self._finish(request, end.finish_reason)
+            finished = self._finish(request, end.finish_reason, repeated_tokens(canvas, end))
             return RequestOutput(
                 request.request_id,
                 end.new_token_ids,
@@ -393,11 +476,14 @@ class Scheduler:
             lora_name=request.lora_name,
         )
 
-    def _finish(self, request: Request, reason: FinishReason) -> RequestOutput:
-        """Mark done, free blocks, forget the request; the runner drops it on the next step."""
+    def _finish(
+        self, request: Request, reason: FinishReason, repeated: list[int] | None = None
+    ) -> RequestOutput:
+        """Mark done, free blocks (or keep them as a cache tail: `_release`), forget the request; the
+        runner drops its canvas on the next step."""
         if request in self.running:
             self.running.remove(request)
-        self.kv.free(request.request_id)
+            self._release(request, repeated)
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
         del self.requests[request.request_id]

@@ -67,6 +67,8 @@ class EngineStats:
     """Prompt tokens written to the KV cache (recomputation after a preemption included)."""
     num_commit_tokens: int = 0
     """Tokens of committed canvases written to the KV cache by commit passes (see `StepComposition`)."""
+    num_cache_tail_tokens: int = 0
+    """Tokens of ended requests' last canvases written by cache tail passes (`engine.cache_tail`)."""
     num_preemptions: int = 0
     num_prefix_cache_queries: int = 0
     """Tokens looked up in the prefix cache (each request each time it starts running)."""
@@ -95,6 +97,7 @@ class EngineStats:
         self.num_denoise_passes += composition.num_denoise_canvases
         self.num_prefill_tokens += composition.num_prefill_tokens
         self.num_commit_tokens += composition.num_commit_tokens
+        self.num_cache_tail_tokens += composition.num_tail_tokens
         self.num_preemptions += composition.num_preempted
         self.num_prefix_cache_queries += composition.num_prefix_queries
         self.num_prefix_cache_hits += composition.num_prefix_hits

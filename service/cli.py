@@ -104,6 +104,13 @@ def _serve_parser(serve: argparse.ArgumentParser) -> None:
         "env CANVAS_SERVE_ENABLE_PREFIX_CACHING)",
     )
     serve.add_argument(
+        "--cache-final-canvas",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="with prefix caching, write each ended request's last canvas into the cache so the next "
+        "conversation turn hits the whole answer (default on; env CANVAS_SERVE_CACHE_FINAL_CANVAS)",
+    )
+    serve.add_argument(
         "--drain-timeout", dest="drain_timeout_s", type=float, help="seconds to drain on SIGTERM"
     )
     serve.add_argument(

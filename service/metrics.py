@@ -84,6 +84,10 @@ ENGINE_COUNTERS = {
     "num_prefill_tokens": ("prompt_tokens", "Prefill tokens processed (recomputation included)."),
     "num_output_tokens": ("generation_tokens", "Tokens committed to request outputs."),
     "num_commit_tokens": ("commit_pass_tokens", "Tokens written to the KV cache by commit passes."),
+    "num_cache_tail_tokens": (
+        "cache_tail_tokens",
+        "Tokens of ended requests' last canvases written to the KV cache for the prefix cache.",
+    ),
     "num_preemptions": ("num_preemptions", "Requests preempted."),
     "num_prefix_cache_queries": (
         "prefix_cache_queries",

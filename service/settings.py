@@ -95,6 +95,9 @@ class Settings(BaseSettings):
     """Always on; accepted for vLLM compatibility."""
     enable_prefix_caching: bool = ENGINE_DEFAULTS.enable_prefix_caching
     """Reuse cached K/V of shared prompt prefixes and earlier conversation turns."""
+    cache_final_canvas: bool = ENGINE_DEFAULTS.cache_final_canvas
+    """With prefix caching: write each ended request's last canvas into the cache (one low-priority
+    causal pass), so the next turn of a conversation hits the whole answer."""
 
     # LoRA adapters (vLLM's names): see service/served_models.py.
     enable_lora: bool = False
@@ -279,6 +282,7 @@ class Settings(BaseSettings):
             block_size=self.block_size,
             kv_cache_bytes=kv_cache_bytes,
             enable_prefix_caching=self.enable_prefix_caching,
+            cache_final_canvas=self.cache_final_canvas,
             enable_lora=self.enable_lora,
             max_loras=self.max_loras,
             max_lora_rank=self.max_lora_rank,

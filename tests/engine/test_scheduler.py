@@ -113,11 +113,13 @@ class FakeRunner:
         self.cache: dict[str, list[int]] = {}
         self.slots: dict[tuple[str, int, int], int] = {}
         """(group, block id, offset) -> the token whose K/V the slot holds."""
+        self.left: dict[str, list[int]] = {}
+        """The cache of every dropped request, which a cache tail may go on writing."""
 
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
         for request_id in out.dropped_request_ids:
             self.canvases.pop(request_id, None)
-            self.cache.pop(request_id, None)
+            self.left[request_id] = self.cache.pop(request_id, [])
         self._check_disjoint_tables(out)
         for work in out.causal:
             self._write(work)
@@ -126,7 +128,11 @@ class FakeRunner:
     def _write(self, work: CausalWork) -> None:
         script = self.scripts[work.request_id]
         cache = self.cache.setdefault(work.request_id, [])
-        if not cache and work.start_pos > 0:  # a prefix-cache hit: what it skips must be in its blocks
+        left = self.left.pop(work.request_id, [])
+        if not cache and work.start_pos > 0 and len(left) == work.start_pos:
+            assert self.prefix_caching, "only a cache tail goes on writing an ended request's cache"
+            cache.extend(left)
+        elif not cache and work.start_pos > 0:  # a prefix-cache hit: what it skips must be in its blocks
             assert self.prefix_caching, "a request starts past position 0 only with prefix caching"
             assert work.start_pos % self.block_size == 0, "a hit covers whole blocks"
             cache.extend(script.cache(work.start_pos, self.canvas_length))
@@ -203,6 +209,10 @@ class Harness:
     """(step index, request id) of every preemption of a request that was running before the step."""
     num_preempted: int = 0
     """Preemptions over all steps (the scheduler's own count, step by step)."""
+    num_tail_tokens: int = 0
+    """Cache tail tokens written over all steps."""
+    num_tails_dropped: int = 0
+    """Cache tails dropped for want of blocks (gone in a `schedule()`: a written one goes in `update`)."""
 
     def add(self, request_id: str, script: Script, want_canvas: bool = False) -> None:
         self.sched.add_request(request_id, list(script.prompt), script.params(), want_canvas)
@@ -210,7 +220,10 @@ class Harness:
 
     def step(self) -> SchedulerOutput:
         running_before = [r.request_id for r in self.sched.running]
+        tails_before = set(self.sched.tails)
         out = self.sched.schedule()
+        self.num_tails_dropped += len(tails_before - set(self.sched.tails))
+        self.num_tail_tokens += self.sched.last_step.num_tail_tokens
         preempted = check_step(self.sched, out, running_before)
         self.preempted += [(len(self.outputs), request_id) for request_id in preempted]
         self.num_preempted += self.sched.last_step.num_preempted
@@ -281,10 +294,20 @@ def check_step(sched: Scheduler, out: SchedulerOutput, running_before: list[str]
     for works in (out.causal, out.denoise):
         ids = [w.request_id for w in works]
         assert len(ids) == len(set(ids))
-        assert all(sched.requests[i].status is RequestStatus.RUNNING for i in ids)
+        assert all(sched.requests[i].status is RequestStatus.RUNNING for i in ids if i not in sched.tails)
+    assert all(d.request_id in sched.requests for d in out.denoise)
     assert all(c.token_ids for c in out.causal)
     composition = sched.last_step
-    assert composition.num_prefill_tokens + composition.num_commit_tokens == num_causal_tokens(out)
+    tail_works = [c for c in out.causal if c.request_id in sched.tails]
+    assert out.causal[len(out.causal) - len(tail_works) :] == tail_works, "tails come after all requests"
+    assert sum(len(c.token_ids) for c in tail_works) == composition.num_tail_tokens
+    if len(tail_works) < len(out.causal) or out.denoise:  # beside request work: at most one canvas
+        assert composition.num_tail_tokens <= sched.canvas_length
+    assert composition.num_preempted == 0 or not tail_works, "a tail is dropped before anyone is preempted"
+    assert (
+        composition.num_prefill_tokens + composition.num_commit_tokens + composition.num_tail_tokens
+        == num_causal_tokens(out)
+    )
     assert composition.num_denoise_canvases == len(out.denoise)
     preempted = [i for i in running_before if i in out.dropped_request_ids and i in sched.requests]
     assert preempted == running_before[len(running_before) - len(preempted) :], "newest go first"
@@ -310,9 +333,13 @@ def check_invariants(sched: Scheduler, totals: dict[str, int]) -> None:
         assert len(kv.block_table(r.request_id, "full")) >= num_blocks_for(
             r.num_computed_tokens, kv.block_size
         )
-    assert set(kv.request_ids) == set(running)
+    tails = list(sched.tails)
+    assert not set(tails) & set(sched.requests)
+    assert all(t.num_pending > 0 for t in sched.tails.values()), "a written tail is freed at once"
+    assert all(len(t.token_ids) % kv.block_size == 0 for t in sched.tails.values()), "whole blocks"
+    assert set(kv.request_ids) == set(running) | set(tails)
     for group, total in totals.items():
-        live = [b for i in running for b in kv.block_table(i, group) if b != NULL_BLOCK]
+        live = [b for i in running + tails for b in kv.block_table(i, group) if b != NULL_BLOCK]
         if not sched.config.enable_prefix_caching:
             assert len(live) == len(set(live))
         assert len(set(live)) == kv.num_used_blocks(group)
@@ -647,11 +674,16 @@ SHARED_PREFIX = tuple(range(STOP + 1, STOP + 12))
 
 
 def _shared_head(draw: st.DrawFn, earlier: list[Lifecycle], canvas: int) -> tuple[int, ...]:
-    """What a prompt starts with: nothing, a prefix shared by many requests, or an earlier request's
-    prompt and some of its committed canvases (the next turn of its conversation)."""
-    kind = draw(st.sampled_from(["none", "none", "prefix", "turn"]))
+    """What a prompt starts with: nothing, a prefix shared by many requests, an earlier request's
+    prompt and some of its committed canvases, or its prompt and its whole answer, with the stop id
+    that ended it (the next turn of its conversation)."""
+    kind = draw(st.sampled_from(["none", "none", "prefix", "turn", "answer"]))
     if kind == "prefix":
         return SHARED_PREFIX
+    if kind == "answer" and earlier:
+        previous = draw(st.sampled_from(earlier)).script
+        tokens, reason = previous.expected(canvas)
+        return (*previous.prompt, *tokens, *((STOP,) if reason == "stop" else ()))
     if kind == "turn" and earlier:
         previous = draw(st.sampled_from(earlier)).script
         num_canvases = draw(st.integers(0, 2))
@@ -683,6 +715,7 @@ def test_random_lifecycles_keep_invariants_and_end_clean(
     event(f"aborted: {any(h.finish(i).finish_reason == 'abort' for i in ids)}")
     hits = any((h.finish(i).usage or Usage(0, 0, 0, 0)).cached_tokens > 0 for i in ids)
     event(f"prefix cache hits: {hits}")
+    event(f"cache tails written: {h.num_tail_tokens > 0}, dropped: {h.num_tails_dropped > 0}")
     C = config["canvas"]
     for request_id, life in zip(ids, lifecycles, strict=True):
         finish = h.finish(request_id)  # exactly one finish event

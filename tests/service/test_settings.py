@@ -58,6 +58,18 @@ def test_prefix_caching_is_on_by_default_and_vllm_flags_switch_it(monkeypatch: p
     assert parsed("--enable-prefix-caching") is True
 
 
+def test_the_final_canvas_is_cached_by_default_and_flags_switch_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    def parsed(*flags: str) -> bool:
+        settings = settings_from(build_parser().parse_args(["serve", *flags]))
+        return settings.engine_config(None).cache_final_canvas
+
+    assert parsed() is True
+    assert parsed("--no-cache-final-canvas") is False
+    monkeypatch.setenv("CANVAS_SERVE_CACHE_FINAL_CANVAS", "false")
+    assert parsed() is False
+    assert parsed("--cache-final-canvas") is True
+
+
 def test_where_the_engine_runs_from_the_flags_and_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     def parsed(*flags: str) -> Settings:
         return settings_from(build_parser().parse_args(["serve", *flags]))

@@ -97,3 +97,15 @@ def test_cached_blocks_are_keyed_by_adapter_load() -> None:
         h.run()
     cached = {r.request_id: r.num_cached_tokens for r in h.sched.newly_finished}
     assert cached == {"base": 0, "one": 0, "one-again": 12, "two": 0, "base-again": 12}
+
+
+def test_a_request_on_an_adapter_leaves_no_cache_tail() -> None:
+    """A tail runs after its request ended, when its adapter may be unloaded or lack a slot, so only
+    base requests leave one; the adapter request's committed canvases are cached as usual."""
+    h = make(prefix_caching=True, canvas=8, window=6)
+    add(h, "base", script(1, prompt_len=8, max_tokens=16, steps=(1, 2)), None)
+    add(h, "adapter", script(2, prompt_len=8, max_tokens=16, steps=(1, 2)), 1)
+    h.run()
+    tails = {c.request_id for o in h.outputs for c in o.causal if c.start_pos == 16}
+    assert tails == {"base"}
+    assert not h.sched.tails and not h.sched.kv.request_ids
