@@ -47,7 +47,7 @@ class LoRATrainConfig:
     attention: bool = True
     mlp: bool = True
     self_conditioning: bool = True
-    lr: float = 1e-3
+    lr: float = 7e-4
     min_lr_ratio: float = 0.025
     warmup: int = 50
     weight_decay: float = 0.0

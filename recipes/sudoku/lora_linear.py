@@ -66,7 +66,7 @@ class LoRALinear(nn.Module):
                 weight.zero_()
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.base(x)
+        out: Tensor = self.base(x)
         role = self.side.role
         if role is None:
             raise RuntimeError("LoRALinear called outside a pass: run it under Adapter.side_of(...)")

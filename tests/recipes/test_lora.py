@@ -37,7 +37,9 @@ def _random_adapter(base_dir: Path, spec: LoRASpec) -> Adapter:
     return adapter
 
 
-def _ours(adapter: Adapter, prompts: torch.Tensor, canvases: torch.Tensor, processed: torch.Tensor | None) -> torch.Tensor:
+def _ours(
+    adapter: Adapter, prompts: torch.Tensor, canvases: torch.Tensor, processed: torch.Tensor | None
+) -> torch.Tensor:
     """Logits of the training forward with the adapter: (B, C, V)."""
     head = lm_head(adapter.model)
     passes = adapter.passes()
@@ -71,7 +73,10 @@ def test_peft_gives_the_training_forward_logits(base_dir: Path, tmp_path: Path, 
     reference = DiffusionGemmaForBlockDiffusion.from_pretrained(base_dir, dtype=torch.float32)
     peft = PeftModel.from_pretrained(reference, tmp_path / "adapter").eval()
     wrapped = {name for name, module in peft.named_modules() if hasattr(module, "lora_A") and module.lora_A}
-    assert {f"base_model.model.{peft_module(*our_module(k.split('base_model.model.')[1].rsplit('.lora_', 1)[0]))}" for k in adapter.state_dict()} == wrapped
+    assert {
+        f"base_model.model.{peft_module(*our_module(k.split('base_model.model.')[1].rsplit('.lora_', 1)[0]))}"
+        for k in adapter.state_dict()
+    } == wrapped
     generator = torch.Generator().manual_seed(2)
     prompts = torch.randint(tokens.BLANK, tokens.BLANK + 10, (2, tokens.CANVAS_LENGTH), generator=generator)
     prompts[:, 0] = 2  # <bos>
@@ -80,7 +85,9 @@ def test_peft_gives_the_training_forward_logits(base_dir: Path, tmp_path: Path, 
     with torch.no_grad():
         for soft in (None, processed):
             expected = _transformers(peft, prompts, canvases, soft)
-            torch.testing.assert_close(_ours(adapter, prompts, canvases, soft), expected, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(
+                _ours(adapter, prompts, canvases, soft), expected, atol=1e-4, rtol=1e-4
+            )
             with peft.disable_adapter():
                 base = _transformers(peft, prompts, canvases, soft)
             assert (expected - base).abs().max() > 1e-2, "the adapter should change the logits"
@@ -90,7 +97,9 @@ def test_each_side_matters(base_dir: Path) -> None:
     """Zeroing only the encoder-side deltas changes the logits: the prompt pass runs them."""
     adapter = _random_adapter(base_dir, LoRASpec(rank=4))
     prompts = torch.full((1, tokens.CANVAS_LENGTH), tokens.BLANK)
-    canvases = torch.randint(0, tokens.VOCAB_SIZE, (1, tokens.CANVAS_LENGTH), generator=torch.Generator().manual_seed(3))
+    canvases = torch.randint(
+        0, tokens.VOCAB_SIZE, (1, tokens.CANVAS_LENGTH), generator=torch.Generator().manual_seed(3)
+    )
     with torch.no_grad():
         both = _ours(adapter, prompts, canvases, None)
         for module in adapter.modules.values():
@@ -112,7 +121,9 @@ def test_target_modules_name_only_text_projections() -> None:
 
 
 def test_trainer_steps_change_only_the_adapter_and_save_it(base_dir: Path, tmp_path: Path) -> None:
-    config = LoRATrainConfig(rank=4, alpha=4.0, batch_size=4, pool_size=4, compile=False, steps=3, warmup=1, lr=1e-2)
+    config = LoRATrainConfig(
+        rank=4, alpha=4.0, batch_size=4, pool_size=4, compile=False, steps=3, warmup=1, lr=1e-2
+    )
     trainer = LoRATrainer(config, base_dir, tmp_path / "adapter", tmp_path / "state.pt", tmp_path)
     before = {k: v.clone() for k, v in trainer.model.state_dict().items() if "lora_" not in k}
     trainer.run(tmp_path / "log.jsonl")
@@ -128,7 +139,16 @@ def test_trainer_steps_change_only_the_adapter_and_save_it(base_dir: Path, tmp_p
 
 
 def test_command_line_run_and_resume(base_dir: Path, tmp_path: Path) -> None:
-    argv = ["--base", str(base_dir), "--out", str(tmp_path / "hard"), "--data", str(tmp_path), "--threads", "1"]
+    argv = [
+        "--base",
+        str(base_dir),
+        "--out",
+        str(tmp_path / "hard"),
+        "--data",
+        str(tmp_path),
+        "--threads",
+        "1",
+    ]
     argv += ["--rank", "2", "--batch-size", "2", "--pool-size", "4", "--compile", "false", "--steps", "2"]
     assert main(argv) == 0
     assert (tmp_path / "hard" / "adapter_model.safetensors").is_file()
