@@ -73,6 +73,7 @@ class _Add:
     params: SamplingParams | None
     want_canvas: bool
     stream: _Stream
+    lora_name: str | None = None
 
 
 @dataclass(frozen=True)
@@ -154,12 +155,14 @@ class AsyncEngine:
         params: SamplingParams | None = None,
         request_id: str | None = None,
         want_canvas: bool = False,
+        lora_name: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Stream a request's events until it finishes. Cancelling the iterator aborts the request.
 
-        Raises `InvalidParams` / `QueueFull` on admission and `EngineDead` if the loop is down.
+        Raises `InvalidParams` / `QueueFull` / `UnknownLoRA` on admission and `EngineDead` if the loop
+        is down.
         """
-        return stream_outputs(self, prompt_token_ids, params, request_id, want_canvas)
+        return stream_outputs(self, prompt_token_ids, params, request_id, want_canvas, lora_name)
 
     async def submit(
         self,
@@ -167,19 +170,25 @@ class AsyncEngine:
         params: SamplingParams | None = None,
         request_id: str | None = None,
         want_canvas: bool = False,
+        lora_name: str | None = None,
     ) -> RequestStream:
         """Admit a request and return its event stream; raises on admission like `generate`."""
         request_id = request_id or f"req-{next(self._ids)}"
-        stream = await self._submit(request_id, prompt_token_ids, params, want_canvas)
+        stream = await self._submit(request_id, prompt_token_ids, params, want_canvas, lora_name)
         return RequestStream(request_id, stream.events, self.abort)
 
     async def _submit(
-        self, request_id: str, prompt: list[int], params: SamplingParams | None, want_canvas: bool
+        self,
+        request_id: str,
+        prompt: list[int],
+        params: SamplingParams | None,
+        want_canvas: bool,
+        lora_name: str | None,
     ) -> _Stream:
         self._check_alive()
         loop = asyncio.get_running_loop()
         stream = _Stream(loop, admitted=loop.create_future())
-        self._commands.put(_Add(request_id, list(prompt), params, want_canvas, stream))
+        self._commands.put(_Add(request_id, list(prompt), params, want_canvas, stream, lora_name))
         self._check_alive()  # the loop may have failed (and drained its commands) meanwhile
         assert stream.admitted is not None
         await stream.admitted
@@ -256,9 +265,13 @@ class AsyncEngine:
             return
         try:
             self.engine.add_request(
-                command.request_id, command.prompt_token_ids, command.params, command.want_canvas
+                command.request_id,
+                command.prompt_token_ids,
+                command.params,
+                command.want_canvas,
+                lora_name=command.lora_name,
             )
-        except Exception as error:  # InvalidParams, QueueFull: the caller raises it
+        except Exception as error:  # InvalidParams, QueueFull, UnknownLoRA: the caller raises it
             command.stream.settle(error)
             return
         self._streams[command.request_id] = command.stream

@@ -109,8 +109,11 @@ class EngineClient(Protocol):
         params: SamplingParams | None = None,
         request_id: str | None = None,
         want_canvas: bool = False,
+        lora_name: str | None = None,
     ) -> RequestStream:
-        """Admit a request and return its event stream (raises on admission, as `generate`)."""
+        """Admit a request and return its event stream (raises on admission, as `generate`).
+
+        `lora_name` picks a loaded adapter (None: the base model); an unknown one raises `UnknownLoRA`."""
         ...
 
     def generate(
@@ -119,6 +122,7 @@ class EngineClient(Protocol):
         params: SamplingParams | None = None,
         request_id: str | None = None,
         want_canvas: bool = False,
+        lora_name: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """A request's outputs until it finishes; closing the iterator aborts it."""
         ...
@@ -142,10 +146,11 @@ async def stream_outputs(
     params: SamplingParams | None,
     request_id: str | None,
     want_canvas: bool,
+    lora_name: str | None = None,
 ) -> AsyncIterator[RequestOutput]:
     """`EngineClient.generate` for every client: submit (admission errors raise on the first
     iteration), yield the request's outputs, and abort it if the iterator is closed early."""
-    stream = await client.submit(prompt_token_ids, params, request_id, want_canvas)
+    stream = await client.submit(prompt_token_ids, params, request_id, want_canvas, lora_name=lora_name)
     try:
         async for event in stream:
             yield event

@@ -198,8 +198,9 @@ class EngineCore:
                 command.params,
                 command.want_canvas,
                 command.arrival_time,
+                command.lora_name,
             )
-        except Exception as error:  # InvalidParams, QueueFull: raised again on the API side
+        except Exception as error:  # InvalidParams, QueueFull, UnknownLoRA: raised again on the API side
             return Admission(command.request_id, RemoteError.of(error))
         return Admission(command.request_id)
 

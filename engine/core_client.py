@@ -197,9 +197,10 @@ class EngineCoreClient:
         params: SamplingParams | None = None,
         request_id: str | None = None,
         want_canvas: bool = False,
+        lora_name: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs until it finishes; closing the iterator aborts it."""
-        return stream_outputs(self, prompt_token_ids, params, request_id, want_canvas)
+        return stream_outputs(self, prompt_token_ids, params, request_id, want_canvas, lora_name)
 
     async def submit(
         self,
@@ -207,15 +208,19 @@ class EngineCoreClient:
         params: SamplingParams | None = None,
         request_id: str | None = None,
         want_canvas: bool = False,
+        lora_name: str | None = None,
     ) -> RequestStream:
-        """Admit a request and return its event stream; raises what the core's admission raised."""
+        """Admit a request and return its event stream; raises what the core's admission raised
+        (`UnknownLoRA` for a `lora_name` the core has not loaded)."""
         self._check_alive()
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self._streams:
             raise InvalidParams(f"request id {request_id!r} is already in use")
         stream = _Stream(IncrementalDetokenizer(self.tokenizer), asyncio.get_running_loop().create_future())
         self._streams[request_id] = stream
-        self._post(AddRequest(request_id, list(prompt_token_ids), params, want_canvas, time.monotonic()))
+        self._post(
+            AddRequest(request_id, list(prompt_token_ids), params, want_canvas, time.monotonic(), lora_name)
+        )
         try:
             await stream.admitted
         except asyncio.CancelledError:  # the caller left: the core may admit it still

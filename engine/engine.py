@@ -17,6 +17,8 @@ from engine.detokenizer import IncrementalDetokenizer
 from engine.engine_config import EngineConfig
 from engine.guided import GrammarCompiler
 from engine.kv_cache import KVCacheManager, num_blocks_for
+from engine.lora.errors import LoRAError, UnknownLoRA
+from engine.lora.manager import LoRAManager
 from engine.model.cache_tensors import allocate_layer_caches, bytes_per_block, cache_groups
 from engine.model.diffusion_gemma import DiffusionGemma
 from engine.request import InvalidParams, RequestOutput, SamplingParams, check_prompt_ids
@@ -89,7 +91,8 @@ class Engine:
             model_config, blocks, self.config.block_size, weight.dtype, weight.device
         )
         self.grammars = GrammarCompiler(tokenizer, model_config.vocab_size, defaults.eos_token_ids)
-        self.runner = ModelRunner(model, caches, self.grammars)
+        self.lora = self._lora_manager(model)
+        self.runner = ModelRunner(model, caches, self.grammars, self.lora)
         self.scheduler = Scheduler(
             self.config,
             model_config.canvas_length,
@@ -98,6 +101,37 @@ class Engine:
         self.stats = EngineStats()
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
 
+    def _lora_manager(self, model: DiffusionGemma) -> LoRAManager | None:
+        if not self.config.enable_lora:
+            return None
+        config = self.config
+        return LoRAManager(model, config.max_loras, config.max_lora_rank, config.resolved_max_cpu_loras)
+
+    # -- LoRA adapters (public: `EngineClient.call_utility("add_lora", name, path)` reaches them) ------
+
+    def add_lora(self, name: str, path: str) -> None:
+        """Load the PEFT LoRA adapter at `path` as `name`; requests then pick it by `lora_name`.
+
+        Raises `LoRAError` naming the file, tensor or field at fault (and when LoRA is off, the name is
+        taken, or `max_cpu_loras` adapters are loaded).
+        """
+        self._require_lora().add(name, path)
+
+    def remove_lora(self, name: str) -> None:
+        """Unload `name`: no new request may use it from now on (`UnknownLoRA`); it is freed at once, or
+        when its last request in flight finishes. It is unloaded once `list_loras()` no longer names it.
+        Raises `UnknownLoRA` for a name that is not loaded (or already unloading)."""
+        self._require_lora().remove(name)
+
+    def list_loras(self) -> list[str]:
+        """The adapters loaded, sorted (an unloading one until its last request finishes)."""
+        return [] if self.lora is None else self.lora.names()
+
+    def _require_lora(self) -> LoRAManager:
+        if self.lora is None:
+            raise LoRAError("LoRA is off in this engine: start it with enable_lora=True (--enable-lora)")
+        return self.lora
+
     def add_request(
         self,
         request_id: str,
@@ -105,20 +139,45 @@ class Engine:
         params: SamplingParams | None = None,
         want_canvas: bool = False,
         arrival_time: float | None = None,
+        lora_name: str | None = None,
     ) -> None:
-        """Validate and queue a request; raises `InvalidParams` or `QueueFull` with a message.
+        """Validate and queue a request; raises `InvalidParams`, `QueueFull` or `UnknownLoRA` with a message.
 
         The one place a request is checked: `SamplingParams` checks its own fields, this the prompt's ids,
-        the pinned canvas and the default max_tokens, the scheduler the context and the cache.
+        the pinned canvas, the default max_tokens and the adapter (`lora_name`, None: the base model),
+        the scheduler the context and the cache.
         """
         config = self.model.config
         check_prompt_ids(prompt_token_ids, config.vocab_size)
         resolved = self._resolve(params or SamplingParams(), len(prompt_token_ids))
         resolved.check_canvas(config.canvas_length, config.vocab_size)
         self._check_grammar(resolved)
-        self.scheduler.add_request(request_id, prompt_token_ids, resolved, want_canvas, arrival_time)
+        if lora_name is None:
+            self.scheduler.add_request(request_id, prompt_token_ids, resolved, want_canvas, arrival_time)
+        else:
+            self._add_with_lora(request_id, prompt_token_ids, resolved, want_canvas, arrival_time, lora_name)
         if self.detokenize:
             self._detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer)
+
+    def _add_with_lora(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        want_canvas: bool,
+        arrival_time: float | None,
+        lora_name: str,
+    ) -> None:
+        if self.lora is None:
+            raise UnknownLoRA(f"LoRA adapter {lora_name!r} is not loaded: this engine runs without LoRA")
+        adapter = self.lora.acquire(lora_name)
+        try:
+            self.scheduler.add_request(
+                request_id, prompt_token_ids, params, want_canvas, arrival_time, lora_name, adapter.load_id
+            )
+        except BaseException:
+            self.lora.release(adapter.load_id)
+            raise
 
     def _check_grammar(self, params: SamplingParams) -> None:
         """A grammar compiles (cached for the runner) and has a stop id to end on; else `InvalidParams`."""
@@ -192,6 +251,8 @@ class Engine:
         now = time.monotonic()
         for request in self.scheduler.newly_finished:
             self.stats.record_finished(request, now)
+            if self.lora is not None and request.lora_id is not None:
+                self.lora.release(request.lora_id)
         self.scheduler.newly_finished.clear()
         self._refresh_gauges()
         return finalised

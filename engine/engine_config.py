@@ -45,6 +45,15 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     """Reuse the K/V of cached full blocks whose token ids (and everything before them) match: shared
     prompts and earlier conversation turns are computed once (see `engine.prefix_cache`)."""
+    enable_lora: bool = False
+    """Serve LoRA adapters beside the base model (`Engine.add_lora`, `engine.lora`). Off: no LoRA code
+    runs and adapters are refused."""
+    max_loras: int = 1
+    """Adapters usable in one step (device slots); the base model needs none."""
+    max_lora_rank: int = 16
+    """The highest adapter rank accepted (the slots are sized for it)."""
+    max_cpu_loras: int | None = None
+    """Adapters held in host memory at most; adding beyond it is refused. None: max(max_loras, 8)."""
 
     def __post_init__(self) -> None:
         _check_min("max_num_seqs", self.max_num_seqs, 1)
@@ -54,6 +63,9 @@ class EngineConfig:
         _check_min("block_size", self.block_size, 1)
         _check_min("num_full_blocks", self.num_full_blocks, 1)
         _check_min("kv_cache_bytes", self.kv_cache_bytes, 0)
+        _check_min("max_loras", self.max_loras, 1)
+        _check_min("max_lora_rank", self.max_lora_rank, 1)
+        _check_min("max_cpu_loras", self.max_cpu_loras, self.max_loras)
 
     def resolve(self, canvas_length: int, max_position_embeddings: int) -> EngineConfig:
         """A copy with `max_model_len` and `max_num_batched_tokens` set for a model with these shapes.
@@ -67,6 +79,11 @@ class EngineConfig:
             )
         max_model_len = self.max_model_len or max_position_embeddings
         return replace(self, max_num_batched_tokens=batched, max_model_len=max_model_len)
+
+    @property
+    def resolved_max_cpu_loras(self) -> int:
+        """`max_cpu_loras`, or its default max(max_loras, 8)."""
+        return self.max_cpu_loras if self.max_cpu_loras is not None else max(self.max_loras, 8)
 
     @property
     def resolved_max_model_len(self) -> int:

@@ -19,13 +19,24 @@ from typing import Any
 from engine.client import EngineDead, UtilityError
 from engine.config import DiffusionDefaults
 from engine.engine_config import EngineConfig
+from engine.lora.errors import LoRAError, UnknownLoRA
 from engine.request import InvalidParams, RequestOutput, SamplingParams
 from engine.scheduler import QueueFull
 from engine.snapshot import EngineSnapshot
 
 REMOTE_ERRORS: dict[str, type[Exception]] = {
     kind.__name__: kind
-    for kind in (InvalidParams, QueueFull, EngineDead, UtilityError, ValueError, TypeError, KeyError)
+    for kind in (
+        InvalidParams,
+        QueueFull,
+        EngineDead,
+        UtilityError,
+        LoRAError,
+        UnknownLoRA,
+        ValueError,
+        TypeError,
+        KeyError,
+    )
 }
 """Exceptions raised again as themselves on the API side; any other arrives as a RuntimeError."""
 
@@ -63,6 +74,8 @@ class AddRequest:
     want_canvas: bool
     arrival_time: float
     """`time.monotonic()` when the API received it, so queue time includes the trip."""
+    lora_name: str | None = None
+    """The adapter the request picks (None: the base model)."""
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,8 @@ class CausalWork:
     token_ids: tuple[int, ...]
     start_pos: int
     block_tables: dict[str, list[int]]
+    lora_id: int | None = None
+    """The request's adapter (its per-load id); None: the base model."""
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,8 @@ class DenoiseWork:
     params: StepParams
     new_canvas: NewCanvas | None = None
     want_canvas: bool = False
+    lora_id: int | None = None
+    """The request's adapter (its per-load id); None: the base model."""
 
 
 @dataclass(frozen=True)

@@ -253,6 +253,12 @@ class Request:
     cache_key: str | None = None
     """What else than token ids decides this request's K/V (an adapter id; None: the base model).
     Requests with different keys never share cached blocks."""
+    lora_name: str | None = None
+    """The adapter this request runs with (None: the base model)."""
+    lora_id: int | None = None
+    """That adapter's per-load id: what the scheduler's `max_loras` rule and the runner's slots key on."""
+    num_lora_passes: int = 0
+    """Times a later request started while the `max_loras` rule held this one back (bounded)."""
 
     @property
     def cache_token_ids(self) -> list[int]:
@@ -321,6 +327,8 @@ class RequestOutput:
     error: str | None = None
     logprobs: list[TokenLogprob] | None = None
     """One entry per `new_token_ids` entry, when the request asked for logprobs."""
+    lora_name: str | None = None
+    """The adapter the request runs with (None: the base model), for per-adapter metrics."""
 
     @property
     def finished(self) -> bool:

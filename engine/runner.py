@@ -14,6 +14,8 @@ layers.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
+
 import torch
 from torch import Tensor
 
@@ -21,6 +23,7 @@ from engine.attention.selection import select_attention_backend
 from engine.attention.types import LayerCache, Segment
 from engine.commit import CanvasCommit
 from engine.guided import GrammarCompiler
+from engine.lora.manager import LoRAManager
 from engine.model.diffusion_gemma import DiffusionGemma, ForwardBatch
 from engine.outputs import DenoiseOutcome, DenoiseWork, NewCanvas, RunnerOutput, SchedulerOutput
 from engine.request import TokenLogprob
@@ -40,11 +43,17 @@ class ModelRunner:
     """Executes `SchedulerOutput`s on one model and one set of paged caches."""
 
     def __init__(
-        self, model: DiffusionGemma, caches: list[LayerCache], grammars: GrammarCompiler | None = None
+        self,
+        model: DiffusionGemma,
+        caches: list[LayerCache],
+        grammars: GrammarCompiler | None = None,
+        lora: LoRAManager | None = None,
     ) -> None:
-        """`grammars` compiles the grammars of constrained requests (None: the engine admits none)."""
+        """`grammars` compiles the grammars of constrained requests (None: the engine admits none);
+        `lora` applies each work's adapter (None: LoRA is off)."""
         self.model = model
         self.grammars = grammars
+        self.lora = lora
         self.caches = caches
         weight = model.embed_tokens.weight
         self.device = weight.device
@@ -93,7 +102,9 @@ class ModelRunner:
                 self.start_canvas(d.request_id, d.new_canvas)
         if work.is_empty:
             return RunnerOutput()
-        hidden = self.model(self._build_batch(work), self.caches)  # (num_denoise * C, H)
+        batch = self._build_batch(work)
+        with self._adapters(batch, work):
+            hidden = self.model(batch, self.caches)  # (num_denoise * C, H)
         if not work.denoise:
             return RunnerOutput()
         states = [self.canvases[w.request_id] for w in work.denoise]
@@ -131,6 +142,13 @@ class ModelRunner:
             soft_embeds=self._soft_embeds(work.denoise),
             attention=self.attention.bind(segments, self.caches),
         )
+
+    def _adapters(self, batch: ForwardBatch, work: SchedulerOutput) -> AbstractContextManager[None]:
+        """The context of the forward: each segment's adapter bound (one index per step), or nothing."""
+        if self.lora is None:
+            return nullcontext()
+        load_ids = [c.lora_id for c in work.causal] + [d.lora_id for d in work.denoise]
+        return self.lora.bind(batch.segments, load_ids)
 
     def _soft_embeds(self, denoise: list[DenoiseWork]) -> Tensor | None:
         """Self-conditioning inputs in denoise order; zeros for canvases on their first step."""

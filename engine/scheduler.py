@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from engine.canvas_end import commit_spec, end_canvas
 from engine.engine_config import EngineConfig
 from engine.kv_cache import CacheHit, KVCacheManager, num_blocks_for
+from engine.lora.admission import lora_cache_key, pick_admissible
 from engine.outputs import CausalWork, DenoiseOutcome, DenoiseWork, NewCanvas, RunnerOutput, SchedulerOutput
 from engine.request import (
     CanvasSnapshot,
@@ -113,8 +114,13 @@ class Scheduler:
         params: SamplingParams,
         want_canvas: bool = False,
         arrival_time: float | None = None,
+        lora_name: str | None = None,
+        lora_id: int | None = None,
     ) -> Request:
-        """Queue a request. `params` must be resolved. Raises `InvalidParams` or `QueueFull`."""
+        """Queue a request. `params` must be resolved. Raises `InvalidParams` or `QueueFull`.
+
+        `lora_name` / `lora_id`: the adapter the request runs with and its per-load id (None: the base);
+        its cached blocks are keyed by that id."""
         if request_id in self.requests:
             raise InvalidParams(f"request id {request_id!r} is already in use")
         if len(self.waiting) >= self.config.max_waiting:
@@ -123,6 +129,12 @@ class Scheduler:
         seed = params.seed if params.seed is not None else random.getrandbits(62)
         now = time.monotonic() if arrival_time is None else arrival_time
         request = Request(request_id, list(prompt_token_ids), params, seed, now, want_canvas)
+        if lora_id is not None:
+            request.lora_name, request.lora_id, request.cache_key = (
+                lora_name,
+                lora_id,
+                lora_cache_key(lora_id),
+            )
         self.requests[request_id] = request
         self._step_params[request_id] = StepParams.from_sampling(params)
         self.waiting.append(request)
@@ -201,6 +213,7 @@ class Scheduler:
             params,
             new_canvas,
             request.want_canvas,
+            request.lora_id,
         )
 
     def _tables(self, request: Request) -> dict[str, list[int]]:
@@ -217,7 +230,9 @@ class Scheduler:
         num_prompt = max(0, min(len(request.prompt_token_ids) - start, num_tokens))
         plan.composition.num_prefill_tokens += num_prompt
         plan.composition.num_commit_tokens += num_tokens - num_prompt
-        plan.causal.append(CausalWork(request.request_id, chunk, start, self._tables(request)))
+        plan.causal.append(
+            CausalWork(request.request_id, chunk, start, self._tables(request), request.lora_id)
+        )
         plan.budget -= num_tokens
         request.num_computed_tokens += num_tokens
         if request.num_pending_causal == 0:
@@ -264,14 +279,22 @@ class Scheduler:
         plan.denoise = [d for d in plan.denoise if d.request_id != request.request_id]
 
     def _admit(self, plan: _Plan) -> None:
-        """Start waiting requests in order while sequences, budget and blocks allow."""
+        """Start waiting requests in order while sequences, budget and blocks allow; a request whose
+        adapter would exceed `max_loras` distinct adapters among the running waits, passed a bounded
+        number of times (`engine.lora.admission`)."""
         while self.waiting and len(self.running) < self.config.max_num_seqs and plan.budget > 0:
-            request = self.waiting[0]
+            pick = pick_admissible(
+                self.waiting, self.running, self.config.max_loras, self.config.max_num_seqs
+            )
+            if pick is None:
+                return
+            request = pick.request
             hit = self._cache_hit(request)
             num_tokens = min(request.num_pending_causal - hit.num_tokens, plan.budget)
             if not self.kv.can_allocate(request.request_id, hit.num_tokens + num_tokens, hit):
                 return
-            self.waiting.popleft()
+            self.waiting.remove(request)
+            pick.admitted()
             self.kv.allocate(request.request_id, hit.num_tokens + num_tokens, hit)
             self._count_hit(request, hit, plan)
             request.status = RequestStatus.RUNNING
@@ -326,7 +349,11 @@ class Scheduler:
         request.denoise_steps += 1
         snapshot = _snapshot(request, outcome) if request.want_canvas else None
         if not outcome.finished:
-            return RequestOutput(request.request_id, canvas=snapshot) if snapshot else None
+            return (
+                RequestOutput(request.request_id, canvas=snapshot, lora_name=request.lora_name)
+                if snapshot
+                else None
+            )
         assert outcome.argmax is not None, "a finished canvas must come with its argmax"
         return self._end_canvas(request, outcome, outcome.argmax, snapshot)
 
@@ -350,12 +377,18 @@ class Scheduler:
                 finish_reason=end.finish_reason,
                 usage=finished.usage,
                 logprobs=logprobs,
+                lora_name=request.lora_name,
             )
         request.committed_token_ids += canvas
         request.canvas_index += 1
         request.canvas_started = False
         return RequestOutput(
-            request.request_id, end.new_token_ids, canvas=snapshot, usage=usage_of(request), logprobs=logprobs
+            request.request_id,
+            end.new_token_ids,
+            canvas=snapshot,
+            usage=usage_of(request),
+            logprobs=logprobs,
+            lora_name=request.lora_name,
         )
 
     def _finish(self, request: Request, reason: FinishReason) -> RequestOutput:
@@ -369,7 +402,9 @@ class Scheduler:
         self._step_params.pop(request.request_id, None)
         self._dropped.append(request.request_id)
         self.newly_finished.append(request)
-        return RequestOutput(request.request_id, finish_reason=reason, usage=usage_of(request))
+        return RequestOutput(
+            request.request_id, finish_reason=reason, usage=usage_of(request), lora_name=request.lora_name
+        )
 
 
 def context_error(

@@ -46,6 +46,8 @@ class RequestSummary:
     num_preemptions: int
     arrival_time: float
     """`time.monotonic()` at arrival: one clock for every process of the host."""
+    lora_name: str | None = None
+    """The adapter the request runs with (None: the base model)."""
 
     @classmethod
     def of(cls, request: Request) -> RequestSummary:
@@ -62,6 +64,7 @@ class RequestSummary:
             want_canvas=request.want_canvas,
             num_preemptions=request.num_preemptions,
             arrival_time=request.arrival_time,
+            lora_name=request.lora_name,
         )
 
 

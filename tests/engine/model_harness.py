@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -10,6 +11,7 @@ from transformers import DiffusionGemmaForBlockDiffusion, DynamicCache
 
 from engine.attention.types import LayerCache, Segment
 from engine.kv_cache import KVCacheManager
+from engine.lora.manager import LoRAManager
 from engine.model.cache_tensors import allocate_layer_caches, cache_groups
 from engine.model.diffusion_gemma import DiffusionGemma, ForwardBatch
 from engine.sampler import LMHead, logits_for, soft_embedding
@@ -24,6 +26,8 @@ class Part:
     start: int
     is_causal: bool
     soft_embeds: Tensor | None = None
+    lora_id: int | None = None
+    """The adapter (a `LoRAManager` load id) of the part; None: the base model."""
 
 
 @dataclass
@@ -34,6 +38,8 @@ class Harness:
     block_size: int = 4
     num_blocks: int = 256
     tables: dict[str, dict[str, list[int]]] = field(default_factory=dict)
+    lora: LoRAManager | None = None
+    """Applies each part's adapter (`Part.lora_id`) when set."""
 
     def __post_init__(self) -> None:
         config = self.model.config
@@ -76,7 +82,11 @@ class Harness:
             segments=segments,
             soft_embeds=soft,
         )
-        hidden = self.model(batch, self.caches)
+        adapters = (
+            nullcontext() if self.lora is None else self.lora.bind(segments, [p.lora_id for p in parts])
+        )
+        with adapters:
+            hidden = self.model(batch, self.caches)
         return list(logits_for(hidden, self.head).split([len(p.token_ids) for p in decoders]))
 
     def soft(self, processed_logits: Tensor) -> Tensor:
