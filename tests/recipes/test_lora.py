@@ -4,6 +4,7 @@ forward's logits), the saved adapter loads back, and a few trainer steps change 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -11,9 +12,12 @@ import torch
 from peft import PeftModel
 from transformers import DiffusionGemmaForBlockDiffusion, DynamicCache
 
+from engine.generate import generate
 from engine.model.loader import load_checkpoint
+from engine.request import SamplingParams
 from engine.sampler import soft_embedding
 from recipes.sudoku import tokens
+from recipes.sudoku.adapter_generate import generate_with_adapter
 from recipes.sudoku.dense_forward import head_logits, lm_head
 from recipes.sudoku.lora import LoRATrainConfig, LoRATrainer, main
 from recipes.sudoku.lora_adapter import Adapter, LoRASpec, load_adapter, our_module, peft_module
@@ -73,10 +77,11 @@ def test_peft_gives_the_training_forward_logits(base_dir: Path, tmp_path: Path, 
     reference = DiffusionGemmaForBlockDiffusion.from_pretrained(base_dir, dtype=torch.float32)
     peft = PeftModel.from_pretrained(reference, tmp_path / "adapter").eval()
     wrapped = {name for name, module in peft.named_modules() if hasattr(module, "lora_A") and module.lora_A}
-    assert {
-        f"base_model.model.{peft_module(*our_module(k.split('base_model.model.')[1].rsplit('.lora_', 1)[0]))}"
-        for k in adapter.state_dict()
-    } == wrapped
+    ours = {
+        key.removesuffix(".lora_A.weight") for key in adapter.state_dict() if key.endswith(".lora_A.weight")
+    }
+    assert ours == wrapped, "PEFT wraps exactly the modules the adapter file holds deltas for"
+    assert all(our_module(name.removeprefix("base_model.model.")) for name in ours)
     generator = torch.Generator().manual_seed(2)
     prompts = torch.randint(tokens.BLANK, tokens.BLANK + 10, (2, tokens.CANVAS_LENGTH), generator=generator)
     prompts[:, 0] = 2  # <bos>
@@ -110,7 +115,6 @@ def test_each_side_matters(base_dir: Path) -> None:
 
 def test_target_modules_name_only_text_projections() -> None:
     pattern = LoRASpec().target_modules()
-    import re
 
     assert re.fullmatch(pattern, "model.encoder.language_model.layers.3.self_attn.q_proj")
     assert re.fullmatch(pattern, "model.decoder.layers.11.mlp.down_proj")
@@ -118,6 +122,13 @@ def test_target_modules_name_only_text_projections() -> None:
     assert not re.fullmatch(pattern, "model.encoder.vision_tower.encoder.layers.0.self_attn.q_proj.linear")
     assert not re.fullmatch(pattern, "model.encoder.language_model.self_conditioning.up_proj")
     assert not re.fullmatch(pattern, "model.decoder.layers.0.router.proj")
+    for path in (
+        "model.encoder.language_model.layers.1.mlp.up_proj",
+        "model.decoder.self_conditioning.up_proj",
+    ):
+        assert peft_module(*our_module(path)) == path
+    with pytest.raises(ValueError, match="self_conditioning.up_proj has no encoder-side module"):
+        peft_module("self_conditioning.up_proj", "encoder")
 
 
 def test_trainer_steps_change_only_the_adapter_and_save_it(base_dir: Path, tmp_path: Path) -> None:
@@ -154,3 +165,23 @@ def test_command_line_run_and_resume(base_dir: Path, tmp_path: Path) -> None:
     assert (tmp_path / "hard" / "adapter_model.safetensors").is_file()
     assert main([*argv, "--resume", "--steps", "3"]) == 0
     assert torch.load(tmp_path / "hard-state.pt", weights_only=False)["step"] == 3
+
+
+def test_engine_serves_the_saved_adapter(base_dir: Path, tmp_path: Path) -> None:
+    """`adapter_generate` (eval.py --adapter): a zero adapter generates as the base does; a trained-like
+    one (random B) changes the outputs."""
+    checkpoint = load_checkpoint(base_dir, with_tokenizer=False)
+    prompts = [[2, *([tokens.BLANK] * 81)], [2, *([tokens.BLANK + 1] * 81)]]
+    params = [SamplingParams(seed=i, max_denoising_steps=4) for i in range(2)]
+    base = generate(checkpoint.model, checkpoint.defaults, prompts, params)
+    zero = Adapter.attach(
+        load_checkpoint(base_dir, with_tokenizer=False).model, LoRASpec(rank=4), torch.Generator()
+    )
+    zero.save(tmp_path / "zero", str(base_dir))
+    served = generate_with_adapter(checkpoint.model, checkpoint.defaults, prompts, params, tmp_path / "zero")
+    assert [r.token_ids for r in served] == [r.token_ids for r in base]
+    _random_adapter(base_dir, LoRASpec(rank=4)).save(tmp_path / "random", str(base_dir))
+    served = generate_with_adapter(
+        checkpoint.model, checkpoint.defaults, prompts, params, tmp_path / "random"
+    )
+    assert [r.token_ids for r in served] != [r.token_ids for r in base]
