@@ -220,6 +220,7 @@ class Adapter:
         """Write `adapter_config.json` and `adapter_model.safetensors` as PEFT does."""
         directory.mkdir(parents=True, exist_ok=True)
         save_file(self.state_dict(), str(directory / WEIGHTS), metadata={"format": "pt"})
+        (directory / WEIGHTS).chmod(0o644)  # safetensors creates it 0600: other users' servers load it
         (directory / CONFIG).write_text(json.dumps(adapter_config(self.spec, base_model), indent=2) + "\n")
 
 

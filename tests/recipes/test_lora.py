@@ -16,11 +16,12 @@ from engine.generate import generate
 from engine.model.loader import load_checkpoint
 from engine.request import SamplingParams
 from engine.sampler import soft_embedding
-from recipes.sudoku import tokens
+from recipes.sudoku import MODEL_DIR, tokens
 from recipes.sudoku.adapter_generate import generate_with_adapter
 from recipes.sudoku.dense_forward import head_logits, lm_head
-from recipes.sudoku.lora import LoRATrainConfig, LoRATrainer, main
+from recipes.sudoku.lora import ADAPTER_DIR, LoRATrainConfig, LoRATrainer, main
 from recipes.sudoku.lora_adapter import Adapter, LoRASpec, load_adapter, our_module, peft_module
+from recipes.sudoku.puzzles import from_string
 from tests.recipes.helpers import tiny_checkpoint
 
 
@@ -185,3 +186,26 @@ def test_engine_serves_the_saved_adapter(base_dir: Path, tmp_path: Path) -> None
         checkpoint.model, checkpoint.defaults, prompts, params, tmp_path / "random"
     )
     assert [r.token_ids for r in served] != [r.token_ids for r in base]
+
+
+@pytest.mark.skipif(
+    not (ADAPTER_DIR / "adapter_model.safetensors").is_file()
+    or not (MODEL_DIR / "model.safetensors").is_file(),
+    reason="the shipped model or the sudoku-hard adapter is absent (train it with recipes/sudoku/lora.py)",
+)
+def test_shipped_adapter_loads_in_peft_with_the_training_forward_logits() -> None:
+    adapter = load_adapter(load_checkpoint(MODEL_DIR, with_tokenizer=False).model.eval(), ADAPTER_DIR)
+    config = json.loads((ADAPTER_DIR / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "models/sudoku"
+    reference = DiffusionGemmaForBlockDiffusion.from_pretrained(MODEL_DIR, dtype=torch.float32)
+    peft = PeftModel.from_pretrained(reference, ADAPTER_DIR).eval()
+    puzzle = "..589.2.1784.5.....92346..75.7283...6..514..2.1....3...7.4.196.....357....1.784.3"
+    prompts = torch.tensor([tokens.prompt_ids(from_string(puzzle))])
+    canvases = torch.randint(
+        0, tokens.VOCAB_SIZE, (1, tokens.CANVAS_LENGTH), generator=torch.Generator().manual_seed(4)
+    )
+    with torch.no_grad():
+        expected = _transformers(peft, prompts, canvases, None)
+        torch.testing.assert_close(_ours(adapter, prompts, canvases, None), expected, atol=1e-4, rtol=1e-4)
+        with peft.disable_adapter():
+            assert (expected - _transformers(peft, prompts, canvases, None)).abs().max() > 1e-3
