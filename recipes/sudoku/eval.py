@@ -221,12 +221,15 @@ def markdown(
     adapter: Path | None = None,
 ) -> str:
     bands = list(BANDS)
-    served = f"model `{_relative(model_dir)}`"
+    served = f"model `{_relative(model_dir)}`, {dtype}, CPU, through `engine.generate`"
     if adapter is not None:
-        served += f" with the LoRA adapter `{_relative(adapter)}` (served by the engine, `Engine.add_lora`)"
+        served = (
+            f"model `{_relative(model_dir)}` with the LoRA adapter `{_relative(adapter)}`, {dtype}, CPU, "
+            "through the engine (`adapter_generate.py`: `Engine.add_lora`, every request on the adapter)"
+        )
     lines = [
         f"Held-out puzzles: {per_band} per band (seed {EVAL_SEED}), disjoint from the training pool; "
-        f"{served}, {dtype}, CPU, through the engine (`engine.generate`'s sizing). "
+        f"{served}. "
         "Cells: solve rate (median / mean denoise steps of the solved puzzles).",
         "",
         "| setting | " + " | ".join(f"{b} clues" for b in bands) + " |",
