@@ -180,6 +180,22 @@ def decode_canvases(
     return model.norm(x)
 
 
+Encode = Callable[[DiffusionGemma, Tensor, LayerForwards], PromptCache]
+Decode = Callable[[DiffusionGemma, PromptCache, Tensor, Tensor | None, LayerForwards], Tensor]
+
+
+@dataclass(frozen=True)
+class Passes:
+    """The two passes a training step runs: `encode_prompts` and `decode_canvases`, or functions with
+    their signatures that wrap them (the LoRA recipe runs each under its adapter side, `lora_adapter.py`)."""
+
+    encode: Encode = encode_prompts
+    decode: Decode = decode_canvases
+
+
+DENSE = Passes()
+
+
 def lm_head(model: DiffusionGemma) -> LMHead:
     """The tied head the engine's sampler uses."""
     return LMHead(model.embed_tokens.weight, model.config.final_logit_softcapping, model.embed_scale)

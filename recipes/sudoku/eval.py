@@ -12,11 +12,16 @@ that keeps every clue. Rows:
 - single pass: max_denoising_steps = 1 (one forward, argmax);
 - untrained, 48 steps: the initial checkpoint (same architecture and seed, before training).
 
+`--adapter DIR` serves every request on the LoRA adapter in DIR (e.g. models/sudoku-hard) over the
+model, as the server does (`Engine.add_lora`, `adapter_generate.py`); `--write` then records the table
+in the adapter's sections of README.md and bench/RESULTS.md.
+
 Rows already measured for the same weights, sampler defaults and set size are read from
 recipes/sudoku/data/eval-cache.json instead of being run again.
 
     python -m recipes.sudoku.eval                      # prints the table
     python -m recipes.sudoku.eval --write              # also updates README.md and bench/RESULTS.md
+    python -m recipes.sudoku.eval --adapter models/sudoku-hard --rows shipped
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from engine.model.diffusion_gemma import DiffusionGemma
 from engine.model.loader import load_checkpoint
 from engine.request import SamplingParams
 from recipes.sudoku import MODEL_DIR, REPO_ROOT, tokens
+from recipes.sudoku.adapter_generate import generate_with_adapter
 from recipes.sudoku.checkpoint import init_checkpoint
 from recipes.sudoku.cli import add_threads_option
 from recipes.sudoku.data import BANDS, DATA_DIR, EVAL_SEED, Pair, banded_set, check_disjoint, minimal_pool
@@ -76,24 +82,39 @@ def solves(token_ids: list[int], puzzle: list[int]) -> bool:
 
 
 def outcomes(
-    model: DiffusionGemma, defaults: DiffusionDefaults, pairs: list[Pair], params_for: ParamsFor, batch: int
+    model: DiffusionGemma,
+    defaults: DiffusionDefaults,
+    pairs: list[Pair],
+    params_for: ParamsFor,
+    batch: int,
+    adapter: Path | None = None,
 ) -> list[tuple[bool, int]]:
-    """Per puzzle: solved, and denoise steps taken; `batch` puzzles per `generate` call."""
+    """Per puzzle: solved, and denoise steps taken; `batch` puzzles per `generate` call, on the LoRA
+    adapter in `adapter` if given."""
     out: list[tuple[bool, int]] = []
     for lo in range(0, len(pairs), batch):
         chunk = pairs[lo : lo + batch]
         prompts = [tokens.prompt_ids(p) for p, _ in chunk]
         params = [params_for(lo + i, p) for i, (p, _) in enumerate(chunk)]
-        for result, (puzzle, _) in zip(generate(model, defaults, prompts, params), chunk, strict=True):
+        if adapter is None:
+            results = generate(model, defaults, prompts, params)
+        else:
+            results = generate_with_adapter(model, defaults, prompts, params, adapter)
+        for result, (puzzle, _) in zip(results, chunk, strict=True):
             out.append((solves(result.token_ids, puzzle), sum(result.steps_per_canvas)))
     return out
 
 
 def run_band(
-    model: DiffusionGemma, defaults: DiffusionDefaults, pairs: list[Pair], params_for: ParamsFor, batch: int
+    model: DiffusionGemma,
+    defaults: DiffusionDefaults,
+    pairs: list[Pair],
+    params_for: ParamsFor,
+    batch: int,
+    adapter: Path | None = None,
 ) -> BandResult:
     start = time.perf_counter()
-    done = outcomes(model, defaults, pairs, params_for, batch)
+    done = outcomes(model, defaults, pairs, params_for, batch, adapter)
     solved_steps = [steps for solved, steps in done if solved]
     all_steps = [steps for _, steps in done]
     return BandResult(len(pairs), len(solved_steps), solved_steps, all_steps, time.perf_counter() - start)
@@ -123,12 +144,18 @@ def untrained_dir() -> Path:
     return path
 
 
-def fingerprint(model_dir: Path) -> str:
-    """Identifies a checkpoint's weights and sampler defaults, so cached rows are reused only for them."""
+def fingerprint(
+    model_dir: Path, names: tuple[str, ...] = ("model.safetensors", "generation_config.json")
+) -> str:
+    """Identifies a checkpoint's weights and sampler defaults (or an adapter's files), so cached rows are
+    reused only for them."""
     digest = hashlib.sha1()
-    for name in ("model.safetensors", "generation_config.json"):
+    for name in names:
         digest.update((model_dir / name).read_bytes())
     return digest.hexdigest()[:12]
+
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 def evaluate(
@@ -140,6 +167,7 @@ def evaluate(
     dtype: torch.dtype = torch.float32,
     check_pool: bool = True,
     quantization: str | None = None,
+    adapter: Path | None = None,
 ) -> dict[str, dict[str, BandResult]]:
     """Run (or reuse from `cache_path`) every row whose name contains one of `rows` (all if empty).
 
@@ -147,6 +175,7 @@ def evaluate(
     `check_pool=False` skips building the 6,000-puzzle training pool to check the held-out sets
     against (minutes on a busy machine; the sets themselves are seeded and the same either way).
     `quantization`: `--quantization` for loading (e.g. int8 quantises the weights at load).
+    `adapter`: a LoRA adapter directory every request of the model's rows runs on (not the untrained row).
     """
     sets = banded_set(per_band, EVAL_SEED)
     if check_pool:
@@ -166,11 +195,13 @@ def evaluate(
             continue
         key = f"{name}|{fingerprint(path)}|{per_band}" + ("" if dtype == torch.float32 else f"|{dtype}")
         key += f"|{quantization}" if quantization else ""
+        on_adapter = adapter if path == model_dir else None
+        key += f"|lora {fingerprint(on_adapter, ADAPTER_FILES)}" if on_adapter else ""
         if key not in cache:
             checkpoint = load_checkpoint(path, dtype=dtype, with_tokenizer=False, quantization=quantization)
             cache[key] = {}
             for band, pairs in sets.items():
-                result = run_band(checkpoint.model, checkpoint.defaults, pairs, params_for, batch)
+                result = run_band(checkpoint.model, checkpoint.defaults, pairs, params_for, batch, on_adapter)
                 cache[key][band] = asdict(result)
                 print(
                     f"{name:30s} {band}: {result.cell()}  [{result.seconds:.0f}s]",
@@ -183,12 +214,22 @@ def evaluate(
 
 
 def markdown(
-    table: dict[str, dict[str, BandResult]], per_band: int, model_dir: Path, dtype: str = "fp32"
+    table: dict[str, dict[str, BandResult]],
+    per_band: int,
+    model_dir: Path,
+    dtype: str = "fp32",
+    adapter: Path | None = None,
 ) -> str:
     bands = list(BANDS)
+    served = f"model `{_relative(model_dir)}`, {dtype}, CPU, through `engine.generate`"
+    if adapter is not None:
+        served = (
+            f"model `{_relative(model_dir)}` with the LoRA adapter `{_relative(adapter)}`, {dtype}, CPU, "
+            "through the engine (`adapter_generate.py`: `Engine.add_lora`, every request on the adapter)"
+        )
     lines = [
         f"Held-out puzzles: {per_band} per band (seed {EVAL_SEED}), disjoint from the training pool; "
-        f"model `{_relative(model_dir)}`, {dtype}, CPU, through `engine.generate`. "
+        f"{served}. "
         "Cells: solve rate (median / mean denoise steps of the solved puzzles).",
         "",
         "| setting | " + " | ".join(f"{b} clues" for b in bands) + " |",
@@ -215,18 +256,27 @@ def replace_section(text: str, start: str, end: str, body: str) -> str:
     return text.rstrip("\n") + "\n\n" + block + "\n"
 
 
-def write_results(body: str) -> None:
+def write_results(body: str, adapter: bool = False) -> None:
+    """The table into README.md and bench/RESULTS.md: the model's sections, or with `adapter` the
+    `sudoku-hard` adapter's."""
     readme = Path(__file__).with_name("README.md")
-    start, end = "<!-- eval:start -->", "<!-- eval:end -->"
+    marker = "eval-lora" if adapter else "eval"
+    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
     readme.write_text(replace_section(readme.read_text() if readme.is_file() else "", start, end, body))
     results = REPO_ROOT / "bench" / "RESULTS.md"
     text = results.read_text() if results.is_file() else "# Results\n"
-    section = (
-        "## Sudoku default model (issue 5)\n\nMeasured by `python -m recipes.sudoku.eval --write`; how the "
-        "model was trained, and how far it is from the issue's targets, in recipes/sudoku/README.md.\n\n"
-        + body
-    )
-    results.write_text(replace_section(text, "<!-- sudoku:start -->", "<!-- sudoku:end -->", section))
+    if adapter:
+        title = "## Sudoku LoRA adapter sudoku-hard (issue 23)\n\nMeasured by `python -m recipes.sudoku.eval "
+        title += "--adapter models/sudoku-hard --write`; how it was trained in recipes/sudoku/README.md.\n\n"
+        markers = ("<!-- sudoku-hard:start -->", "<!-- sudoku-hard:end -->")
+    else:
+        title = (
+            "## Sudoku default model (issue 5)\n\nMeasured by `python -m recipes.sudoku.eval --write`; how "
+            "the model was trained, and how far it is from the issue's targets, in "
+            "recipes/sudoku/README.md.\n\n"
+        )
+        markers = ("<!-- sudoku:start -->", "<!-- sudoku:end -->")
+    results.write_text(replace_section(text, *markers, title + body))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -244,6 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--quantization", default=None, help="as vLLM spells it: fp8 or int8 quantise the weights at load"
     )
+    parser.add_argument(
+        "--adapter", type=Path, default=None, help="a LoRA adapter directory to serve every request on"
+    )
     add_threads_option(parser)
     parser.add_argument("--write", action="store_true", help="update README.md and bench/RESULTS.md")
     args = parser.parse_args(argv)
@@ -258,8 +311,9 @@ def main(argv: list[str] | None = None) -> int:
         DTYPES[args.dtype],
         not args.no_pool_check,
         args.quantization,
+        args.adapter,
     )
-    body = markdown(table, args.per_band, args.model, args.dtype)
+    body = markdown(table, args.per_band, args.model, args.dtype, args.adapter)
     print(body)
     if args.write:
         if args.dtype != "fp32" or args.no_pool_check or args.quantization:
@@ -267,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
                 "--write records the checked fp32 table only: "
                 "drop --write, or --dtype, --no-pool-check and --quantization"
             )
-        write_results(body)
+        write_results(body, adapter=args.adapter is not None)
     return 0
 
 

@@ -70,12 +70,12 @@ from recipes.sudoku.data import (
     split_dug,
 )
 from recipes.sudoku.dense_forward import (
+    DENSE,
     EAGER,
     LayerForwards,
+    Passes,
     PromptCache,
     compiled_layer_forwards,
-    decode_canvases,
-    encode_prompts,
     head_logits,
     lm_head,
 )
@@ -170,10 +170,11 @@ def first_pass(
     noisy: Tensor,
     t: Tensor,
     forwards: LayerForwards = EAGER,
+    passes: Passes = DENSE,
 ) -> Tensor:
     """No-grad logits (B, C, V) divided by the sampler's temperature for noise level t (0.4 + 0.4 t)."""
     with torch.no_grad():
-        hidden = decode_canvases(model, cache.detached(), noisy, forwards=forwards)
+        hidden = passes.decode(model, cache.detached(), noisy, None, forwards)
         logits = head_logits(hidden, head)  # (B, C, V)
         return logits / (0.4 + 0.4 * t)[:, None, None]
 
@@ -197,13 +198,15 @@ def training_loss(
     forwards: LayerForwards = EAGER,
     canvases_per_puzzle: int = 1,
     ordered_fraction: float = 0.0,
+    passes: Passes = DENSE,
 ) -> tuple[Tensor, dict[str, float]]:
     """Cross-entropy of the denoiser on one corrupted batch, and accuracy figures for the log.
 
     Each puzzle's prompt is encoded once and read by `canvases_per_puzzle` canvases, each corrupted at
     its own noise level. With `use_self_cond` the graded pass gets the first pass's soft embeddings, and
     with `own_canvas` also its sampler-step canvas in place of the corrupted one. `ordered_fraction`
-    of the canvases are corrupted in deduction order (needs `batch.order`).
+    of the canvases are corrupted in deduction order (needs `batch.order`). `passes` runs the prompt
+    and canvas passes (the LoRA recipe's run each under its adapter side).
     """
     head = lm_head(model)
     vocab_size = model.config.vocab_size
@@ -213,15 +216,15 @@ def training_loss(
         raise ValueError("ordered_fraction > 0 needs a batch drawn with_order")
     order = None if batch.order is None else batch.order.repeat_interleave(canvases_per_puzzle, dim=0)
     noisy = corrupt(targets, t, vocab_size, generator, order, ordered_fraction)
-    cache = encode_prompts(model, batch.prompts, forwards)
+    cache = passes.encode(model, batch.prompts, forwards)
     soft = None
     if use_self_cond:
-        processed = first_pass(model, head, cache, noisy, t, forwards)
+        processed = first_pass(model, head, cache, noisy, t, forwards, passes)
         soft = soft_embedding(processed, head)
         if own_canvas:
             keep = ((1 - t) * noisy.shape[1]).round().long()
             noisy = sampler_canvas(processed, keep, vocab_size, generator)
-    hidden = decode_canvases(model, cache, noisy, soft, forwards)
+    hidden = passes.decode(model, cache, noisy, soft, forwards)
     logits = head_logits(hidden, head)  # (B * R, C, V)
     loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
     with torch.no_grad():
