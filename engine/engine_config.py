@@ -45,6 +45,12 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     """Reuse the K/V of cached full blocks whose token ids (and everything before them) match: shared
     prompts and earlier conversation turns are computed once (see `engine.prefix_cache`)."""
+    guided_pin_skeleton: bool = False
+    """Grammar-constrained requests pin the text their grammar forces at each canvas's start
+    (`engine.guided_denoise`)."""
+    guided_renoise: bool = False
+    """Grammar-constrained requests re-noise, after each step, the first accepted token their grammar
+    refuses (`engine.guided_denoise`)."""
 
     def __post_init__(self) -> None:
         _check_min("max_num_seqs", self.max_num_seqs, 1)
