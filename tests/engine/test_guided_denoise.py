@@ -168,3 +168,21 @@ def test_requests_without_a_grammar_do_not_notice_guided_neighbours(checkpoint: 
         prompts * 2, plain + [replace(p, grammar=spec) for p in plain]
     )
     assert [r.token_ids for r in mixed[:4]] == [r.token_ids for r in alone]
+
+
+@pytest.mark.parametrize("logprobs", [None, 2])
+def test_a_pinned_token_the_grammar_allows_is_committed_with_or_without_logprobs(
+    checkpoint: Checkpoint, logprobs: int | None
+) -> None:
+    spec = GrammarSpec("json_schema", json.dumps(PERSON))
+    z = ids(checkpoint, "z")[0]
+    pins = (FREE,) * 10 + (z,) + (FREE,) * (CANVAS - 11)  # the name's first character
+    params = [
+        SamplingParams(
+            max_tokens=64, max_denoising_steps=3, seed=s, grammar=spec, pinned_canvas=pins, logprobs=logprobs
+        )
+        for s in range(8)
+    ]
+    for result in llm_with(checkpoint, GUIDED).generate([[2, 41]] * 8, params):
+        assert result.text.startswith('{"name": "z'), result.text
+        jsonschema.validate(json.loads(result.text), PERSON)
