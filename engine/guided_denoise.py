@@ -81,7 +81,8 @@ def renoise_refused(state: CanvasState, matcher: Any, budget: int, vocab_size: i
     if state.accepted is None:
         return None
     accepted = state.accepted if state.pinned is None else state.accepted | state.pinned  # [C] bool
-    position = first_refused(matcher, state.tokens.tolist(), accepted.tolist(), budget)
+    tokens, walkable = torch.stack([state.tokens, accepted.long()]).tolist()  # one copy to the host
+    position = first_refused(matcher, tokens, [bool(a) for a in walkable], budget)
     if position is None or (state.pinned is not None and bool(state.pinned[position])):
         return None
     noise = torch.randint(0, vocab_size, (1,), generator=state.generator, device=state.tokens.device)  # [1]
