@@ -4,6 +4,8 @@ The runner keeps one `CanvasCommit` per such request's current canvas. When the 
 recomputes that canvas's logits once from the final step's hidden states (one [C, V] fp32 tile,
 freed before the next request's), decodes under the grammar if there is one, and reads the logprobs
 of the committed tokens off the same tile. Requests without a `CommitSpec` never get here.
+While the canvas denoises, the same matcher guides it when the spec asks (`pins` at its start,
+`guide` after each step; `engine.guided_denoise`).
 """
 
 from __future__ import annotations
