@@ -45,7 +45,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     """Reuse the K/V of cached full blocks whose token ids (and everything before them) match: shared
     prompts and earlier conversation turns are computed once (see `engine.prefix_cache`)."""
-    guided_pin_skeleton: bool = False
+    guided_pin_skeleton: bool = True
     """Grammar-constrained requests pin the text their grammar forces at each canvas's start
     (`engine.guided_denoise`)."""
     guided_renoise: bool = False

@@ -234,7 +234,9 @@ def test_the_schema_box_constrains_the_output(server: UIServer, new_page: Any) -
     assert "'not' (negation)" in (card.locator("[data-field=error]").text_content() or "")
 
 
-def test_a_schemas_pinned_skeleton_is_drawn_distinctly(server: UIServer, new_page: Any) -> None:
+def test_a_schemas_pinned_skeleton_is_drawn_distinctly(
+    server: UIServer, new_page: Any, artifacts: Path
+) -> None:
     """The text a schema forces (here the digits both enum values start with) is pinned into the
     canvas from its first step: framed cells that never change; the free cells around them do."""
     page, _ = new_page(server.url)
@@ -251,5 +253,6 @@ def test_a_schemas_pinned_skeleton_is_drawn_distinctly(server: UIServer, new_pag
     )
     assert card.locator(".tok:not(.pinned)").count() == 82 - 8
     assert "pinned 8" in card.locator("[data-field=counters]").text_content()
+    screenshot(page, artifacts, "pinned-skeleton")
     wait_state(card, "done")
     assert card.locator("[data-field=text]").text_content() in ("123456781", "123456789")
