@@ -35,6 +35,7 @@ import torch
 from bench.common import SMALL_TEXT, load_average
 from bench.structured_step_cost import SCHEMA, checkpoint_dir
 from engine import commit as commit_module
+from engine import guided_denoise
 from engine.engine import Engine
 from engine.engine_config import EngineConfig
 from engine.llm import LLM
@@ -53,26 +54,33 @@ SETTINGS = {
 
 @dataclass
 class Repairs:
-    """What the commit-time decode changed, since the last reset."""
+    """What the commit-time decode changed, and what re-noising did, since the last reset."""
 
     canvases: int = 0
     repaired_canvases: int = 0
     positions: int = 0
     repaired_positions: int = 0
+    walks: int = 0
+    """Steps whose accepted run was walked under the grammar (re-noising on)."""
+    renoised: int = 0
+    """Of those, the steps that re-noised a refused token."""
 
     def reset(self) -> None:
         self.canvases = self.repaired_canvases = self.positions = self.repaired_positions = 0
+        self.walks = self.renoised = 0
 
     def summary(self) -> str:
         share = self.repaired_positions / max(self.positions, 1)
+        walked = f"; {self.renoised}/{self.walks} walks re-noised a token" if self.walks else ""
         return (
             f"{self.repaired_canvases}/{self.canvases} canvases repaired, "
-            f"{self.repaired_positions}/{self.positions} positions ({100 * share:.1f}%)"
+            f"{self.repaired_positions}/{self.positions} positions ({100 * share:.1f}%){walked}"
         )
 
 
 def count_repairs(repairs: Repairs) -> None:
-    """Count every commit's overrides of the argmax (wraps `engine.commit.decode_under_grammar`)."""
+    """Count every commit's overrides of the argmax and every re-noising walk (wraps
+    `engine.commit.decode_under_grammar` and `engine.guided_denoise.first_refused`)."""
     real = commit_module.decode_under_grammar
 
     def counted(logits: Any, argmax: list[int], *args: Any) -> tuple[list[int], bool]:
@@ -85,6 +93,15 @@ def count_repairs(repairs: Repairs) -> None:
         return tokens, ended
 
     commit_module.decode_under_grammar = counted  # type: ignore[assignment]
+    walk = guided_denoise.first_refused
+
+    def walked(*args: Any) -> int | None:
+        refused = walk(*args)
+        repairs.walks += 1
+        repairs.renoised += refused is not None
+        return refused
+
+    guided_denoise.first_refused = walked  # type: ignore[assignment]
 
 
 @dataclass
