@@ -74,8 +74,8 @@ def install_commit_timer(timer: Timer) -> None:
     commit_module.CanvasCommit.commit = timed  # type: ignore[method-assign]
 
 
-def checkpoint_dir(root: Path, vocab_size: int) -> Path:
-    save_random_checkpoint(root, SMALL_TEXT | {"vocab_size": vocab_size}, CANVAS)
+def checkpoint_dir(root: Path, vocab_size: int, canvas_length: int = CANVAS) -> Path:
+    save_random_checkpoint(root, SMALL_TEXT | {"vocab_size": vocab_size}, canvas_length)
     names = SPECIALS + [chr(c) for c in range(32, 127)]
     names += [f"<unused{i}>" for i in range(len(names), vocab_size)]
     save_char_tokenizer(root, names, SPECIALS, "{{ messages[0]['content'] }}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from engine.engine_config import EngineConfig
 from engine.outputs import CommitSpec
 from engine.request import FinishReason, Request, TokenLogprob
 
@@ -48,21 +49,24 @@ def repeated_tokens(canvas: list[int], end: CanvasEnd) -> list[int]:
     return canvas[: num_output + 1] if end.finish_reason == "stop" else canvas[:num_output]
 
 
-def commit_spec(request: Request) -> CommitSpec | None:
+def commit_spec(request: Request, config: EngineConfig | None = None) -> CommitSpec | None:
     """How the runner must commit the request's next canvas: None unless it asks for a grammar or logprobs.
 
     A grammar resumes after the output so far (for a constrained request that is every committed
     token: its canvases commit whole until the grammar or `max_tokens` ends it) and may decode only
-    the output tokens left.
+    the output tokens left. A grammar's guided denoising follows `config` (none without one).
     """
     params = request.params
     if params.grammar is None and params.logprobs is None:
         return None
     assert params.max_tokens is not None and params.stop_token_ids is not None
+    guided = params.grammar is not None
     return CommitSpec(
         logprobs=params.logprobs,
         grammar=params.grammar,
         grammar_prefix=tuple(request.output_token_ids) if params.grammar is not None else (),
         budget=params.max_tokens - len(request.output_token_ids),
         stop_token_ids=params.stop_token_ids,
+        pin_skeleton=guided and config is not None and config.guided_pin_skeleton,
+        renoise=guided and config is not None and config.guided_renoise,
     )

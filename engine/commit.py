@@ -4,6 +4,8 @@ The runner keeps one `CanvasCommit` per such request's current canvas. When the 
 recomputes that canvas's logits once from the final step's hidden states (one [C, V] fp32 tile,
 freed before the next request's), decodes under the grammar if there is one, and reads the logprobs
 of the committed tokens off the same tile. Requests without a `CommitSpec` never get here.
+While the canvas denoises, the same matcher guides it when the spec asks (`pins` at its start,
+`guide` after each step; `engine.guided_denoise`).
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ from typing import Any
 from torch import Tensor
 
 from engine.guided import decode_under_grammar
+from engine.guided_denoise import renoise_refused, skeleton_pins
 from engine.logprobs import token_logprobs
 from engine.outputs import CommitSpec
 from engine.request import TokenLogprob
-from engine.sampler import LMHead, logits_for
+from engine.sampler import CanvasState, LMHead, logits_for
 
 
 @dataclass
@@ -27,6 +30,20 @@ class CanvasCommit:
     spec: CommitSpec
     matcher: Any | None = None
     """An xgrammar `GrammarMatcher` (None without a grammar)."""
+
+    def pins(self, pinned_canvas: tuple[int, ...] | None, canvas_length: int) -> tuple[int, ...] | None:
+        """The canvas's pins: `pinned_canvas`, plus the grammar's forced skeleton if the spec asks."""
+        if self.matcher is None or not self.spec.pin_skeleton:
+            return pinned_canvas
+        return skeleton_pins(self.matcher, pinned_canvas, canvas_length, self._budget(canvas_length))
+
+    def guide(self, state: CanvasState, vocab_size: int) -> None:
+        """After a step that did not finish the canvas: re-noise a refused token if the spec asks."""
+        if self.matcher is not None and self.spec.renoise:
+            renoise_refused(state, self.matcher, self._budget(len(state.tokens)), vocab_size)
+
+    def _budget(self, canvas_length: int) -> int:
+        return canvas_length if self.spec.budget is None else self.spec.budget
 
     def commit(
         self, hidden_tile: Tensor, head: LMHead, argmax: Tensor

@@ -58,6 +58,12 @@ class EngineConfig:
     """The highest adapter rank accepted (the slots are sized for it)."""
     max_cpu_loras: int | None = None
     """Adapters held in host memory at most; adding beyond it is refused. None: max(max_loras, 8)."""
+    guided_pin_skeleton: bool = True
+    """Grammar-constrained requests pin the text their grammar forces at each canvas's start
+    (`engine.guided_denoise`)."""
+    guided_renoise: bool = False
+    """Grammar-constrained requests re-noise, after each step, the first accepted token their grammar
+    refuses (`engine.guided_denoise`)."""
 
     def __post_init__(self) -> None:
         _check_min("max_num_seqs", self.max_num_seqs, 1)

@@ -155,9 +155,11 @@ def decode_under_grammar(
     Position i takes the most likely token the grammar allows there: its argmax when the grammar
     accepts it (no mask needed), else the best allowed token (`masked_argmax`). With `mask_every`
     (logprobs are then taken under the mask) every decoded row of `logits` is overwritten with -inf at
-    disallowed tokens instead. Stops after the grammar's stop token (the last token returned) or after
-    `budget` tokens. Advances `matcher`. Returns (tokens, whether the grammar ended); a grammar that
-    allows nothing at some point (a recursion with no way out) ends there with its stop token.
+    disallowed tokens, and the choice is the same: `argmax[i]` when allowed (at a pinned position it is
+    the pin, not the logits' argmax), else the masked row's argmax. Stops after the grammar's stop
+    token (the last token returned) or after `budget` tokens. Advances `matcher`. Returns (tokens,
+    whether the grammar ended); a grammar that allows nothing at some point (a recursion with no way
+    out) ends there with its stop token.
     """
     vocab_size = logits.shape[1]
     bitmask = xgr.allocate_token_bitmask(1, vocab_size)  # [1, ceil(V / 32)] int32
@@ -170,10 +172,9 @@ def decode_under_grammar(
             continue
         matcher.fill_next_token_bitmask(bitmask)
         if mask_every:
-            row = logits[i].masked_fill_(
-                ~allowed_tokens(bitmask, vocab_size).to(logits.device), -float("inf")
-            )
-            token = int(row.argmax())
+            allowed = allowed_tokens(bitmask, vocab_size)  # [V] bool
+            row = logits[i].masked_fill_(~allowed.to(logits.device), -float("inf"))
+            token = argmax[i] if bool(allowed[argmax[i]]) else int(row.argmax())
         else:
             token = masked_argmax(logits[i], bitmask)
         if not matcher.accept_token(token):  # nothing allowed: a dead end

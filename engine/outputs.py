@@ -42,6 +42,10 @@ class CommitSpec:
     budget: int | None = None
     stop_token_ids: tuple[int, ...] = ()
     """The request's stop ids: the grammar ends on one of them."""
+    pin_skeleton: bool = False
+    """Guided denoising: pin the text the grammar forces at the canvas's start (`engine.guided_denoise`)."""
+    renoise: bool = False
+    """Guided denoising: after each step, re-noise the first accepted token the grammar refuses."""
 
 
 @dataclass(frozen=True)
@@ -118,6 +122,9 @@ class DenoiseOutcome:
     logprobs: list[TokenLogprob] | None = None
     """One entry per `argmax` position of a finished canvas whose request asked for logprobs (for a
     grammar-constrained canvas: up to where the grammar ended or the budget ran out)."""
+    pinned: list[int] | None = None
+    """Positions of the canvas that are pinned (the request's `pinned_canvas` and a grammar's pinned
+    skeleton), ascending; filled with `confidence`."""
 
 
 @dataclass(frozen=True)

@@ -280,6 +280,8 @@ class CanvasSnapshot:
     confidence: list[float]
     num_accepted: int
     mean_entropy: float
+    pinned: list[int] = field(default_factory=list)
+    """Pinned positions, ascending: never re-noised (`pinned_canvas`, a grammar's skeleton)."""
 
 
 @dataclass(frozen=True)

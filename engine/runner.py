@@ -26,7 +26,7 @@ from engine.guided import GrammarCompiler
 from engine.lora.manager import LoRAManager
 from engine.model.diffusion_gemma import DiffusionGemma, ForwardBatch
 from engine.outputs import DenoiseOutcome, DenoiseWork, NewCanvas, RunnerOutput, SchedulerOutput
-from engine.request import TokenLogprob
+from engine.request import FREE, TokenLogprob
 from engine.sampler import CanvasState, LMHead, StepResult, denoise_step, init_canvas
 
 
@@ -62,22 +62,23 @@ class ModelRunner:
         self.canvases: dict[str, CanvasState] = {}
         self.commits: dict[str, CanvasCommit] = {}
         """Requests whose current canvas commits with a grammar or logprobs (`NewCanvas.commit`)."""
+        self.pinned: dict[str, list[int]] = {}
+        """Each canvas's pinned positions (for live views)."""
 
     def start_canvas(self, request_id: str, spec: NewCanvas) -> None:
-        """Draw a fresh uniform canvas number `spec.canvas_index` of the request."""
+        """Draw a fresh uniform canvas number `spec.canvas_index` of the request (with a grammar's
+        skeleton pinned when its commit spec asks)."""
         generator = torch.Generator(device=self.device).manual_seed(canvas_seed(spec.seed, spec.canvas_index))
         config = self.model.config
-        self.canvases[request_id] = init_canvas(
-            config.canvas_length,
-            config.vocab_size,
-            spec.stability_threshold,
-            generator,
-            spec.pinned_canvas,
-            self.device,
-        )
         self.commits.pop(request_id, None)
+        pins = spec.pinned_canvas
         if spec.commit is not None:
-            self.commits[request_id] = self._canvas_commit(spec)
+            commit = self.commits[request_id] = self._canvas_commit(spec)
+            pins = commit.pins(pins, config.canvas_length)
+        self.canvases[request_id] = init_canvas(
+            config.canvas_length, config.vocab_size, spec.stability_threshold, generator, pins, self.device
+        )
+        self.pinned[request_id] = [] if pins is None else [p for p, t in enumerate(pins) if t != FREE]
 
     def _canvas_commit(self, spec: NewCanvas) -> CanvasCommit:
         commit = spec.commit
@@ -91,6 +92,7 @@ class ModelRunner:
     def drop_canvas(self, request_id: str) -> None:
         self.canvases.pop(request_id, None)
         self.commits.pop(request_id, None)
+        self.pinned.pop(request_id, None)
 
     @torch.inference_mode()
     def execute(self, work: SchedulerOutput) -> RunnerOutput:
@@ -112,7 +114,8 @@ class ModelRunner:
         outcomes = {}
         for i, (w, r) in enumerate(zip(work.denoise, results, strict=True)):
             committed = self._commit(w.request_id, r, hidden, i)
-            outcomes[w.request_id] = _outcome(w, r, *committed)
+            self._guide(w.request_id, r)
+            outcomes[w.request_id] = _outcome(w, r, self.pinned[w.request_id], *committed)
         return RunnerOutput(outcomes)
 
     def _commit(
@@ -125,6 +128,12 @@ class ModelRunner:
         canvas_length = self.model.config.canvas_length
         tile = hidden[index * canvas_length : (index + 1) * canvas_length]  # [C, H]
         return commit.commit(tile, self.head, result.argmax)
+
+    def _guide(self, request_id: str, result: StepResult) -> None:
+        """Guided denoising of a constrained canvas that goes on (`CanvasCommit.guide`)."""
+        commit = self.commits.get(request_id)
+        if commit is not None and not result.finished:
+            commit.guide(self.canvases[request_id], self.model.config.vocab_size)
 
     def _build_batch(self, work: SchedulerOutput) -> ForwardBatch:
         """Causal token ids and all positions go to the device in one copy each; canvases are there."""
@@ -163,6 +172,7 @@ class ModelRunner:
 def _outcome(
     work: DenoiseWork,
     result: StepResult,
+    pinned: list[int],
     committed: list[int] | None = None,
     logprobs: list[TokenLogprob] | None = None,
 ) -> DenoiseOutcome:
@@ -180,4 +190,5 @@ def _outcome(
         argmax=argmax,
         confidence=[round(float(c), 3) for c in result.confidence.tolist()] if work.want_canvas else None,
         logprobs=logprobs,
+        pinned=pinned if work.want_canvas else None,
     )

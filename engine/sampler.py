@@ -90,6 +90,8 @@ class CanvasState:
     step: int
     """Denoise steps done."""
     generator: torch.Generator
+    accepted: Tensor | None = None
+    """[C] bool: the positions that took the sample in the last step (None before the first)."""
 
 
 @dataclass(frozen=True)
@@ -275,6 +277,7 @@ def _step_canvas(
     num_accepted = (accepted if free is None else accepted & free).sum()
     state.self_cond = self_cond
     state.argmax = argmax
+    state.accepted = accepted
     state.step += 1
     scalars = torch.stack([num_accepted.float(), mean_entropy.float(), stop.float()])  # [3]
     return argmax, confidence.to(torch.float16), scalars

@@ -224,7 +224,11 @@ class Scheduler:
         if not request.canvas_started:
             pinned = request.params.pinned_canvas if request.canvas_index == 0 else None
             new_canvas = NewCanvas(
-                request.seed, request.canvas_index, params.stability_threshold, pinned, commit_spec(request)
+                request.seed,
+                request.canvas_index,
+                params.stability_threshold,
+                pinned,
+                commit_spec(request, self.config),
             )
             request.canvas_started = True
         return DenoiseWork(
@@ -533,4 +537,5 @@ def _snapshot(request: Request, outcome: DenoiseOutcome) -> CanvasSnapshot | Non
         confidence=outcome.confidence or [],
         num_accepted=outcome.num_accepted,
         mean_entropy=outcome.mean_entropy,
+        pinned=outcome.pinned or [],
     )

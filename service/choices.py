@@ -137,7 +137,8 @@ class ChoiceRun:
 
 
 def canvas_object(request_id: str, index: int, snapshot: CanvasSnapshot, tokenizer: Any) -> dict[str, Any]:
-    """The `canvas` extension field: the current argmax canvas and a compact confidence (0-100)."""
+    """The `canvas` extension field: the current argmax canvas, a compact confidence (0-100) and the
+    pinned positions (ascending: the request's `pinned_canvas` and a grammar's pinned skeleton)."""
     text = tokenizer.decode(snapshot.token_ids, skip_special_tokens=False) if tokenizer is not None else ""
     return {
         "request_id": request_id,
@@ -149,6 +150,7 @@ def canvas_object(request_id: str, index: int, snapshot: CanvasSnapshot, tokeniz
         "confidence": [round(100 * c) for c in snapshot.confidence],
         "num_accepted": snapshot.num_accepted,
         "mean_entropy": round(snapshot.mean_entropy, 5),
+        "pinned": snapshot.pinned,
     }
 
 

@@ -1,4 +1,4 @@
-// The live canvas: one cell per position, its token coloured by confidence, re-noised cells marked.
+// The live canvas: one cell per position, its token coloured by confidence, re-noised and pinned cells marked.
 
 import { label } from "./tokens.js";
 
@@ -39,9 +39,11 @@ export class CanvasView {
     while (this.cells.length > length) this.cells.pop().remove();
   }
 
-  // canvas: {token_ids, confidence}; texts: id -> text; renoised: Set of positions.
+  // canvas: {token_ids, confidence, pinned}; texts: id -> text; renoised: Set of positions.
+  // Pinned positions (a grammar's skeleton, an infilling pin) are never re-noised: drawn framed.
   render(canvas, texts, renoised) {
     this.resize(canvas.token_ids.length);
+    const pinned = new Set(canvas.pinned ?? []);
     canvas.token_ids.forEach((id, p) => {
       const cell = this.cells[p];
       const text = label(texts.text(id));
@@ -51,7 +53,8 @@ export class CanvasView {
       cell.style.background = style.background;
       cell.style.color = `rgb(20 20 30 / ${style.opacity.toFixed(2)})`;
       cell.classList.toggle("renoised", renoised.has(p));
-      cell.title = `#${p} id ${id} · confidence ${confidence}`;
+      cell.classList.toggle("pinned", pinned.has(p));
+      cell.title = `#${p} id ${id} · confidence ${confidence}${pinned.has(p) ? " · pinned" : ""}`;
     });
   }
 }

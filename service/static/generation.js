@@ -133,7 +133,7 @@ export class Generation {
     const canvas = this.canvas;
     if (canvas) {
       this.canvasView.render(canvas, this.page.tokens, this.renoised);
-      this.field("counters").textContent = `canvas ${canvas.canvas_index} · step ${canvas.step} · accepted ${canvas.num_accepted} · re-noised ${this.numRenoised} · entropy ${canvas.mean_entropy.toFixed(3)}`;
+      this.field("counters").textContent = `canvas ${canvas.canvas_index} · step ${canvas.step} · accepted ${canvas.num_accepted} · re-noised ${this.numRenoised}${canvas.pinned?.length ? ` · pinned ${canvas.pinned.length}` : ""} · entropy ${canvas.mean_entropy.toFixed(3)}`;
     }
     this.field("id").textContent = this.requestId ?? "";
     this.field("text").textContent = this.text;

@@ -153,3 +153,26 @@ def test_json_schema_response_format_over_http(http: httpx.Client) -> None:
     }
     content = http.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
     assert 1 <= json.loads(content)["n"] <= 9
+
+
+def canvases_of(http: httpx.Client, body: dict[str, Any]) -> list[dict[str, Any]]:
+    lines = http.post("/v1/completions", json=body).text.splitlines()
+    return [p["canvas"] for p in sse_payloads(iter(lines)) if isinstance(p, dict) and "canvas" in p]
+
+
+def test_canvas_chunks_name_the_pinned_skeleton(http: httpx.Client) -> None:
+    """A schema with fixed keys has its forced skeleton pinned from the first step (the char-level
+    tokenizer: one position per character of `{"n": `); the canvas extension lists those positions,
+    an ordinary chunk field. An unconstrained canvas lists none."""
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    stream = {"stream": True, "stream_options": {"include_canvas": True}}
+    body: dict[str, Any] = {"prompt": "n", "max_tokens": 32, "seed": 1, **stream, **FAST}
+    response_format = {"type": "json_schema", "json_schema": {"name": "n", "schema": schema}}
+    first = [
+        c for c in canvases_of(http, {**body, "response_format": response_format}) if c["canvas_index"] == 0
+    ]
+    assert first
+    for canvas in first:
+        assert canvas["pinned"] == list(range(6)) and canvas["text"].startswith('{"n": '), canvas
+    plain = canvases_of(http, body)
+    assert plain and all(c["pinned"] == [] for c in plain)

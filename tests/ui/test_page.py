@@ -232,3 +232,27 @@ def test_the_schema_box_constrains_the_output(server: UIServer, new_page: Any) -
     card = start(page, PUZZLE, max_denoising_steps=2)
     wait_state(card, "error")
     assert "'not' (negation)" in (card.locator("[data-field=error]").text_content() or "")
+
+
+def test_a_schemas_pinned_skeleton_is_drawn_distinctly(
+    server: UIServer, new_page: Any, artifacts: Path
+) -> None:
+    """The text a schema forces (here the digits both enum values start with) is pinned into the
+    canvas from its first step: framed cells that never change; the free cells around them do."""
+    page, _ = new_page(server.url)
+    page.fill("[name=schema]", json.dumps({"enum": [123456781, 123456789]}))
+    card = start(page, PUZZLE, max_denoising_steps=4, seed=2)
+    pinned = card.locator(".tok.pinned")
+    page.wait_for_function("el => el.querySelectorAll('.tok.pinned').length > 0", arg=card.element_handle())
+    assert pinned.all_text_contents() == list("12345678")
+    assert [
+        int(p) for p in pinned.evaluate_all("cells => cells.map(c => c.title.split(' ')[0].slice(1))")
+    ] == list(range(8))
+    assert all(
+        title.endswith("· pinned") for title in pinned.evaluate_all("cells => cells.map(c => c.title)")
+    )
+    assert card.locator(".tok:not(.pinned)").count() == 82 - 8
+    assert "pinned 8" in card.locator("[data-field=counters]").text_content()
+    screenshot(page, artifacts, "pinned-skeleton")
+    wait_state(card, "done")
+    assert card.locator("[data-field=text]").text_content() in ("123456781", "123456789")
