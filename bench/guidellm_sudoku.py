@@ -5,7 +5,7 @@ venv of its own (pin torch to the CPU wheel first, or it pulls a CUDA build) and
 
     python3 -m venv /tmp/gl && /tmp/gl/bin/pip install torch==2.13.0
     echo torch==2.13.0 > /tmp/c.txt && /tmp/gl/bin/pip install -c /tmp/c.txt guidellm
-    python bench/guidellm_sudoku.py --guidellm /tmp/gl/bin/guidellm --per-band 40 --requests 120 --out /tmp/gl-run
+    python bench/guidellm_sudoku.py --guidellm /tmp/gl/bin/guidellm --per-band 40 --out /tmp/gl-run
 
 The workload is the held-out Sudoku puzzles (`recipes/sudoku` evaluation set), one chat message each
 (the model's chat template passes the content through), streamed, at most 82 completion tokens: the
@@ -42,7 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--guidellm", required=True, help="path to the guidellm executable")
     parser.add_argument("--per-band", type=int, default=40, help="held-out puzzles per clue band")
     parser.add_argument("--streams", default="1,4,16", help="concurrent streams, one benchmark each")
-    parser.add_argument("--requests", type=int, default=120, help="requests per benchmark (120: every puzzle once)")
+    parser.add_argument("--requests", type=int, default=120, help="requests per benchmark (120: all)")
     parser.add_argument("--profile", default=None, help="guidellm --profile (overrides --streams)")
     parser.add_argument("--server-flags", default="--max-num-seqs 16", help="extra canvas-serve flags")
     parser.add_argument("--out", type=Path, required=True, help="folder for the data and the reports")
