@@ -34,7 +34,14 @@ from recipes.sudoku.data import DATA_DIR, dug_pool, split_dug
 from recipes.sudoku.dense_forward import EAGER, compiled_layer_forwards
 from recipes.sudoku.lora_adapter import Adapter, LoRASpec
 from recipes.sudoku.lora_data import BandMixSampler, ClueBand
-from recipes.sudoku.train import TrainConfig, lr_at, training_loss
+from recipes.sudoku.train import (
+    TrainConfig,
+    add_config_options,
+    given_options,
+    lr_at,
+    mean_row,
+    training_loss,
+)
 
 ADAPTER_DIR = REPO_ROOT / "models" / "sudoku-hard"
 
@@ -177,7 +184,7 @@ class LoRATrainer:
             while not self.done:
                 window.append(self.train_step())
                 if self.step % 25 == 0:
-                    row = _mean(window) | {"step": self.step, "elapsed_s": round(self.elapsed, 1)}
+                    row = mean_row(window) | {"step": self.step, "elapsed_s": round(self.elapsed, 1)}
                     window = []
                     log.write(json.dumps(row) + "\n")
                     log.flush()
@@ -193,16 +200,6 @@ def _base_name(base_dir: Path) -> str:
     return str(resolved.relative_to(REPO_ROOT)) if resolved.is_relative_to(REPO_ROOT) else str(resolved)
 
 
-def _mean(rows: list[dict[str, float]]) -> dict[str, float]:
-    return {k: round(sum(r[k] for r in rows) / len(rows), 5) for k in rows[0]}
-
-
-def _parse_bool(text: str) -> bool:
-    if text.lower() not in ("true", "false"):
-        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-    return text.lower() == "true"
-
-
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, Any]]:
     """Paths and threads, and the `LoRATrainConfig` fields the command line names (only those)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -212,13 +209,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, An
     parser.add_argument("--resume", action="store_true", help="continue from the saved state")
     add_threads_option(parser)
     defaults = asdict(LoRATrainConfig())
-    for name, value in defaults.items():
-        kind = _parse_bool if isinstance(value, bool) else type(value)
-        parser.add_argument(
-            f"--{name.replace('_', '-')}", type=kind, default=argparse.SUPPRESS, help=f"default: {value}"
-        )
+    add_config_options(parser, defaults)
     args = parser.parse_args(argv)
-    return args, {name: getattr(args, name) for name in defaults if hasattr(args, name)}
+    return args, given_options(args, defaults)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -427,7 +427,7 @@ class Trainer:
                 window.append(self.train_step())
                 bar.update(round(self.elapsed) - round(before) if config.schedule == "time" else 1)
                 if self.step % 25 == 0:
-                    row = _mean(window) | {"step": self.step, "elapsed_s": round(self.elapsed, 1)}
+                    row = mean_row(window) | {"step": self.step, "elapsed_s": round(self.elapsed, 1)}
                     window = []
                     bar.set_postfix(loss=f"{row['loss']:.3f}", blank=f"{row['blank_acc']:.3f}")
                     log.write(json.dumps(row) + "\n")
@@ -445,7 +445,8 @@ class Trainer:
         self.save()
 
 
-def _mean(rows: list[dict[str, float]]) -> dict[str, float]:
+def mean_row(rows: list[dict[str, float]]) -> dict[str, float]:
+    """The column means of a window of log rows, rounded for the JSONL log."""
     return {k: round(sum(r[k] for r in rows) / len(rows), 5) for k in rows[0]}
 
 
@@ -453,6 +454,19 @@ def _parse_bool(text: str) -> bool:
     if text.lower() not in ("true", "false"):
         raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
     return text.lower() == "true"
+
+
+def add_config_options(parser: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
+    """One `--field-name` option per config field, typed from its default and absent unless given."""
+    for name, value in defaults.items():
+        kind = _parse_bool if isinstance(value, bool) else type(value)
+        flag = f"--{name.replace('_', '-')}"
+        parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=f"default: {value}")
+
+
+def given_options(args: argparse.Namespace, defaults: dict[str, Any]) -> dict[str, Any]:
+    """The config fields the command line named (`add_config_options`), and only those."""
+    return {name: getattr(args, name) for name in defaults if hasattr(args, name)}
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, Any]]:
@@ -467,13 +481,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, An
     )
     add_threads_option(parser)
     defaults = asdict(TrainConfig())
-    for name, value in defaults.items():
-        kind = _parse_bool if isinstance(value, bool) else type(value)
-        flag = f"--{name.replace('_', '-')}"
-        parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=f"default: {value}")
+    add_config_options(parser, defaults)
     args = parser.parse_args(argv)
-    given = {name: getattr(args, name) for name in defaults if hasattr(args, name)}
-    return args, given
+    return args, given_options(args, defaults)
 
 
 def run_config(given: dict[str, Any], saved: dict[str, Any] | None) -> TrainConfig:
