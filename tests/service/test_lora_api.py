@@ -201,12 +201,16 @@ def test_the_engine_view_and_the_metrics_name_each_requests_adapter(
     with ThreadPoolExecutor(1) as pool:
         running = pool.submit(stream_to_the_end, server, "a1", 3, started)
         assert started.wait(60)
-        with server.http() as http:
-            status = http.get("/v1/engine/status").json()
-            text = http.get("/metrics").text
+        with server.http() as http:  # the view lists the last step's requests: look until it shows one
+            while True:
+                status = http.get("/v1/engine/status").json()
+                text = http.get("/metrics").text
+                rows = status["running"] + status["waiting"]
+                if rows or running.done():
+                    break
+                time.sleep(0.02)
         running.result(timeout=300)
     assert status["model"]["adapters"] == ["a1"]
-    rows = status["running"] + status["waiting"]
     assert [row["lora_name"] for row in rows] == ["a1"], rows
     info = [
         sample.labels
