@@ -29,12 +29,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import re
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,7 +44,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from bench.common import SMALL_TEXT, load_average, machine_header
-from bench.serve import free_port, percentile
+from bench.serve import percentile, spawn_server, stop_server
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz ,."
 
@@ -209,23 +206,6 @@ def summarise(workload: str, caching: str, results: list[Result], wall: float, p
     )
 
 
-def spawn(folder: Path, flags: list[str]) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    command = [sys.executable, "-m", "service.cli", "serve", str(folder), "--port", str(port)]
-    command += ["--log-level", "warning", "--max-num-seqs", "8", *flags]
-    process = subprocess.Popen(command, cwd=Path(__file__).resolve().parents[1], env=os.environ.copy())
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(900):
-        try:
-            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                return process, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    process.kill()
-    raise RuntimeError(f"the server with flags {flags} did not become ready")
-
-
 MODES = {"on": [], "no-tail": ["--no-cache-final-canvas"], "off": ["--no-enable-prefix-caching"]}
 """Server flags per mode."""
 
@@ -287,14 +267,15 @@ def main(argv: list[str] | None = None) -> int:
         save_random_checkpoint(folder, SMALL_TEXT, canvas_length=64)
         save_tokenizer(folder, vocab_size=SMALL_TEXT["vocab_size"])
         args.token_ids = TokenIds(folder)
-        servers = {mode: spawn(folder, flags) for mode, flags in MODES.items()}
+        servers = {
+            mode: spawn_server(folder, ["--max-num-seqs", "8", *flags]) for mode, flags in MODES.items()
+        }
         try:
             rows = run_rounds({mode: url for mode, (_, url) in servers.items()}, args)
             tail_tokens = counter(servers["on"][1], "canvas_serve_cache_tail_tokens_total")
         finally:
             for process, _ in servers.values():
-                process.send_signal(signal.SIGTERM)
-                process.wait(timeout=60)
+                stop_server(process)
     print(table(rows))
     for workload in ("shared", "chat"):
         by_mode = {r.caching: r for r in rows if r.workload == workload}

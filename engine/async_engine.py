@@ -199,13 +199,6 @@ class AsyncEngine:
         """Abort a request in any state (thread-safe; a no-op for finished or unknown ids)."""
         self._commands.put(_Abort(request_id, reason))
 
-    async def reset_prefix_cache(self) -> bool:
-        """Forget every cached block (`Engine.reset_prefix_cache`), in the engine thread when it runs.
-        False when prefix caching is off; raises `EngineDead` if the loop is down."""
-        if self._thread is None:
-            return self.engine.reset_prefix_cache()
-        return bool(await self.call_utility("reset_prefix_cache"))
-
     def abort_all(self) -> None:
         """Abort every in-flight request (thread-safe); each stream then ends with "abort"."""
         for request_id in list(self._streams):

@@ -76,13 +76,15 @@ class LLM:
         prompts: Prompt | Sequence[Prompt],
         params: SamplingParams | Sequence[SamplingParams] | None = None,
         callback: CanvasCallback | None = None,
+        lora_name: str | None = None,
     ) -> list[GenerationResult]:
-        """Generate for every prompt (text or token ids); results in prompt order."""
+        """Generate for every prompt (text or token ids); results in prompt order. `lora_name`: every
+        request on that loaded adapter (`Engine.add_lora`; None: the base model)."""
         batch = _as_batch(prompts)
         params_list = per_prompt(params, len(batch))
         want_canvas = callback is not None
         ids = {
-            self._add(self._tokens(prompt), sp, want_canvas): i
+            self._add(self._tokens(prompt), sp, want_canvas, lora_name): i
             for i, (prompt, sp) in enumerate(zip(batch, params_list, strict=True))
         }
         results = [GenerationResult() for _ in batch]
@@ -94,10 +96,12 @@ class LLM:
                     callback(index, output.canvas)
         return results
 
-    def _add(self, prompt: list[int], params: SamplingParams, want_canvas: bool) -> str:
+    def _add(
+        self, prompt: list[int], params: SamplingParams, want_canvas: bool, lora_name: str | None
+    ) -> str:
         request_id = f"offline-{self._next_id}"
         self._next_id += 1
-        self.engine.add_request(request_id, prompt, params, want_canvas)
+        self.engine.add_request(request_id, prompt, params, want_canvas, lora_name=lora_name)
         return request_id
 
     def _tokens(self, prompt: Prompt) -> list[int]:
