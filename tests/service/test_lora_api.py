@@ -147,10 +147,17 @@ def test_load_use_and_unload_at_run_time_with_vllms_answers(
 
 
 def stream_to_the_end(
-    server: RemoteServer, model: str, seed: int, started: threading.Event, max_tokens: int = 320
+    server: RemoteServer,
+    model: str,
+    seed: int,
+    started: threading.Event,
+    max_tokens: int = 320,
+    steps: int = FAST_STEPS,
 ) -> tuple[str, float]:
-    """One long streamed completion: its finish reason and when it came (raises on any error)."""
-    body = {"model": model, "prompt": "count", "max_tokens": max_tokens, "seed": seed, "stream": True, **FAST}
+    """One long streamed completion: its finish reason and when it came (raises on any error).
+    `steps`: denoise steps a canvas at most (a random model's canvases run them all)."""
+    body = {"model": model, "prompt": "count", "max_tokens": max_tokens, "seed": seed, "stream": True}
+    body["max_denoising_steps"] = steps
     reason, finished_at = "", 0.0
     with server.http() as http, http.stream("POST", "/v1/completions", json=body) as response:
         assert response.status_code == 200, response.read()
@@ -193,36 +200,44 @@ def test_load_and_unload_during_traffic_lose_no_request(
         assert unload(http, "a2").status_code == 200
 
 
-@pytest.mark.skip(
-    reason="fails in the full suite on an idle machine (the engine view never lists the adapter's running "
-    "request there; it passes alone): under investigation, see the 2026-12-06 closing note"
-)
+def lora_info(metrics_text: str) -> list[dict[str, str]]:
+    """The labels of every `vllm:lora_requests_info` sample."""
+    return [
+        sample.labels
+        for family in text_string_to_metric_families(metrics_text)
+        for sample in family.samples
+        if sample.name == "vllm:lora_requests_info"
+    ]
+
+
 def test_the_engine_view_and_the_metrics_name_each_requests_adapter(
     client: openai.OpenAI, server: RemoteServer
 ) -> None:
     before = server.metrics()
     started = threading.Event()
+    expected_info = [{"max_lora": "2", "running_lora_adapters": "a1", "waiting_lora_adapters": ""}]
+    seen: dict[str, Any] = {}
     with ThreadPoolExecutor(1) as pool:
-        running = pool.submit(stream_to_the_end, server, "a1", 3, started)
+        running = pool.submit(stream_to_the_end, server, "a1", 3, started, steps=16 * FAST_STEPS)
         assert started.wait(60)
-        with server.http() as http:  # the view lists the last step's requests: look until it shows one
-            while True:
+        # The view and the gauge follow the engine's steps, each read on its own: look at both until
+        # each has shown the running request (with FAST steps it can end before a single look).
+        with server.http() as http:
+            while not running.done() and len(seen) < 2:
                 status = http.get("/v1/engine/status").json()
-                text = http.get("/metrics").text
                 rows = status["running"] + status["waiting"]
-                if rows or running.done():
-                    break
-                time.sleep(0.02)
+                if rows:
+                    seen.setdefault("rows", (status, rows))
+                info = lora_info(http.get("/metrics").text)
+                if info[0]["running_lora_adapters"]:
+                    seen.setdefault("info", info)
+                time.sleep(0.01)
         running.result(timeout=300)
+    assert set(seen) == {"rows", "info"}, f"the request ended before both showed it: {seen}"
+    status, rows = seen["rows"]
     assert status["model"]["adapters"] == ["a1"]
     assert [row["lora_name"] for row in rows] == ["a1"], rows
-    info = [
-        sample.labels
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == "vllm:lora_requests_info"
-    ]
-    assert info == [{"max_lora": "2", "running_lora_adapters": "a1", "waiting_lora_adapters": ""}]
+    assert seen["info"] == expected_info
     complete(client, "a1")
     complete(client, server.model_name)
     after = server.metrics()
