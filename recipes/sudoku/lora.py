@@ -11,7 +11,11 @@ learning rate follows elapsed training time over `--minutes`.
     python -m recipes.sudoku.lora --minutes 60 --threads 1     # writes models/sudoku-hard/
 
 The adapter is saved every `--save-minutes` and at the end; `--resume` continues from
-`<data>/<out name>-state.pt`. The log (JSONL, 25-step means) is `<data>/<out name>-log.jsonl`.
+`<data>/<out name>-state.pt`. The log (JSONL, 25-step means) is `<data>/<out name>-log.jsonl`. With
+`--eval-minutes M` the deltas are served on `--eval-size` validation puzzles of the hard band (seed 3,
+`lora_validate.py`) every M minutes of training and at the end, the latest go to `<out>-last/`, and
+`<out>` keeps the best validated ones (solve rate, then median steps). Validation time is not training
+time: the schedule follows the training steps' clock.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from recipes.sudoku.data import DATA_DIR, dug_pool, split_dug
 from recipes.sudoku.dense_forward import EAGER, compiled_layer_forwards
 from recipes.sudoku.lora_adapter import Adapter, LoRASpec
 from recipes.sudoku.lora_data import BandMixSampler, ClueBand
+from recipes.sudoku.lora_validate import AdapterValidator, Validation
 from recipes.sudoku.train import (
     TrainConfig,
     add_config_options,
@@ -76,6 +81,11 @@ class LoRATrainConfig:
     steps: int = 20000
     """A safety cap on steps; the schedule follows the wall clock."""
     save_minutes: float = 4.0
+    eval_minutes: float = 0.0
+    """Validate every this many minutes of training (and at the end), keeping the best adapter in the
+    output directory; 0 keeps the last one and validates nothing."""
+    eval_size: int = 80
+    """Validation puzzles (seed 3) in the hard band."""
 
     def spec(self) -> LoRASpec:
         return LoRASpec(
@@ -121,6 +131,13 @@ class LoRATrainer:
         self.sampler = BandMixSampler(pool, self.rng, config.bands(), dig_orders, config.dug_fraction)
         self.step = 0
         self.elapsed = 0.0
+        self.validator = (
+            AdapterValidator(base_dir, f"{config.hard_low}-{config.hard_high}", config.eval_size, data_dir)
+            if config.eval_minutes > 0
+            else None
+        )
+        self.best: Validation | None = None
+        self.validated_at = 0.0
 
     @property
     def progress(self) -> float:
@@ -155,11 +172,18 @@ class LoRATrainer:
         hard = batch.num_clues <= self.config.hard_high
         return metrics | {"lr": lr, "grad_norm": float(grad_norm), "hard": float(hard.float().mean())}
 
+    @property
+    def last_dir(self) -> Path:
+        """Where the latest deltas go: the output itself unless validation keeps the best there."""
+        return self.out_dir if self.validator is None else self.out_dir.with_name(self.out_dir.name + "-last")
+
     def save(self) -> None:
-        self.adapter.save(self.out_dir, _base_name(self.base_dir))
+        self.adapter.save(self.last_dir, _base_name(self.base_dir))
         state = {
             "step": self.step,
             "elapsed": self.elapsed,
+            "best": None if self.best is None else asdict(self.best),
+            "validated_at": self.validated_at,
             "adapter": self.adapter.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "python_rng": self.rng.getstate(),
@@ -176,6 +200,31 @@ class LoRATrainer:
         self.rng.setstate(state["python_rng"])
         self.generator.set_state(state["torch_rng"])
         self.step, self.elapsed = state["step"], state["elapsed"]
+        self.best = Validation(**state["best"]) if state.get("best") else None
+        self.validated_at = state.get("validated_at", 0.0)
+
+    def validate(self) -> dict[str, object]:
+        """Serve the current deltas on the validation set; the best so far is copied to the output."""
+        assert self.validator is not None
+        self.validated_at = self.elapsed
+        result = self.validator.validate(self.adapter, self.last_dir, _base_name(self.base_dir))
+        kept = result.better(self.best)
+        if kept:
+            self.best = result
+            self.adapter.save(self.out_dir, _base_name(self.base_dir))
+        steps = result.median_steps if result.solved > 0 else None  # JSON has no infinity
+        return {
+            "kind": "valid",
+            "step": self.step,
+            "elapsed_s": round(self.elapsed, 1),
+            "solved": result.solved,
+            "median_steps": steps,
+            "kept": kept,
+        }
+
+    def validation_due(self) -> bool:
+        every = 60 * self.config.eval_minutes
+        return self.validator is not None and self.elapsed - self.validated_at >= every
 
     def run(self, log_path: Path) -> None:
         last_save = time.monotonic()
@@ -191,7 +240,13 @@ class LoRATrainer:
                 if time.monotonic() - last_save > 60 * self.config.save_minutes:
                     self.save()
                     last_save = time.monotonic()
-        self.save()
+                if self.validation_due():
+                    self.save()
+                    log.write(json.dumps(self.validate()) + "\n")
+                    log.flush()
+            self.save()
+            if self.validator is not None and self.validated_at < self.elapsed:
+                log.write(json.dumps(self.validate()) + "\n")
 
 
 def _base_name(base_dir: Path) -> str:

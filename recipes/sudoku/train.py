@@ -79,7 +79,7 @@ from recipes.sudoku.dense_forward import (
     head_logits,
     lm_head,
 )
-from recipes.sudoku.puzzles import consistent, is_valid_solution
+from recipes.sudoku.eval import solves
 from recipes.sudoku.weight_average import WeightAverage
 
 
@@ -263,17 +263,12 @@ def validate(model: DiffusionGemma, checkpoint_dir: Path, sets: dict[str, list[P
         params = [SamplingParams(seed=i) for i in range(len(pairs))]
         results = generate(model, defaults, prompts, params)
         solved = [
-            r.steps_per_canvas[0] for r, (p, _) in zip(results, pairs, strict=True) if _solves(r.token_ids, p)
+            r.steps_per_canvas[0] for r, (p, _) in zip(results, pairs, strict=True) if solves(r.token_ids, p)
         ]
         out[f"solve_{band}"] = len(solved) / len(pairs)
         out[f"steps_{band}"] = statistics.median(solved) if solved else float("nan")
     model.train()
     return out
-
-
-def _solves(token_ids: list[int], puzzle: list[int]) -> bool:
-    grid = tokens.grid_from_ids(token_ids)
-    return len(token_ids) == 81 and is_valid_solution(grid) and consistent(puzzle, grid)
 
 
 class Trainer:

@@ -21,6 +21,7 @@ from recipes.sudoku.adapter_generate import generate_with_adapter
 from recipes.sudoku.dense_forward import head_logits, lm_head
 from recipes.sudoku.lora import ADAPTER_DIR, LoRATrainConfig, LoRATrainer, main
 from recipes.sudoku.lora_adapter import Adapter, LoRASpec, load_adapter, our_module, peft_module
+from recipes.sudoku.lora_validate import Validation
 from recipes.sudoku.puzzles import from_string
 from tests.recipes.helpers import tiny_checkpoint
 
@@ -209,3 +210,42 @@ def test_shipped_adapter_loads_in_peft_with_the_training_forward_logits() -> Non
         torch.testing.assert_close(_ours(adapter, prompts, canvases, None), expected, atol=1e-4, rtol=1e-4)
         with peft.disable_adapter():
             assert (expected - _transformers(peft, prompts, canvases, None)).abs().max() > 1e-3
+
+
+def test_validation_keeps_the_best_adapter(base_dir: Path, tmp_path: Path) -> None:
+    """With validation after every step, the output holds the deltas of the first validated step (the
+    tiny random model solves nothing, so no later one is better) and `-last` the latest ones."""
+    config = LoRATrainConfig(
+        rank=4, batch_size=2, pool_size=4, compile=False, steps=3, warmup=1, lr=1e-2,
+        eval_minutes=1e-9, eval_size=2,
+    )  # fmt: skip
+    trainer = LoRATrainer(config, base_dir, tmp_path / "hard", tmp_path / "state.pt", tmp_path)
+    first: dict[str, torch.Tensor] = {}
+    original = trainer.validate
+
+    def remember_first() -> dict[str, object]:
+        if not first:
+            first.update(trainer.adapter.state_dict())
+        return original()
+
+    trainer.validate = remember_first  # type: ignore[method-assign]
+    trainer.run(tmp_path / "log.jsonl")
+    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    valid = [row for row in rows if row.get("kind") == "valid"]
+    assert [row["step"] for row in valid] == [1, 2, 3]
+    assert [row["kept"] for row in valid] == [True, False, False]
+    assert all(row["solved"] == 0.0 and row["median_steps"] is None for row in valid)
+    model = load_checkpoint(base_dir, with_tokenizer=False).model
+    best = load_adapter(model, tmp_path / "hard").state_dict()
+    assert all(torch.equal(first[k], v) for k, v in best.items())
+    last = load_adapter(load_checkpoint(base_dir, with_tokenizer=False).model, tmp_path / "hard-last")
+    assert all(torch.equal(v, trainer.adapter.state_dict()[k]) for k, v in last.state_dict().items())
+    assert any(not torch.equal(first[k], v) for k, v in last.state_dict().items())
+
+
+def test_a_validation_is_better_with_more_solved_then_fewer_steps() -> None:
+    assert Validation(0.5, 12.0).better(None)
+    assert Validation(0.6, 14.0).better(Validation(0.5, 12.0))
+    assert Validation(0.5, 11.0).better(Validation(0.5, 12.0))
+    assert not Validation(0.5, 12.0).better(Validation(0.5, 12.0))
+    assert not Validation(0.4, 3.0).better(Validation(0.5, 12.0))
