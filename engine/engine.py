@@ -91,6 +91,10 @@ class Engine:
             model_config, blocks, self.config.block_size, weight.dtype, weight.device
         )
         self.grammars = GrammarCompiler(tokenizer, model_config.vocab_size, defaults.eos_token_ids)
+        if self.config.compile:
+            from engine.model.compiled import compile_layers  # imports torch._dynamo: only when asked
+
+            compile_layers(model)
         self.lora = self._lora_manager(model)
         self.runner = ModelRunner(model, caches, self.grammars, self.lora)
         self.scheduler = Scheduler(

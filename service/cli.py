@@ -111,6 +111,14 @@ def _serve_parser(serve: argparse.ArgumentParser) -> None:
         "conversation turn hits the whole answer (default on; env CANVAS_SERVE_CACHE_FINAL_CANVAS)",
     )
     serve.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run the model's layers through torch.compile: small models step faster on the CPU after "
+        "compiling in the first steps (needs a C++ compiler; not with --enable-lora; "
+        "env CANVAS_SERVE_COMPILE)",
+    )
+    serve.add_argument(
         "--drain-timeout", dest="drain_timeout_s", type=float, help="seconds to drain on SIGTERM"
     )
     serve.add_argument(

@@ -98,6 +98,9 @@ class Settings(BaseSettings):
     cache_final_canvas: bool = ENGINE_DEFAULTS.cache_final_canvas
     """With prefix caching: write each ended request's last canvas into the cache (one low-priority
     causal pass), so the next turn of a conversation hits the whole answer."""
+    compile: bool = ENGINE_DEFAULTS.compile
+    """Run the model's layers through torch.compile (small models on the CPU step faster after a
+    compilation in the first steps; needs a C++ compiler). Not with enable_lora."""
 
     # LoRA adapters (vLLM's names): see service/served_models.py.
     enable_lora: bool = False
@@ -283,6 +286,7 @@ class Settings(BaseSettings):
             kv_cache_bytes=kv_cache_bytes,
             enable_prefix_caching=self.enable_prefix_caching,
             cache_final_canvas=self.cache_final_canvas,
+            compile=self.compile,
             enable_lora=self.enable_lora,
             max_loras=self.max_loras,
             max_lora_rank=self.max_lora_rank,

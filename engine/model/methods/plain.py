@@ -63,6 +63,39 @@ class GroupedExperts(LoopedExperts):
         )
 
 
+class DenseExperts(LoopedExperts):
+    """Every expert on every token, weighted by the routing (zero for the experts a token did not pick).
+
+    `num_experts / top_k` times the expert arithmetic of the loop, but a fixed sequence of ops with
+    no host sync and no data-dependent shapes: what a compiler can fuse. Worth it only for a few
+    experts under `torch.compile` (`engine.model.compiled`); the same weights as the loop.
+    """
+
+    def apply(self, layer: nn.Module, x: Tensor, weights: Tensor, expert_ids: Tensor) -> Tensor:
+        return dense_experts(
+            x, weights, expert_ids, stored(layer, "gate_up_proj"), stored(layer, "down_proj")
+        )
+
+
+def dense_experts(
+    x: Tensor, weights: Tensor, expert_ids: Tensor, gate_up_proj: Tensor, down_proj: Tensor
+) -> Tensor:
+    """`looped_experts`' result through batched matmuls over all E experts: x (T, H) -> (T, H).
+
+    A token's terms are added in expert order, as the loop's `index_add_` adds them, and the zero
+    terms of the experts it did not pick add nothing.
+    """
+    combine = torch.zeros(x.shape[0], gate_up_proj.shape[0], dtype=weights.dtype, device=x.device)
+    combine.scatter_(1, expert_ids, weights)  # (T, E)
+    gate, up = torch.matmul(x.unsqueeze(0), gate_up_proj.transpose(1, 2)).chunk(2, dim=-1)  # (E, T, I)
+    y = torch.matmul(gelu_tanh(gate) * up, down_proj.transpose(1, 2))  # (E, T, H)
+    weighted = (y * combine.t().unsqueeze(-1)).to(x.dtype)  # (E, T, H)
+    out = weighted[0]
+    for expert in range(1, weighted.shape[0]):
+        out = out + weighted[expert]
+    return out
+
+
 def looped_experts(
     x: Tensor, weights: Tensor, expert_ids: Tensor, gate_up_proj: Tensor, down_proj: Tensor
 ) -> Tensor:

@@ -1,0 +1,56 @@
+"""`compile_layers`: the layer stack through `torch.compile`, for small models whose step is per-op cost.
+
+On the CPU a small model's denoise step is mostly the dispatch of many small ops (norms, RoPE, GELU,
+casts, residual adds: bench/PROFILE.md); inductor fuses each layer's elementwise work between the
+matmuls into a few loops. What stays eager, behind `torch._dynamo.disable`:
+- the attention backend call: it reads per-step Python metadata (the bound plans) and the paged cache;
+- the MoE, unless its experts run dense: the loop over experts has a host sync and data-dependent
+  shapes. With few experts (at most `DENSE_EXPERTS_RATIO` times top-k) plain experts switch to
+  `DenseExperts`, every expert on every token, which compiles into the layer.
+
+Shapes are dynamic (one graph per kind of layer, whatever the step's token count). The first steps pay
+the compilation (seconds to a minute on a small CPU; inductor needs a C++ compiler on the CPU).
+The result equals the eager forward up to floating-point rounding (tests/engine/test_compiled.py).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from engine.attention.base import BoundAttention
+from engine.attention.types import LayerCache
+from engine.model.diffusion_gemma import DiffusionGemma, Layer, Rope
+from engine.model.methods.plain import DenseExperts, GroupedExperts, LoopedExperts
+
+DENSE_EXPERTS_RATIO = 2
+"""Plain experts run dense under compilation when num_experts <= this * top_k (the Sudoku model:
+4 experts, top-2, twice the loop's expert arithmetic)."""
+
+
+def compile_layers(model: DiffusionGemma) -> None:
+    """Run every layer of `model` through one compiled forward (in place; idempotent)."""
+    dense = model.config.num_experts <= DENSE_EXPERTS_RATIO * model.config.top_k_experts
+    for layer in model.layers:
+        assert isinstance(layer, Layer)
+        if dense and type(layer.experts.method) in (LoopedExperts, GroupedExperts):
+            layer.experts.method = DenseExperts()
+        layer.forward = functools.partial(_compiled_forward, layer)  # type: ignore[method-assign]
+
+
+def _layer_forward(
+    layer: Layer, x: Tensor, rope: Rope, is_decoder: Tensor, attention: BoundAttention[Any], cache: LayerCache
+) -> Tensor:
+    """`Layer.forward` with the attention call (and a looped MoE) left out of the graph."""
+    attn = layer.self_attn(layer.input_layernorm(x), rope, torch._dynamo.disable(attention), cache)  # type: ignore[no-untyped-call]
+    moe: Callable[[Tensor], Tensor] = layer.moe
+    if not isinstance(layer.experts.method, DenseExperts):
+        moe = torch._dynamo.disable(moe)  # type: ignore[no-untyped-call]
+    return layer.feed_forward(x, attn, moe) * layer.mode_scalar(is_decoder)
+
+
+_compiled_forward = torch.compile(_layer_forward, dynamic=True)

@@ -1,0 +1,93 @@
+"""`--compile`: the dense experts equal the loop, and a compiled engine generates what the eager one does.
+
+Inductor compiles C++ on the CPU, so the engine test takes a few tens of seconds (one compilation per
+kind of layer, shared by every test in the process).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.engine import Engine
+from engine.generate import lockstep_config
+from engine.llm import LLM
+from engine.model import compiled as compiled_module
+from engine.model.compiled import compile_layers
+from engine.model.loader import load_checkpoint
+from engine.model.methods.plain import DenseExperts, LoopedExperts, dense_experts, looped_experts
+from engine.request import SamplingParams
+from tests.engine.checkpoints import save_reference, save_tokenizer
+from tests.engine.model_harness import Harness, Part
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dense_experts_equal_the_loop(dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(0)
+    tokens, hidden, inter, experts, top_k = 37, 16, 8, 4, 2
+    x = torch.randn(tokens, hidden, generator=gen).to(dtype)
+    gate_up = (torch.randn(experts, 2 * inter, hidden, generator=gen) * 0.3).to(dtype)
+    down = (torch.randn(experts, hidden, inter, generator=gen) * 0.3).to(dtype)
+    probs = torch.rand(tokens, experts, generator=gen)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    want = looped_experts(x, weights, ids, gate_up, down)
+    got = dense_experts(x, weights, ids, gate_up, down)
+    assert got.dtype == want.dtype == dtype
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got, want, atol=tolerance, rtol=tolerance)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two tiny checkpoints: 4 experts top-2 (dense under compilation) and 8 top-2 (the loop, eager)."""
+    paths = {}
+    for name, experts in (("dense", 4), ("looped", 8)):
+        path = tmp_path_factory.mktemp(name)
+        save_reference(path, seed=3, num_experts=experts)
+        save_tokenizer(path)
+        paths[name] = path
+    return paths
+
+
+@pytest.mark.parametrize("kind", ["dense", "looped"])
+def test_compiled_engine_generates_what_the_eager_one_does(checkpoints: dict[str, Path], kind: str) -> None:
+    prompts = [[2, *range(10, 10 + n)] for n in (5, 12, 23)]
+    params = [SamplingParams(seed=i, max_tokens=40) for i in range(len(prompts))]
+    outputs = {}
+    for compiled in (False, True):
+        loaded = load_checkpoint(checkpoints[kind], with_tokenizer=False)
+        lockstep = lockstep_config(loaded.model, loaded.defaults, prompts, params, 16)
+        config = replace(lockstep, compile=compiled)
+        engine = Engine(loaded.model, loaded.defaults, None, config)
+        methods = {type(layer.experts.method) for layer in loaded.model.layers}
+        if compiled:
+            assert methods == ({DenseExperts} if kind == "dense" else {LoopedExperts})
+        forwards = {getattr(layer.forward, "func", None) for layer in loaded.model.layers}
+        assert forwards == ({compiled_module._compiled_forward} if compiled else {None})
+        results = LLM(engine).generate(prompts, params)
+        outputs[compiled] = [(r.token_ids, r.steps_per_canvas) for r in results]
+    assert outputs[True] == outputs[False]
+    assert all(len(ids) > 0 for ids, _ in outputs[True])
+
+
+def test_compiled_layers_give_the_eager_logits(checkpoints: dict[str, Path]) -> None:
+    """One step holding two prompt prefills and a self-conditioned canvas, compiled against eager (fp32)."""
+    logits = {}
+    for compiled in (False, True):
+        model = load_checkpoint(checkpoints["dense"], with_tokenizer=False).model
+        if compiled:
+            compile_layers(model)
+        harness = Harness(model)
+        gen = torch.Generator().manual_seed(5)
+        prompt = torch.randint(5, 100, (11,), generator=gen)
+        harness.run([Part("a", prompt, 0, True), Part("b", prompt[:7], 0, True)])
+        canvas = torch.randint(5, 100, (16,), generator=gen)
+        soft = torch.randn(16, model.config.hidden_size, generator=gen)
+        logits[compiled] = harness.run(
+            [Part("a", canvas, 11, False, soft), Part("b", canvas, 7, False), Part("c", prompt[:5], 0, True)]
+        )
+    for got, want in zip(logits[True], logits[False], strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
