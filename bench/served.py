@@ -11,6 +11,12 @@ request per puzzle with seed = its index and the shipped sampler settings (adapt
   `--server-threads` value (its OMP_NUM_THREADS; 0: unset), and with the engine core in its own
   process once per `--engine-threads` value (0: the server's default).
 
+Optional variants: `--compile-engine-threads` (the engine-process server with `--compile`, warmed up
+by `--concurrency` requests, which compile it) and `--reference-threads` (transformers' `generate` in
+static batches of `--concurrency`, bench/throughput.py's reference, in this process; the table then
+compares every variant's committed tokens/s with it); `--dtype` sets
+every variant's dtype (float32 by default).
+
 Every variant runs `--rounds` times, interleaved (the order rotates each round) so that a change in
 the machine's load hits all of them alike; the servers are started once, before the first round, and
 warmed up. Per run: wall time, committed tokens/s, denoise passes (equal seeds give equal work, which
@@ -20,6 +26,8 @@ process), which a loaded machine inflates far less than wall time: served with t
 own process, the engine's CPU time is the critical path, the API's runs beside it on another core.
 
     python bench/served.py --per-band 40 --concurrency 16 --rounds 3 --json /tmp/served.json
+    python bench/served.py --dtype bfloat16 --offline-threads 1 --server-threads --engine-threads 1 \
+        --compile-engine-threads 1 --reference-threads 1     # issue 21's 3x: served against transformers
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from bench.common import load_average, machine_header
 from bench.serve import run_load, spawn_server, stop_server
+from bench.throughput import run_reference_sudoku
 from engine.engine_config import EngineConfig
 from engine.llm import LLM
 from engine.request import SamplingParams
@@ -95,6 +104,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=[0],
         help="engine-process server variants, by --engine-threads (0: the server's default)",
     )
+    parser.add_argument(
+        "--compile-engine-threads",
+        type=int,
+        nargs="*",
+        default=[],
+        help="engine-process server variants with --compile, by --engine-threads (0: the default)",
+    )
+    parser.add_argument(
+        "--reference-threads",
+        type=int,
+        nargs="*",
+        default=[],
+        help="transformers generate variants (static batches of --concurrency), by torch threads",
+    )
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="every variant")
     parser.add_argument("--json", type=Path, default=None)
     return parser.parse_args(argv)
 
@@ -172,7 +196,7 @@ def served_runner(
         }
         for i, (puzzle, _) in enumerate(pairs)
     ]
-    asyncio.run(run_load(url, bodies[:2], 2))  # warm-up
+    asyncio.run(run_load(url, bodies[:concurrency], concurrency))  # warm-up (a compiled server compiles)
     engine = engine_child(server.pid)
 
     def run(round_index: int) -> Run:
@@ -198,9 +222,36 @@ def served_runner(
     return run
 
 
+def reference_runner(
+    pairs: list[Pair], concurrency: int, dtype: torch.dtype, threads: int
+) -> Callable[[int], Run]:
+    """transformers' `generate` in static batches of `concurrency` (`bench/throughput.py`'s reference)."""
+    default_threads = torch.get_num_threads()
+
+    def run(round_index: int) -> Run:
+        torch.set_num_threads(threads or default_threads)
+        load = load_average()
+        side, solve_rate = run_reference_sudoku(pairs, concurrency, dtype)
+        torch.set_num_threads(default_threads)
+        return Run(
+            f"transformers generate, static batches ({threads or default_threads} torch threads)",
+            round_index,
+            side.wall_s,
+            round(side.tokens_per_s * side.wall_s),
+            0,
+            round(solve_rate * len(pairs)),
+            0,
+            load,
+            load_average(),
+            side.cpu_s,
+        )
+
+    return run
+
+
 def server_variants(args: argparse.Namespace) -> list[tuple[str, list[str], dict[str, str]]]:
     """(label, flags, environment) of each server to start."""
-    base = ["--max-num-seqs", str(args.concurrency), "--dtype", "float32", "--device", "cpu"]
+    base = ["--max-num-seqs", str(args.concurrency), "--dtype", args.dtype, "--device", "cpu"]
     variants = []
     for threads in args.server_threads:
         env = {"OMP_NUM_THREADS": str(threads)} if threads else {}
@@ -210,6 +261,11 @@ def server_variants(args: argparse.Namespace) -> list[tuple[str, list[str], dict
         flags = [*base, "--engine-process"] + (["--engine-threads", str(threads)] if threads else [])
         label = f"{threads} torch threads" if threads else "default threads"
         variants.append((f"served, engine process ({label})", flags, {}))
+    for threads in args.compile_engine_threads:
+        flags = [*base, "--engine-process", "--compile"]
+        flags += ["--engine-threads", str(threads)] if threads else []
+        label = f"{threads} torch threads" if threads else "default threads"
+        variants.append((f"served, engine process, --compile ({label})", flags, {}))
     return variants
 
 
@@ -218,10 +274,12 @@ def table(runs: list[Run]) -> str:
     variants = list(dict.fromkeys(r.variant for r in runs))
     medians = {v: statistics.median(r.wall_s for r in runs if r.variant == v) for v in variants}
     offline = next((v for v in variants if v.startswith("offline")), variants[0])
+    reference = next((v for v in variants if v.startswith("transformers")), None)
+    rates = {v: next(r.completion_tokens for r in runs if r.variant == v) / medians[v] for v in variants}
     lines = [
-        "| variant | runs | wall s (median) | wall s (all) | committed tok/s | vs offline | engine CPU s "
-        "| API CPU s | denoise passes | solved | errors |",
-        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| variant | runs | wall s (median) | wall s (all) | committed tok/s | vs offline | vs transformers "
+        "| engine CPU s | API CPU s | denoise passes | solved | errors |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for v in variants:
         mine = [r for r in runs if r.variant == v]
@@ -230,7 +288,8 @@ def table(runs: list[Run]) -> str:
         api_cpu = statistics.median(r.cpu_api_s for r in mine)
         lines.append(
             f"| {v} | {len(mine)} | {medians[v]:.2f} | {', '.join(f'{r.wall_s:.2f}' for r in mine)} "
-            f"| {tokens / medians[v]:.0f} | {medians[offline] / medians[v]:.2f}x | {engine_cpu:.1f} "
+            f"| {tokens / medians[v]:.0f} | {medians[offline] / medians[v]:.2f}x "
+            f"| {f'{tokens / medians[v] / rates[reference]:.2f}x' if reference else '-'} | {engine_cpu:.1f} "
             f"| {api_cpu:.1f} | {'/'.join(sorted({str(r.denoise_passes) for r in mine}))} | {mine[0].solved} "
             f"| {sum(r.errors for r in mine)} |"
         )
@@ -244,8 +303,10 @@ def main(argv: list[str] | None = None) -> int:
     pairs = [pair for band in banded_set(args.per_band, EVAL_SEED).values() for pair in band]
     servers: list[subprocess.Popen[bytes]] = []
     try:
-        llm = LLM.from_checkpoint(MODEL_DIR, EngineConfig(max_num_seqs=args.concurrency), dtype=torch.float32)
+        dtype = getattr(torch, args.dtype)
+        llm = LLM.from_checkpoint(MODEL_DIR, EngineConfig(max_num_seqs=args.concurrency), dtype=dtype)
         runners = [offline_runner(llm, pairs, threads) for threads in args.offline_threads]
+        runners += [reference_runner(pairs, args.concurrency, dtype, t) for t in args.reference_threads]
         for name, flags, env in server_variants(args):
             process, url = spawn_server(MODEL_DIR, flags, env)
             servers.append(process)

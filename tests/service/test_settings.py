@@ -70,6 +70,20 @@ def test_the_final_canvas_is_cached_by_default_and_flags_switch_it(monkeypatch: 
     assert parsed("--cache-final-canvas") is True
 
 
+def test_compile_is_off_by_default_and_refused_with_lora(monkeypatch: pytest.MonkeyPatch) -> None:
+    def parsed(*flags: str) -> bool:
+        settings = settings_from(build_parser().parse_args(["serve", *flags]))
+        return settings.engine_config(None).compile
+
+    assert parsed() is False
+    assert parsed("--compile") is True
+    monkeypatch.setenv("CANVAS_SERVE_COMPILE", "true")
+    assert parsed() is True
+    assert parsed("--no-compile") is False
+    with pytest.raises(ValidationError, match="compile and enable_lora cannot be combined"):
+        parsed("--enable-lora")
+
+
 def test_where_the_engine_runs_from_the_flags_and_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     def parsed(*flags: str) -> Settings:
         return settings_from(build_parser().parse_args(["serve", *flags]))
