@@ -24,6 +24,7 @@ Run: `make bench` (= `python bench/forward.py`), or e.g.
     python bench/forward.py --canvases 1 4 16 --reps 5 --threads 1 --json /tmp/forward.json
     python bench/forward.py --quick --canvases 1 --reps 1      # smoke check, a few seconds
     python bench/forward.py --dtype bf16 --profile 4            # top ops of one 4-canvas forward
+    python bench/forward.py --dtype bf16 --canvases 4 16 --compile   # ours with the server's --compile
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ from engine.attention.types import LayerCache, Segment
 from engine.config import ModelConfig
 from engine.kv_cache import KVCacheManager
 from engine.model.cache_tensors import allocate_layer_caches, cache_groups
+from engine.model.compiled import compile_layers
 from engine.model.diffusion_gemma import DiffusionGemma, ForwardBatch
 from engine.model.loader import load_checkpoint
 from engine.sampler import LMHead, logits_for
@@ -137,6 +139,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--profile", type=int, default=0, help="profile one forward of this many canvases")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     parser.add_argument("--quick", action="store_true", help="tiny config for a smoke check")
+    parser.add_argument(
+        "--compile", action="store_true", help="ours through engine.model.compiled (--compile of the server)"
+    )
     return parser.parse_args(argv)
 
 
@@ -329,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         save_random_checkpoint(Path(tmp), QUICK_TEXT if args.quick else FULL_TEXT, CANVAS_LENGTH, SEED)
         ours, reference = load_both(Path(tmp), dtype)
+    if args.compile:
+        compile_layers(ours)  # compiled by the warm-up forwards
     counts = param_counts(ours)
     print(
         f"params: {counts['total'] / 1e6:.1f}M total, {counts['active_per_token'] / 1e6:.1f}M active per "
