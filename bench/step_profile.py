@@ -15,6 +15,7 @@ block; `sampler` = `denoise_step`). Times are inclusive CPU time of the range, s
     python bench/step_profile.py --model bench --dtype bf16 --canvases 4 --threads 1
     python bench/step_profile.py --model sudoku --dtype fp32 bf16 --canvases 1 4 16
     python bench/step_profile.py --ab --reps 7     # step time before/after issue 21's changes, interleaved
+    python bench/step_profile.py --compile --model sudoku --dtype bf16 fp32 --reps 9   # eager vs --compile
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from engine.attention.base import BoundAttention
 from engine.attention.selection import select_attention_backend
 from engine.attention.types import LayerCache, Segment
 from engine.model.cache_tensors import allocate_layer_caches
+from engine.model.compiled import compile_layers
 from engine.model.diffusion_gemma import Attention, DiffusionGemma
 from engine.model.layers import Experts, GatedMLP, RMSNorm, Router, SelfConditioning, rms_norm_reference
 from engine.model.loader import load_checkpoint
@@ -232,6 +234,25 @@ def untiled_canvas_stats(
     return entropy, confidence, argmax, sample, sampler.soft_embedding(processed, head)
 
 
+def compile_case(model: DiffusionGemma, name: str, n: int, dtype_name: str, args: argparse.Namespace) -> None:
+    """Median step time of the eager model and of a compiled copy (`compile_layers`), taking turns."""
+    eager = make_step(model, name, n)
+    compiled_model = load_model(name, DTYPES[dtype_name])
+    compile_layers(compiled_model)
+    start = time.perf_counter()
+    compiled = make_step(compiled_model, name, n)  # its prefill and first step compile
+    compile_s = time.perf_counter() - start
+    old, new = time_interleaved([eager, compiled], args.warmup + 1, args.reps)
+    old_ms, new_ms = statistics.median(old.wall) * 1e3, statistics.median(new.wall) * 1e3
+    old_cpu, new_cpu = statistics.median(old.cpu) * 1e3, statistics.median(new.cpu) * 1e3
+    print(
+        f"{name:>6} {dtype_name:>4} canvases={n:<3d} wall: eager {old_ms:8.1f} ms  compiled {new_ms:8.1f} ms "
+        f"({old_ms / new_ms:4.2f}x)   CPU: eager {old_cpu:8.1f} ms  compiled {new_cpu:8.1f} ms "
+        f"({old_cpu / new_cpu:4.2f}x)   prefill and first step compiled {compile_s:.1f} s",
+        flush=True,
+    )
+
+
 def ab_case(step: Callable[[], None], name: str, n: int, dtype_name: str, args: argparse.Namespace) -> None:
     """Median step time before and after, the two taking turns (A, B, A, B, ...)."""
 
@@ -260,6 +281,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--top", type=int, default=14)
     parser.add_argument("--ab", action="store_true", help="time before/after issue 21 instead of profiling")
+    parser.add_argument(
+        "--compile", action="store_true", help="time eager against --compile (engine.model.compiled) instead"
+    )
     return parser.parse_args(argv)
 
 
@@ -267,11 +291,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     print("  ".join(f"{k}={v}" for k, v in machine_header().items()), flush=True)
-    for dtype_name in [] if args.ab else args.dtype:
+    for dtype_name in [] if args.ab or args.compile else args.dtype:
         print(f"matmul peak {dtype_name}: {matmul_gflops(DTYPES[dtype_name], 2048):.1f} GFLOP/s", flush=True)
     for name in args.model:
         for dtype_name in args.dtype:
             model = load_model(name, DTYPES[dtype_name])
+            if args.compile:
+                for n in args.canvases:
+                    compile_case(model, name, n, dtype_name, args)
+                continue
             annotate(model)
             for n in args.canvases:
                 one_case(model, name, n, dtype_name, args)
