@@ -32,6 +32,7 @@ from engine.model.loader import (
     read_defaults,
     read_model_config,
 )
+from engine.warm_up import warm_up
 from service.default_model import DEFAULT_ADAPTER_NAME, default_adapter_dir, default_model_dir
 from service.metrics import Metrics
 from service.served_models import Adapter, ServedModel
@@ -165,6 +166,9 @@ def build_engine(settings: Settings, detokenize: bool = True) -> Engine:
     except ValueError as error:
         raise SetupError(str(error)) from error
     load_lora_modules(engine, settings.lora_modules)
+    if settings.compile:
+        logger.info("--compile: compiling the model in a warm-up before serving")
+        logger.info("--compile: warm-up done in %.1f s", warm_up(engine))
     return engine
 
 
