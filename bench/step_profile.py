@@ -242,14 +242,16 @@ def compile_case(model: DiffusionGemma, name: str, n: int, dtype_name: str, args
     start = time.perf_counter()
     compiled = make_step(compiled_model, name, n)  # its prefill and first step compile
     compile_s = time.perf_counter() - start
-    old, new = time_interleaved([eager, compiled], args.warmup + 1, args.reps)
-    old_ms, new_ms = statistics.median(old.wall) * 1e3, statistics.median(new.wall) * 1e3
-    old_cpu, new_cpu = statistics.median(old.cpu) * 1e3, statistics.median(new.cpu) * 1e3
-    print(
-        f"{name:>6} {dtype_name:>4} canvases={n:<3d} wall: eager {old_ms:8.1f} ms  compiled {new_ms:8.1f} ms "
-        f"({old_ms / new_ms:4.2f}x)   CPU: eager {old_cpu:8.1f} ms  compiled {new_cpu:8.1f} ms "
-        f"({old_cpu / new_cpu:4.2f}x)   prefill and first step compiled {compile_s:.1f} s",
-        flush=True,
+    labels = ("eager", "compiled")
+    note = f"   prefill and first step compiled {compile_s:.1f} s"
+    print_interleaved(
+        f"{name:>6} {dtype_name:>4} canvases={n:<3d}",
+        labels,
+        eager,
+        compiled,
+        args.warmup + 1,
+        args.reps,
+        note,
     )
 
 
@@ -260,13 +262,33 @@ def ab_case(step: Callable[[], None], name: str, n: int, dtype_name: str, args: 
         with before_issue_21():
             step()
 
-    old, new = time_interleaved([before, step], args.warmup, args.reps)
+    print_interleaved(
+        f"{name:>6} {dtype_name:>4} canvases={n:<3d}",
+        ("before", "after"),
+        before,
+        step,
+        args.warmup,
+        args.reps,
+    )
+
+
+def print_interleaved(
+    case: str,
+    labels: tuple[str, str],
+    old_step: Callable[[], None],
+    new_step: Callable[[], None],
+    warmup: int,
+    reps: int,
+    note: str = "",
+) -> None:
+    """Time two steps in turn and print their median wall and CPU ms and the ratio."""
+    old, new = time_interleaved([old_step, new_step], warmup, reps)
     old_ms, new_ms = statistics.median(old.wall) * 1e3, statistics.median(new.wall) * 1e3
     old_cpu, new_cpu = statistics.median(old.cpu) * 1e3, statistics.median(new.cpu) * 1e3
+    a, b = labels
     print(
-        f"{name:>6} {dtype_name:>4} canvases={n:<3d} wall: before {old_ms:8.1f} ms  after {new_ms:8.1f} ms "
-        f"({old_ms / new_ms:4.2f}x)   CPU: before {old_cpu:8.1f} ms  after {new_cpu:8.1f} ms "
-        f"({old_cpu / new_cpu:4.2f}x)",
+        f"{case} wall: {a} {old_ms:8.1f} ms  {b} {new_ms:8.1f} ms ({old_ms / new_ms:4.2f}x)   "
+        f"CPU: {a} {old_cpu:8.1f} ms  {b} {new_cpu:8.1f} ms ({old_cpu / new_cpu:4.2f}x){note}",
         flush=True,
     )
 

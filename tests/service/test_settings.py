@@ -45,43 +45,38 @@ def test_the_help_says_what_max_waiting_is(capsys: pytest.CaptureFixture[str]) -
     assert "CANVAS_SERVE_MAX_WAITING" in help_text
 
 
-def test_prefix_caching_is_on_by_default_and_vllm_flags_switch_it(monkeypatch: pytest.MonkeyPatch) -> None:
+def engine_config_of(*flags: str) -> EngineConfig:
+    """The engine config `canvas-serve serve FLAGS` would run with (the environment included)."""
+    return settings_from(build_parser().parse_args(["serve", *flags])).engine_config(None)
+
+
+@pytest.mark.parametrize(
+    ("field", "flag", "default"),
+    [
+        ("enable_prefix_caching", "enable-prefix-caching", True),
+        ("cache_final_canvas", "cache-final-canvas", True),
+        ("compile", "compile", False),
+    ],
+)
+def test_a_switch_has_its_default_both_flags_and_an_environment_variable(
+    monkeypatch: pytest.MonkeyPatch, field: str, flag: str, default: bool
+) -> None:
     def parsed(*flags: str) -> bool:
-        settings = settings_from(build_parser().parse_args(["serve", *flags]))
-        return settings.engine_config(None).enable_prefix_caching
+        value = getattr(engine_config_of(*flags), field)
+        assert isinstance(value, bool)
+        return value
 
-    assert parsed() is True
-    assert parsed("--no-enable-prefix-caching") is False
-    assert parsed("--enable-prefix-caching") is True
-    monkeypatch.setenv("CANVAS_SERVE_ENABLE_PREFIX_CACHING", "false")
-    assert parsed() is False
-    assert parsed("--enable-prefix-caching") is True
-
-
-def test_the_final_canvas_is_cached_by_default_and_flags_switch_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    def parsed(*flags: str) -> bool:
-        settings = settings_from(build_parser().parse_args(["serve", *flags]))
-        return settings.engine_config(None).cache_final_canvas
-
-    assert parsed() is True
-    assert parsed("--no-cache-final-canvas") is False
-    monkeypatch.setenv("CANVAS_SERVE_CACHE_FINAL_CANVAS", "false")
-    assert parsed() is False
-    assert parsed("--cache-final-canvas") is True
+    assert parsed() is default
+    assert parsed(f"--{flag}") is True
+    assert parsed(f"--no-{flag}") is False
+    monkeypatch.setenv(f"CANVAS_SERVE_{field.upper()}", str(not default).lower())
+    assert parsed() is (not default)
+    assert parsed(f"--{flag}" if default else f"--no-{flag}") is default
 
 
-def test_compile_is_off_by_default_and_refused_with_lora(monkeypatch: pytest.MonkeyPatch) -> None:
-    def parsed(*flags: str) -> bool:
-        settings = settings_from(build_parser().parse_args(["serve", *flags]))
-        return settings.engine_config(None).compile
-
-    assert parsed() is False
-    assert parsed("--compile") is True
-    monkeypatch.setenv("CANVAS_SERVE_COMPILE", "true")
-    assert parsed() is True
-    assert parsed("--no-compile") is False
+def test_compile_is_refused_with_lora() -> None:
     with pytest.raises(ValidationError, match="compile and enable_lora cannot be combined"):
-        parsed("--enable-lora")
+        engine_config_of("--compile", "--enable-lora")
 
 
 def test_where_the_engine_runs_from_the_flags_and_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
