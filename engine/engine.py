@@ -91,11 +91,11 @@ class Engine:
             model_config, blocks, self.config.block_size, weight.dtype, weight.device
         )
         self.grammars = GrammarCompiler(tokenizer, model_config.vocab_size, defaults.eos_token_ids)
+        self.lora = self._lora_manager(model)
         if self.config.compile:
             from engine.model.compiled import compile_layers  # imports torch._dynamo: only when asked
 
             compile_layers(model)
-        self.lora = self._lora_manager(model)
         self.runner = ModelRunner(model, caches, self.grammars, self.lora)
         self.scheduler = Scheduler(
             self.config,

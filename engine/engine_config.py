@@ -60,7 +60,7 @@ class EngineConfig:
     """Adapters held in host memory at most; adding beyond it is refused. None: max(max_loras, 8)."""
     compile: bool = False
     """Run the layer stack through `torch.compile` (`engine.model.compiled`): fewer, fused ops per layer
-    for small models on the CPU, after a compilation in the first steps. Not with `enable_lora`."""
+    for small models on the CPU, after a compilation in the first steps."""
     guided_pin_skeleton: bool = True
     """Grammar-constrained requests pin the text their grammar forces at each canvas's start
     (`engine.guided_denoise`)."""
@@ -79,8 +79,6 @@ class EngineConfig:
         _check_min("max_loras", self.max_loras, 1)
         _check_min("max_lora_rank", self.max_lora_rank, 1)
         _check_min("max_cpu_loras", self.max_cpu_loras, self.max_loras)
-        if self.compile and self.enable_lora:
-            raise ValueError("compile and enable_lora cannot be combined yet: drop one of them")
 
     def resolve(self, canvas_length: int, max_position_embeddings: int) -> EngineConfig:
         """A copy with `max_model_len` and `max_num_batched_tokens` set for a model with these shapes.

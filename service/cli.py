@@ -115,8 +115,7 @@ def _serve_parser(serve: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="run the model's layers through torch.compile: small models step faster on the CPU after "
-        "compiling in the first steps (needs a C++ compiler; not with --enable-lora; "
-        "env CANVAS_SERVE_COMPILE)",
+        "compiling in a warm-up before serving (needs a C++ compiler; env CANVAS_SERVE_COMPILE)",
     )
     serve.add_argument(
         "--drain-timeout", dest="drain_timeout_s", type=float, help="seconds to drain on SIGTERM"

@@ -185,14 +185,11 @@ def load_lora_modules(engine: Engine, modules: list[LoRAModule]) -> None:
 def with_default_adapter(settings: Settings) -> Settings:
     """The settings `canvas-serve serve` runs with: the embedded model (no MODEL_DIR) comes with its
     `sudoku-hard` adapter when that is installed or checked out, unless --lora-modules names others or
-    --no-enable-lora (CANVAS_SERVE_ENABLE_LORA=0) asks for the base alone, or --compile (which LoRA does
-    not support yet) is on. --max-lora-rank, unless given, rises to the adapter's rank."""
+    --no-enable-lora (CANVAS_SERVE_ENABLE_LORA=0) asks for the base alone. --max-lora-rank, unless
+    given, rises to the adapter's rank."""
     refused = "enable_lora" in settings.model_fields_set and not settings.enable_lora
     adapter = default_adapter_dir()
     if settings.model is not None or settings.lora_modules or refused or adapter is None:
-        return settings
-    if settings.compile:
-        logger.info("--compile: serving the embedded model without its %s adapter", DEFAULT_ADAPTER_NAME)
         return settings
     update: dict[str, Any] = {
         "enable_lora": True,

@@ -100,7 +100,7 @@ class Settings(BaseSettings):
     causal pass), so the next turn of a conversation hits the whole answer."""
     compile: bool = ENGINE_DEFAULTS.compile
     """Run the model's layers through torch.compile (small models on the CPU step faster after a
-    compilation in the first steps; needs a C++ compiler). Not with enable_lora."""
+    compilation in the first steps; needs a C++ compiler)."""
 
     # LoRA adapters (vLLM's names): see service/served_models.py.
     enable_lora: bool = False

@@ -72,13 +72,19 @@ class LoRALinear(LinearMethod):
 
     def apply(self, layer: nn.Module, x: Tensor) -> Tensor:
         y = self.base.apply(layer, x)
+        self._add_delta(layer, x, y)
+        return y
+
+    @torch._dynamo.disable  # type: ignore[untyped-decorator]
+    def _add_delta(self, layer: nn.Module, x: Tensor, y: Tensor) -> None:
+        """Add this step's adapter deltas to `y` in place. Never compiled (`--compile`): it reads the
+        step's runs, which change every step, so a compiled layer calls it eagerly between its graphs."""
         runs = self.context.runs(self.decoder_tokens)
         stack = _stack(layer, "lora")
         if runs is None or runs.rows.isdisjoint(stack.ranks):
-            return y
+            return
         flat_x, flat_y = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])  # (N, in), (N, out)
         add_lora_delta(flat_y, flat_x, stack.a, stack.b, runs, stack.ranks)
-        return y
 
 
 class LoRAExperts(ExpertsMethod):

@@ -1,7 +1,10 @@
-"""`--compile`: the dense experts equal the loop, and a compiled engine generates what the eager one does.
+"""`--compile`: the dense experts equal the loop, compiled layers give the eager logits, and a compiled
+engine generates through them.
 
-Inductor compiles C++ on the CPU, so the engine test takes a few tens of seconds (one compilation per
-kind of layer, shared by every test in the process).
+Outputs are compared as logits within a tolerance, not as tokens: fused kernels round differently
+from eager ones, and a sampled token can flip on a 1e-6 difference (on another CPU, another time).
+Inductor compiles C++ on the CPU, so these take a few tens of seconds (one compilation per kind of
+layer, shared by every test in the process).
 """
 
 from __future__ import annotations
@@ -53,31 +56,29 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.mark.parametrize("kind", ["dense", "looped"])
-def test_compiled_engine_generates_what_the_eager_one_does(checkpoints: dict[str, Path], kind: str) -> None:
+def test_a_compiled_engine_generates_through_compiled_layers(checkpoints: dict[str, Path], kind: str) -> None:
     prompts = [[2, *range(10, 10 + n)] for n in (5, 12, 23)]
-    params = [SamplingParams(seed=i, max_tokens=40) for i in range(len(prompts))]
-    outputs = {}
-    for compiled in (False, True):
-        loaded = load_checkpoint(checkpoints[kind], with_tokenizer=False)
-        lockstep = lockstep_config(loaded.model, loaded.defaults, prompts, params, 16)
-        config = replace(lockstep, compile=compiled)
-        engine = Engine(loaded.model, loaded.defaults, None, config)
-        methods = {type(layer.experts.method) for layer in loaded.model.layers}
-        if compiled:
-            assert methods == ({DenseExperts} if kind == "dense" else {LoopedExperts})
-        forwards = {getattr(layer.forward, "func", None) for layer in loaded.model.layers}
-        assert forwards == ({compiled_module._compiled_forward} if compiled else {None})
-        results = LLM(engine).generate(prompts, params)
-        outputs[compiled] = [(r.token_ids, r.steps_per_canvas) for r in results]
-    assert outputs[True] == outputs[False]
-    assert all(len(ids) > 0 for ids, _ in outputs[True])
+    params = [SamplingParams(seed=i, max_tokens=40, stop_token_ids=()) for i in range(len(prompts))]
+    loaded = load_checkpoint(checkpoints[kind], with_tokenizer=False)
+    lockstep = lockstep_config(loaded.model, loaded.defaults, prompts, params, 16)
+    engine = Engine(loaded.model, loaded.defaults, None, replace(lockstep, compile=True))
+    assert {type(layer.experts.method) for layer in loaded.model.layers} == (
+        {DenseExperts} if kind == "dense" else {LoopedExperts}
+    )
+    assert {getattr(layer.forward, "func", None) for layer in loaded.model.layers} == {
+        compiled_module._compiled_forward
+    }
+    results = LLM(engine).generate(prompts, params)
+    assert [len(r.token_ids) for r in results] == [40, 40, 40]
+    assert all(steps > 0 for r in results for steps in r.steps_per_canvas)
 
 
-def test_compiled_layers_give_the_eager_logits(checkpoints: dict[str, Path]) -> None:
+@pytest.mark.parametrize("kind", ["dense", "looped"])
+def test_compiled_layers_give_the_eager_logits(checkpoints: dict[str, Path], kind: str) -> None:
     """One step holding two prompt prefills and a self-conditioned canvas, compiled against eager (fp32)."""
     logits = {}
     for compiled in (False, True):
-        model = load_checkpoint(checkpoints["dense"], with_tokenizer=False).model
+        model = load_checkpoint(checkpoints[kind], with_tokenizer=False).model
         if compiled:
             compile_layers(model)
         harness = Harness(model)

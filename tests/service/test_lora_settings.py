@@ -105,7 +105,6 @@ def test_the_embedded_model_comes_with_its_adapter_unless_told_otherwise(
     assert with_default_adapter(parsed("--max-lora-rank", "64")).max_lora_rank == 64
     assert with_default_adapter(parsed("--max-lora-rank", "8")).max_lora_rank == 8  # refused at load, then
     assert with_default_adapter(parsed("--no-enable-lora")).lora_modules == []
-    assert with_default_adapter(parsed("--compile")).lora_modules == []  # compiled: the base alone
     own = parsed("--enable-lora", "--lora-modules", f"mine={b}")
     assert with_default_adapter(own) == own
     assert with_default_adapter(parsed(str(b))).lora_modules == []  # another model: no default adapter

@@ -74,11 +74,6 @@ def test_a_switch_has_its_default_both_flags_and_an_environment_variable(
     assert parsed(f"--{flag}" if default else f"--no-{flag}") is default
 
 
-def test_compile_is_refused_with_lora() -> None:
-    with pytest.raises(ValidationError, match="compile and enable_lora cannot be combined"):
-        engine_config_of("--compile", "--enable-lora")
-
-
 def test_where_the_engine_runs_from_the_flags_and_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     def parsed(*flags: str) -> Settings:
         return settings_from(build_parser().parse_args(["serve", *flags]))

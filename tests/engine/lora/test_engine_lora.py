@@ -92,6 +92,16 @@ def test_mixed_batches_equal_each_request_alone(paths: dict[str, Path]) -> None:
     assert tokens(plain) == tokens(together["b"])
 
 
+def test_a_compiled_engine_serves_adapters(paths: dict[str, Path]) -> None:
+    """--compile with LoRA on: the deltas run eagerly between the compiled parts (their logits equal
+    PEFT's: test_parity); here the engine runs a mixed batch through them."""
+    mixed = engine(paths, enable_lora=True, max_loras=2, compile=True)
+    mixed.add_lora("every", str(paths["every"]))
+    outputs = {r: tokens(o) for r, o in run(mixed, {"b": None, "e": "every"}).items()}
+    assert all(len(ids) == 2 * CANVAS for ids in outputs.values())
+    assert outputs["e"] != outputs["b"]
+
+
 def test_errors_name_what_to_change(paths: dict[str, Path]) -> None:
     off = engine(paths)
     with pytest.raises(LoRAError, match="enable_lora"):

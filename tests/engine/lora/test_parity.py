@@ -19,6 +19,7 @@ from transformers import DiffusionGemmaForBlockDiffusion
 
 from engine.lora.manager import LoRAManager
 from engine.lora.targets import DECODER, ENCODER
+from engine.model.compiled import compile_layers
 from engine.model.loader import load_checkpoint
 from tests.engine.checkpoints import CANVAS, VOCAB, save_reference
 from tests.engine.lora.peft_adapters import EVERY_LINEAR, EXPERTS, make_adapter
@@ -82,10 +83,16 @@ def test_every_supported_target_is_in_the_every_adapter(setup: tuple[Path, Refer
     assert any(name.endswith("router.proj") for name, _ in adapter.weights)
 
 
-def test_mixed_batch_of_two_adapters_and_the_base_matches_peft(setup: tuple[Path, References]) -> None:
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_mixed_batch_of_two_adapters_and_the_base_matches_peft(
+    setup: tuple[Path, References], compiled: bool
+) -> None:
+    """Also with the layers compiled (`--compile`), as the engine compiles them: after LoRA is on."""
     root, refs = setup
     model = load_checkpoint(root / "base", with_tokenizer=False).model
     manager = LoRAManager(model, max_loras=2, max_lora_rank=8, max_cpu_loras=2)
+    if compiled:
+        compile_layers(model)
     ids = {name: manager.add(name, root / name).load_id for name in refs}
     harness = Harness(model, lora=manager)
     names: list[str | None] = [None, "every", "decoder_rs"]
