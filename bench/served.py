@@ -14,7 +14,7 @@ request per puzzle with seed = its index and the shipped sampler settings (adapt
 Optional variants: `--compile-engine-threads` (the engine-process server with `--compile`, warmed up
 by `--concurrency` requests, which compile it) and `--reference-threads` (transformers' `generate` in
 static batches of `--concurrency`, bench/throughput.py's reference, in this process; the table then
-compares every variant's committed tokens/s with it); `--dtype` sets
+compares every variant's committed tokens/s with it, at the same torch thread count); `--dtype` sets
 every variant's dtype (float32 by default).
 
 Every variant runs `--rounds` times, interleaved (the order rotates each round) so that a change in
@@ -36,6 +36,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -269,12 +270,23 @@ def server_variants(args: argparse.Namespace) -> list[tuple[str, list[str], dict
     return variants
 
 
+def versus_reference(variant: str, variants: list[str], rates: dict[str, float]) -> str:
+    """Committed tokens/s against transformers at the same torch thread count (the first one when
+    the variant names none, marked *); '-' without a transformers variant."""
+    references = [v for v in variants if v.startswith("transformers")]
+    if not references:
+        return "-"
+    threads = re.search(r"\b(\d+) torch threads", variant)
+    same = [v for v in references if threads and f"({threads[1]} torch threads)" in v]
+    reference = (same or references)[0]
+    return f"{rates[variant] / rates[reference]:.2f}x{'' if same else '*'}"
+
+
 def table(runs: list[Run]) -> str:
     """Median over rounds per variant, and its throughput relative to offline."""
     variants = list(dict.fromkeys(r.variant for r in runs))
     medians = {v: statistics.median(r.wall_s for r in runs if r.variant == v) for v in variants}
     offline = next((v for v in variants if v.startswith("offline")), variants[0])
-    reference = next((v for v in variants if v.startswith("transformers")), None)
     rates = {v: next(r.completion_tokens for r in runs if r.variant == v) / medians[v] for v in variants}
     lines = [
         "| variant | runs | wall s (median) | wall s (all) | committed tok/s | vs offline | vs transformers "
@@ -289,7 +301,7 @@ def table(runs: list[Run]) -> str:
         lines.append(
             f"| {v} | {len(mine)} | {medians[v]:.2f} | {', '.join(f'{r.wall_s:.2f}' for r in mine)} "
             f"| {tokens / medians[v]:.0f} | {medians[offline] / medians[v]:.2f}x "
-            f"| {f'{tokens / medians[v] / rates[reference]:.2f}x' if reference else '-'} | {engine_cpu:.1f} "
+            f"| {versus_reference(v, variants, rates)} | {engine_cpu:.1f} "
             f"| {api_cpu:.1f} | {'/'.join(sorted({str(r.denoise_passes) for r in mine}))} | {mine[0].solved} "
             f"| {sum(r.errors for r in mine)} |"
         )
