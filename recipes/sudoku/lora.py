@@ -67,6 +67,10 @@ class LoRATrainConfig:
     batch_size: int = 32
     self_cond_prob: float = 0.5
     ordered_fraction: float = 0.5
+    own_canvas: bool = False
+    """On self-conditioned steps the graded pass reads the canvas one sampler step builds from the first
+    pass (its own confident guesses, mistakes included) instead of the corrupted one (`train.py`'s
+    `--own-canvas-from`)."""
     dug_fraction: float = 1.0
     hard_fraction: float = 0.8
     """Share of examples at `hard_low`-`hard_high` clues; the rest at `easy_low`-`easy_high`."""
@@ -159,6 +163,7 @@ class LoRATrainer:
             batch,
             self.generator,
             self_cond,
+            own_canvas=self_cond and self.config.own_canvas,
             forwards=self.forwards,
             ordered_fraction=self.config.ordered_fraction,
             passes=self.passes,

@@ -17,6 +17,7 @@ from engine.model.loader import load_checkpoint
 from engine.request import SamplingParams
 from engine.sampler import soft_embedding
 from recipes.sudoku import MODEL_DIR, tokens
+from recipes.sudoku import lora as lora_module
 from recipes.sudoku.adapter_generate import generate_with_adapter
 from recipes.sudoku.dense_forward import head_logits, lm_head
 from recipes.sudoku.lora import ADAPTER_DIR, LoRATrainConfig, LoRATrainer, main
@@ -163,6 +164,7 @@ def test_command_line_run_and_resume(base_dir: Path, tmp_path: Path) -> None:
         "1",
     ]
     argv += ["--rank", "2", "--batch-size", "2", "--pool-size", "4", "--compile", "false", "--steps", "2"]
+    argv += ["--own-canvas", "true", "--self-cond-prob", "1.0"]
     assert main(argv) == 0
     assert (tmp_path / "hard" / "adapter_model.safetensors").is_file()
     assert main([*argv, "--resume", "--steps", "3"]) == 0
@@ -249,3 +251,30 @@ def test_a_validation_is_better_with_more_solved_then_fewer_steps() -> None:
     assert Validation(0.5, 11.0).better(Validation(0.5, 12.0))
     assert not Validation(0.5, 12.0).better(Validation(0.5, 12.0))
     assert not Validation(0.4, 3.0).better(Validation(0.5, 12.0))
+
+
+def test_own_canvas_reaches_the_loss_on_self_conditioned_steps(
+    base_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[tuple[bool, bool]] = []
+    original = lora_module.training_loss
+
+    def spy(*args: object, **kwargs: object) -> object:
+        seen.append((bool(args[3]), bool(kwargs["own_canvas"])))
+        return original(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(lora_module, "training_loss", spy)
+    config = LoRATrainConfig(
+        rank=2,
+        batch_size=2,
+        pool_size=4,
+        compile=False,
+        steps=6,
+        warmup=1,
+        own_canvas=True,
+        self_cond_prob=0.5,
+    )
+    LoRATrainer(config, base_dir, tmp_path / "a", tmp_path / "s.pt", tmp_path).run(tmp_path / "log.jsonl")
+    assert {own for self_cond, own in seen if self_cond} == {True}
+    assert {own for self_cond, own in seen if not self_cond} <= {False}
+    assert any(self_cond for self_cond, _ in seen)
