@@ -50,7 +50,7 @@ from engine.engine_config import EngineConfig, batched_tokens_for
 from engine.llm import LLM
 from engine.model.loader import load_checkpoint
 from engine.request import SamplingParams
-from engine.stats import EngineStats
+from engine.warm_up import warm_up
 from recipes.sudoku import MODEL_DIR as SUDOKU_DIR
 from recipes.sudoku import tokens as sudoku_tokens
 from recipes.sudoku.data import EVAL_SEED, Pair, banded_set
@@ -232,8 +232,8 @@ def run_ours_sudoku(
     puzzles: list[Pair], concurrency: int, dtype: torch.dtype, compile: bool = False
 ) -> tuple[Side, float, float]:
     """All puzzles queued at once through `LLM.generate`, at most `concurrency` running: (side, engine
-    overhead, solve rate). With `compile`, a warm-up generation of every puzzle's first canvas step
-    compiles the layers first (its time is printed, not counted)."""
+    overhead, solve rate). With `compile`, the server's warm-up (`engine.warm_up`) compiles the layers
+    first (its time is printed, not counted)."""
     checkpoint = load_checkpoint(SUDOKU_DIR, dtype=dtype, with_tokenizer=False)
     canvas = checkpoint.model.config.canvas_length
     budget = batched_tokens_for(concurrency, canvas, prefill_chunk=512)
@@ -241,10 +241,7 @@ def run_ours_sudoku(
     engine = Engine(checkpoint.model, checkpoint.defaults, None, config)
     prompts = [sudoku_tokens.prompt_ids(p) for p, _ in puzzles]
     if compile:
-        warm = time.perf_counter()
-        LLM(engine).generate(prompts[:concurrency], SamplingParams(seed=0, max_denoising_steps=2))
-        print(f"  compile warm-up: {time.perf_counter() - warm:.1f} s", flush=True)
-        engine.stats = EngineStats()
+        print(f"  compile warm-up: {warm_up(engine):.1f} s", flush=True)
     start, cpu = time.perf_counter(), time.process_time()
     results = LLM(engine).generate(prompts, [SamplingParams(seed=i) for i in range(len(prompts))])
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu
