@@ -209,10 +209,11 @@ class LoRATrainer:
         self.validated_at = state.get("validated_at", 0.0)
 
     def validate(self) -> dict[str, object]:
-        """Serve the current deltas on the validation set; the best so far is copied to the output."""
+        """Serve the deltas last saved (`save`, to `last_dir`) on the validation set; the best so far is
+        copied to the output. `run` saves right before each validation."""
         assert self.validator is not None
         self.validated_at = self.elapsed
-        result = self.validator.validate(self.adapter, self.last_dir, _base_name(self.base_dir))
+        result = self.validator.validate(self.last_dir)
         kept = result.better(self.best)
         if kept:
             self.best = result

@@ -2,9 +2,10 @@
 
 `AdapterValidator` holds a plain copy of the base model (the engine serves the base with the adapter
 beside it, so it cannot run on the training model, whose projections are wrapped) and a validation set
-(seed 3, never the held-out seed 2). `validate` writes the current deltas in PEFT's format, serves them
-as the server would (`adapter_generate.generate_with_adapter`) and returns the solve rate and median
-denoise steps; `better` says whether a result beats the best so far (more solved, then fewer steps).
+(seed 3, never the held-out seed 2). `validate` serves the deltas saved in an adapter directory as the
+server would (`eval.run_band` with the adapter: `adapter_generate.generate_with_adapter`) and returns the
+solve rate and median denoise steps; `better` says whether a result beats the best so far (more solved,
+then fewer steps).
 """
 
 from __future__ import annotations
@@ -14,12 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.model.loader import load_checkpoint
-from engine.request import SamplingParams
-from recipes.sudoku import tokens
-from recipes.sudoku.adapter_generate import generate_with_adapter
 from recipes.sudoku.data import DATA_DIR, VALID_SEED, Pair, banded_set
-from recipes.sudoku.eval import solves
-from recipes.sudoku.lora_adapter import Adapter
+from recipes.sudoku.eval import adaptive, run_band
 
 
 @dataclass(frozen=True)
@@ -44,15 +41,8 @@ class AdapterValidator:
         self.defaults = loaded.defaults
         self.pairs: list[Pair] = banded_set(size, VALID_SEED, data_dir, bands=(band,))[band]
 
-    def validate(self, adapter: Adapter, scratch_dir: Path, base_name: str) -> Validation:
-        adapter.save(scratch_dir, base_name)
-        prompts = [tokens.prompt_ids(puzzle) for puzzle, _ in self.pairs]
-        params = [SamplingParams(seed=i) for i in range(len(prompts))]
-        results = generate_with_adapter(self.model, self.defaults, prompts, params, scratch_dir)
-        steps = [
-            result.steps_per_canvas[0]
-            for result, (puzzle, _) in zip(results, self.pairs, strict=True)
-            if solves(result.token_ids, puzzle)
-        ]
-        median = float(statistics.median(steps)) if steps else float("inf")
-        return Validation(len(steps) / len(self.pairs), median)
+    def validate(self, adapter_dir: Path) -> Validation:
+        """The adapter saved in `adapter_dir` on every validation puzzle, in one `generate` call."""
+        band = run_band(self.model, self.defaults, self.pairs, adaptive, len(self.pairs), adapter_dir)
+        median = float(statistics.median(band.solved_steps)) if band.solved_steps else float("inf")
+        return Validation(band.solve_rate, median)

@@ -51,10 +51,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from engine.generate import generate
 from engine.model.diffusion_gemma import DiffusionGemma
 from engine.model.loader import load_checkpoint
-from engine.request import SamplingParams
 from engine.sampler import LMHead, sample_tokens, soft_embedding, token_entropy
 from recipes.sudoku import tokens
 from recipes.sudoku.checkpoint import init_checkpoint, save_checkpoint
@@ -79,7 +77,7 @@ from recipes.sudoku.dense_forward import (
     head_logits,
     lm_head,
 )
-from recipes.sudoku.eval import solves
+from recipes.sudoku.eval import adaptive, run_band
 from recipes.sudoku.weight_average import WeightAverage
 
 
@@ -259,13 +257,9 @@ def validate(model: DiffusionGemma, checkpoint_dir: Path, sets: dict[str, list[P
     out: dict[str, float] = {}
     model.eval()
     for band, pairs in sets.items():
-        prompts = [tokens.prompt_ids(p) for p, _ in pairs]
-        params = [SamplingParams(seed=i) for i in range(len(pairs))]
-        results = generate(model, defaults, prompts, params)
-        solved = [
-            r.steps_per_canvas[0] for r, (p, _) in zip(results, pairs, strict=True) if solves(r.token_ids, p)
-        ]
-        out[f"solve_{band}"] = len(solved) / len(pairs)
+        result = run_band(model, defaults, pairs, adaptive, len(pairs))
+        solved = result.solved_steps
+        out[f"solve_{band}"] = result.solve_rate
         out[f"steps_{band}"] = statistics.median(solved) if solved else float("nan")
     model.train()
     return out
