@@ -21,7 +21,14 @@ from engine.llm import LLM
 from engine.model import compiled as compiled_module
 from engine.model.compiled import compile_layers
 from engine.model.loader import load_checkpoint
-from engine.model.methods.plain import DenseExperts, LoopedExperts, dense_experts, looped_experts
+from engine.model.methods.plain import (
+    DenseExperts,
+    LoopedExperts,
+    dense_experts,
+    gelu_tanh,
+    gelu_tanh_by_sigmoid,
+    looped_experts,
+)
 from engine.request import SamplingParams
 from tests.engine.checkpoints import save_reference, save_tokenizer
 from tests.engine.model_harness import Harness, Part
@@ -41,6 +48,20 @@ def test_dense_experts_equal_the_loop(dtype: torch.dtype) -> None:
     assert got.dtype == want.dtype == dtype
     tolerance = 1e-6 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(got, want, atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_sigmoid_gelu_is_the_tanh_gelu(dtype: torch.dtype) -> None:
+    """What compiled layers run for `gelu_tanh`: the same function, rounded as F.gelu rounds."""
+    x = torch.linspace(-12, 12, 20001).to(dtype)
+    want = torch.nn.functional.gelu(x, approximate="tanh")
+    got = gelu_tanh_by_sigmoid(x)
+    assert got.dtype == dtype
+    tolerance = 2e-6 if dtype == torch.float32 else 8e-3  # bf16: at most one rounding step apart
+    torch.testing.assert_close(got, want, atol=tolerance, rtol=tolerance)
+    compiled = torch.compile(gelu_tanh, dynamic=False)
+    torch.testing.assert_close(compiled(x), want, atol=tolerance, rtol=tolerance)
+    torch.testing.assert_close(gelu_tanh(x), want, atol=0, rtol=0)  # eager: F.gelu itself
 
 
 @pytest.fixture(scope="module")
