@@ -16,7 +16,6 @@ from torch import Tensor, nn
 from engine.kernels.grouped_experts import grouped_experts, grouped_mm_fits
 from engine.model.methods.base import ExpertsMethod, LinearMethod, stored
 
-
 GELU_INNER = 2 * math.sqrt(2 / math.pi)
 """tanh-GELU as a sigmoid: 0.5 x (1 + tanh(z)) = x sigmoid(2 z), z = sqrt(2 / pi) (x + 0.044715 x^3)."""
 
