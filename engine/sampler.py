@@ -159,9 +159,14 @@ def sample_tokens(processed: Tensor, generator: torch.Generator) -> Tensor:
     and an exponential race both draw a [C, V] tensor of noise instead, which profiled at 13-16% of a
     16-canvas engine step on the CPU.
     """
-    cdf = processed.softmax(dim=-1, dtype=torch.float32).cumsum_(dim=-1)  # [C, V]
-    uniform = torch.rand((cdf.shape[0], 1), generator=generator, device=cdf.device)  # [C, 1]
-    picks = torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True)  # [C, 1]
+    uniform = torch.rand((processed.shape[0], 1), generator=generator, device=processed.device)  # [C, 1]
+    return sample_tokens_from_uniforms(processed, uniform)
+
+
+def sample_tokens_from_uniforms(processed: Tensor, uniform: Tensor) -> Tensor:
+    """`sample_tokens` with its uniforms given: processed [R, V] fp32, uniform [R, 1] -> [R] long."""
+    cdf = processed.softmax(dim=-1, dtype=torch.float32).cumsum_(dim=-1)  # [R, V]
+    picks = torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True)  # [R, 1]
     return picks.squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
 
 
@@ -267,11 +272,11 @@ def _step_canvas(
     temp = temperature(state.step, params.max_steps, params.t_min, params.t_max, hidden_tile.device)
     entropy, confidence, argmax, sample, self_cond = _canvas_stats(hidden_tile, head, temp, state.generator)
     if state.pinned is not None:
-        entropy, argmax, confidence = _apply_pins(state.pinned, state.tokens, entropy, argmax, confidence)
+        entropy, argmax, confidence = apply_pins(state.pinned, state.tokens, entropy, argmax, confidence)
     free = None if state.pinned is None else ~state.pinned
     accepted = accept_mask(entropy, params.entropy_bound)  # [C]
     state.tokens = renoise(state.tokens, sample, accepted, state.pinned, head.vocab_size, state.generator)
-    stable = _push_history(state, argmax)
+    stable = push_history(state, argmax)
     mean_entropy = _mean_entropy(entropy, free)
     stop = stable & (mean_entropy < params.confidence_threshold)
     num_accepted = (accepted if free is None else accepted & free).sum()
@@ -339,7 +344,7 @@ def _tiled_canvas_stats(
     return entropy, confidence, argmax, sample, self_cond
 
 
-def _apply_pins(
+def apply_pins(
     pinned: Tensor, tokens: Tensor, entropy: Tensor, argmax: Tensor, confidence: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
     """At pinned positions: entropy 0 (no share of the budget), the pinned token, confidence 1. All [C]."""
@@ -350,7 +355,7 @@ def _apply_pins(
     )
 
 
-def _push_history(state: CanvasState, argmax: Tensor) -> Tensor:
+def push_history(state: CanvasState, argmax: Tensor) -> Tensor:
     """0-d bool: `argmax` equals every row of the history (True when it has none); then push it."""
     if state.history.shape[0] == 0:
         return torch.ones((), dtype=torch.bool, device=argmax.device)
