@@ -36,7 +36,6 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -77,6 +76,8 @@ class Run:
     whole server)."""
     cpu_api_s: float = 0.0
     """CPU seconds of the API process beside an engine core process (0 otherwise)."""
+    threads: int | None = None
+    """Torch threads of whatever steps the model (None: the server's default, not known here)."""
 
     @property
     def tokens_per_s(self) -> float:
@@ -180,13 +181,19 @@ def offline_runner(llm: LLM, pairs: list[Pair], threads: int) -> Callable[[int],
             load,
             load_average(),
             cpu,
+            threads=threads or default_threads,
         )
 
     return run
 
 
 def served_runner(
-    name: str, server: subprocess.Popen[bytes], url: str, pairs: list[Pair], concurrency: int
+    name: str,
+    server: subprocess.Popen[bytes],
+    url: str,
+    pairs: list[Pair],
+    concurrency: int,
+    threads: int | None,
 ) -> Callable[[int], Run]:
     bodies: list[dict[str, Any]] = [
         {
@@ -218,6 +225,7 @@ def served_runner(
             load_average(),
             engine_cpu,
             api_cpu if engine else 0.0,
+            threads,
         )
 
     return run
@@ -245,39 +253,41 @@ def reference_runner(
             load,
             load_average(),
             side.cpu_s,
+            threads=threads or default_threads,
         )
 
     return run
 
 
-def server_variants(args: argparse.Namespace) -> list[tuple[str, list[str], dict[str, str]]]:
-    """(label, flags, environment) of each server to start."""
+def server_variants(args: argparse.Namespace) -> list[tuple[str, list[str], dict[str, str], int | None]]:
+    """(label, flags, environment, torch threads or None for the default) of each server to start."""
     base = ["--max-num-seqs", str(args.concurrency), "--dtype", args.dtype, "--device", "cpu"]
     variants = []
     for threads in args.server_threads:
         env = {"OMP_NUM_THREADS": str(threads)} if threads else {}
         label = f"OMP_NUM_THREADS={threads}" if threads else "default threads"
-        variants.append((f"served, engine thread ({label})", [*base, "--no-engine-process"], env))
+        variants.append(
+            (f"served, engine thread ({label})", [*base, "--no-engine-process"], env, threads or None)
+        )
     for threads in args.engine_threads:
         flags = [*base, "--engine-process"] + (["--engine-threads", str(threads)] if threads else [])
         label = f"{threads} torch threads" if threads else "default threads"
-        variants.append((f"served, engine process ({label})", flags, {}))
+        variants.append((f"served, engine process ({label})", flags, {}, threads or None))
     for threads in args.compile_engine_threads:
         flags = [*base, "--engine-process", "--compile"]
         flags += ["--engine-threads", str(threads)] if threads else []
         label = f"{threads} torch threads" if threads else "default threads"
-        variants.append((f"served, engine process, --compile ({label})", flags, {}))
+        variants.append((f"served, engine process, --compile ({label})", flags, {}, threads or None))
     return variants
 
 
-def versus_reference(variant: str, variants: list[str], rates: dict[str, float]) -> str:
+def versus_reference(variant: str, threads: dict[str, int | None], rates: dict[str, float]) -> str:
     """Committed tokens/s against transformers at the same torch thread count (the first one when
-    the variant names none, marked *); '-' without a transformers variant."""
-    references = [v for v in variants if v.startswith("transformers")]
+    the variant's is not known, marked *); '-' without a transformers variant."""
+    references = [v for v in threads if v.startswith("transformers")]
     if not references:
         return "-"
-    threads = re.search(r"\b(\d+) torch threads", variant)
-    same = [v for v in references if threads and f"({threads[1]} torch threads)" in v]
+    same = [v for v in references if threads[variant] is not None and threads[v] == threads[variant]]
     reference = (same or references)[0]
     return f"{rates[variant] / rates[reference]:.2f}x{'' if same else '*'}"
 
@@ -288,6 +298,7 @@ def table(runs: list[Run]) -> str:
     medians = {v: statistics.median(r.wall_s for r in runs if r.variant == v) for v in variants}
     offline = next((v for v in variants if v.startswith("offline")), variants[0])
     rates = {v: next(r.completion_tokens for r in runs if r.variant == v) / medians[v] for v in variants}
+    threads = {v: next(r.threads for r in runs if r.variant == v) for v in variants}
     lines = [
         "| variant | runs | wall s (median) | wall s (all) | committed tok/s | vs offline | vs transformers "
         "| engine CPU s | API CPU s | denoise passes | solved | errors |",
@@ -301,7 +312,7 @@ def table(runs: list[Run]) -> str:
         lines.append(
             f"| {v} | {len(mine)} | {medians[v]:.2f} | {', '.join(f'{r.wall_s:.2f}' for r in mine)} "
             f"| {tokens / medians[v]:.0f} | {medians[offline] / medians[v]:.2f}x "
-            f"| {versus_reference(v, variants, rates)} | {engine_cpu:.1f} "
+            f"| {versus_reference(v, threads, rates)} | {engine_cpu:.1f} "
             f"| {api_cpu:.1f} | {'/'.join(sorted({str(r.denoise_passes) for r in mine}))} | {mine[0].solved} "
             f"| {sum(r.errors for r in mine)} |"
         )
@@ -319,10 +330,10 @@ def main(argv: list[str] | None = None) -> int:
         llm = LLM.from_checkpoint(MODEL_DIR, EngineConfig(max_num_seqs=args.concurrency), dtype=dtype)
         runners = [offline_runner(llm, pairs, threads) for threads in args.offline_threads]
         runners += [reference_runner(pairs, args.concurrency, dtype, t) for t in args.reference_threads]
-        for name, flags, env in server_variants(args):
+        for name, flags, env, threads in server_variants(args):
             process, url = spawn_server(MODEL_DIR, flags, env)
             servers.append(process)
-            runners.append(served_runner(name, process, url, pairs, args.concurrency))
+            runners.append(served_runner(name, process, url, pairs, args.concurrency, threads))
         runs = []
         for round_index in range(args.rounds):
             shift = round_index % len(runners)
