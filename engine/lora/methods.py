@@ -182,8 +182,12 @@ def enable_lora(
 ) -> tuple[LoRAContext, dict[str, LoRAStack]]:
     """Give every target of `model` a zero `LoRAStack` of `2 * max_loras` rows and wrap its method.
 
-    Returns the context the wrappers read and the stacks by target name (`model_targets`' names).
+    Returns the context the wrappers read and the stacks by target name (`model_targets`' names). A
+    model that already serves LoRA (an engine built on it before) is refused: its wrapped experts would
+    no longer be targets, and its linears would nest a second wrapper around the first.
     """
+    if any(isinstance(getattr(m, "method", None), LoRALinear | LoRAExperts) for m in model.modules()):
+        raise ValueError("LoRA is already enabled on this model: build each LoRA engine on its own copy")
     context = LoRAContext()
     weight = model.embed_tokens.weight
     stacks: dict[str, LoRAStack] = {}

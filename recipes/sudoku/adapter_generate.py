@@ -7,6 +7,7 @@ ones on the denoise passes (`engine.lora`).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -29,12 +30,13 @@ def generate_with_adapter(
     block_size: int = 16,
 ) -> list[GenerationResult]:
     """Token-id prompts -> results in prompt order, every request on the adapter at `adapter_dir`
-    (loaded under its directory's name, `max_lora_rank` its rank)."""
+    (loaded under its directory's name, `max_lora_rank` its rank). The engine serves a copy of `model`
+    (enabling LoRA wraps the model's modules), so `model` stays plain for the next call."""
     config = replace(
         lockstep_config(model, defaults, prompts, params, block_size),
         enable_lora=True,
         max_lora_rank=read_peft_config(adapter_dir).r,
     )
-    engine = Engine(model, defaults, None, config)
+    engine = Engine(copy.deepcopy(model), defaults, None, config)  # LoRA wraps the model it serves
     engine.add_lora(adapter_dir.name, str(adapter_dir))
     return LLM(engine).generate(list(prompts), params, lora_name=adapter_dir.name)

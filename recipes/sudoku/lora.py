@@ -59,6 +59,8 @@ class LoRATrainConfig:
     attention: bool = True
     mlp: bool = True
     self_conditioning: bool = True
+    experts: bool = False
+    """LoRA on the MoE experts too (PEFT's `target_parameters`)."""
     lr: float = 7e-4
     min_lr_ratio: float = 0.025
     warmup: int = 50
@@ -93,7 +95,13 @@ class LoRATrainConfig:
 
     def spec(self) -> LoRASpec:
         return LoRASpec(
-            self.rank, self.alpha, self.use_rslora, self.attention, self.mlp, self.self_conditioning
+            self.rank,
+            self.alpha,
+            self.use_rslora,
+            self.attention,
+            self.mlp,
+            self.self_conditioning,
+            self.experts,
         )
 
     def schedule(self) -> TrainConfig:

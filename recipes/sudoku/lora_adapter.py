@@ -3,16 +3,20 @@
 `Adapter.attach` wraps the target projections of a (frozen) `DiffusionGemma` in `LoRALinear`s with an
 encoder-side and a decoder-side delta (the self-conditioning MLP, decoder-only in transformers, only a
 decoder-side one), and `passes` runs `encode_prompts` on the encoder side and `decode_canvases` on the
-decoder side: the causal prompt pass is transformers' encoder, the denoise pass its decoder.
+decoder side: the causal prompt pass is transformers' encoder, the denoise pass its decoder. With
+`LoRASpec.experts` every layer's experts are wrapped too (`lora_experts.LoRAExperts`: deltas on both
+3-D weights, in PEFT's `target_parameters` layout).
 
 Files (`save` / `load`), as `PeftModel.save_pretrained` writes them:
 - `adapter_model.safetensors`: `base_model.model.<module>.lora_A.weight` (r, in) and `.lora_B.weight`
   (out, r), where <module> is transformers' path, e.g. `model.encoder.language_model.layers.3.self_attn.
   q_proj` (encoder side) or `model.decoder.layers.3.self_attn.q_proj`, `model.decoder.self_conditioning.
-  up_proj` (decoder side);
+  up_proj` (decoder side); an expert weight's pair is (E * r, in) and (out, E * r) under
+  `<layer>.experts.base_layer` (gate_up_proj) or `<layer>.experts` (down_proj);
 - `adapter_config.json`: `peft_type` LORA, `r`, `lora_alpha`, `use_rslora` (scaling alpha / sqrt(r),
   else alpha / r), and `target_modules` as one regular expression PEFT full-matches against module
-  names, naming the text layers' projections only (a bare `q_proj` would also match the vision tower's).
+  names, naming the text layers' projections only (a bare `q_proj` would also match the vision tower's),
+  and `target_parameters` (the experts' weights, or none).
 tests/recipes/test_lora.py checks that PEFT loading these files gives the logits `passes` gives.
 """
 
@@ -39,9 +43,16 @@ from recipes.sudoku.dense_forward import (
     decode_canvases,
     encode_prompts,
 )
+from recipes.sudoku.lora_experts import LoRAExperts, LoRAExpertWeight
 from recipes.sudoku.lora_linear import ROLES, LoRALinear, Role, Side
 
+LoRAModule = LoRALinear | LoRAExpertWeight
+"""What holds one target's deltas: `lora_A` and `lora_B`, a parameter per side."""
+
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")
+EXPERT_MODULES = {"gate_up_proj": "experts.base_layer", "down_proj": "experts"}
+"""Where PEFT's nested wrappers put each expert weight's pair, relative to the layer."""
 MLP = ("gate_proj", "up_proj", "down_proj")
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
@@ -61,6 +72,9 @@ class LoRASpec:
     """The dense MLP's gate/up/down of every layer, both sides."""
     self_conditioning: bool = True
     """The self-conditioning MLP's gate/up/down (decoder side only: it runs only in the denoise pass)."""
+    experts: bool = False
+    """The MoE experts' gate_up_proj and down_proj of every layer, both sides (PEFT's
+    `target_parameters`; `lora_experts.py`)."""
 
     @property
     def scaling(self) -> float:
@@ -79,8 +93,13 @@ class LoRASpec:
         if self.self_conditioning:
             parts.append(rf"model\.decoder\.self_conditioning\.({'|'.join(MLP)})")
         if not parts:
-            raise ValueError("LoRASpec targets nothing: enable attention, mlp or self_conditioning")
+            raise ValueError("LoRASpec targets no projection: enable attention, mlp or self_conditioning")
         return "|".join(parts)
+
+    def target_parameters(self) -> list[str] | None:
+        """PEFT's `target_parameters`: the experts' 3-D weights, gate_up_proj first (its wrapper is the
+        inner one, `experts.base_layer`)."""
+        return [f"experts.{name}" for name in EXPERT_WEIGHTS] if self.experts else None
 
 
 def peft_module(name: str, role: Role) -> str:
@@ -121,11 +140,28 @@ def _targets(model: DiffusionGemma, spec: LoRASpec) -> Iterator[tuple[str, tuple
             yield f"self_conditioning.{p}", ("decoder",)
 
 
+def _attach_experts(
+    model: DiffusionGemma, spec: LoRASpec, side: Side, generator: torch.Generator
+) -> dict[str, LoRAModule]:
+    """Wrap every layer's experts in `LoRAExperts`; its two weights' deltas by PEFT's module names."""
+    modules: dict[str, LoRAModule] = {}
+    for i, layer in enumerate(model.layers):
+        if isinstance(layer.experts, LoRAExperts):
+            raise ValueError(f"layers.{i}.experts already has a LoRA adapter attached")
+        wrapped = LoRAExperts(layer.experts, spec.rank, spec.scaling, ROLES, side)
+        wrapped.to(device=model.embed_tokens.weight.device)
+        for weight_name, weight in (("gate_up_proj", wrapped.gate_up), ("down_proj", wrapped.down)):
+            weight.reset(generator)
+            modules[f"layers.{i}.{EXPERT_MODULES[weight_name]}"] = weight
+        layer.experts = wrapped  # type: ignore[assignment]
+    return modules
+
+
 class Adapter:
-    """The LoRA deltas attached to one model, by our module name."""
+    """The LoRA deltas attached to one model, by our module name (an expert weight's: PEFT's)."""
 
     def __init__(
-        self, model: DiffusionGemma, spec: LoRASpec, side: Side, modules: dict[str, LoRALinear]
+        self, model: DiffusionGemma, spec: LoRASpec, side: Side, modules: dict[str, LoRAModule]
     ) -> None:
         self.model = model
         self.spec = spec
@@ -137,7 +173,7 @@ class Adapter:
         """Freeze `model` and wrap its target projections (in place), deltas initialised as PEFT does."""
         model.requires_grad_(False)
         side = Side()
-        modules: dict[str, LoRALinear] = {}
+        modules: dict[str, LoRAModule] = {}
         for name, roles in _targets(model, spec):
             parent_name, attr = name.rsplit(".", 1)
             parent = model.get_submodule(parent_name)
@@ -151,6 +187,8 @@ class Adapter:
             wrapped.reset(generator)
             setattr(parent, attr, wrapped)
             modules[name] = wrapped
+        if spec.experts:
+            modules |= _attach_experts(model, spec, side, generator)
         return cls(model, spec, side, modules)
 
     def parameters(self) -> list[nn.Parameter]:
@@ -234,6 +272,7 @@ def adapter_config(spec: LoRASpec, base_model: str) -> dict[str, object]:
         "lora_alpha": spec.alpha,
         "use_rslora": spec.use_rslora,
         "target_modules": spec.target_modules(),
+        "target_parameters": spec.target_parameters(),
         "lora_dropout": 0.0,
         "bias": "none",
         "fan_in_fan_out": False,
@@ -257,6 +296,7 @@ def read_spec(directory: Path) -> LoRASpec:
         attention="self_attn" in pattern,
         mlp=r"mlp\." in pattern,
         self_conditioning="self_conditioning" in pattern,
+        experts=bool(config.get("target_parameters")),
     )
 
 

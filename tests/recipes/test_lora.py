@@ -72,6 +72,8 @@ def _transformers(
         LoRASpec(rank=4, alpha=8.0, use_rslora=True),
         LoRASpec(rank=2, alpha=4.0, use_rslora=False, mlp=False),
         LoRASpec(rank=3, alpha=3.0, attention=False, self_conditioning=False),
+        LoRASpec(rank=2, alpha=4.0, use_rslora=True, mlp=False, experts=True),
+        LoRASpec(rank=3, alpha=6.0, attention=False, mlp=False, experts=True),
     ],
 )
 def test_peft_gives_the_training_forward_logits(base_dir: Path, tmp_path: Path, spec: LoRASpec) -> None:
@@ -184,7 +186,7 @@ def test_engine_serves_the_saved_adapter(base_dir: Path, tmp_path: Path) -> None
     zero.save(tmp_path / "zero", str(base_dir))
     served = generate_with_adapter(checkpoint.model, checkpoint.defaults, prompts, params, tmp_path / "zero")
     assert [r.token_ids for r in served] == [r.token_ids for r in base]
-    _random_adapter(base_dir, LoRASpec(rank=4)).save(tmp_path / "random", str(base_dir))
+    _random_adapter(base_dir, LoRASpec(rank=4, experts=True)).save(tmp_path / "random", str(base_dir))
     served = generate_with_adapter(
         checkpoint.model, checkpoint.defaults, prompts, params, tmp_path / "random"
     )

@@ -212,3 +212,15 @@ def test_model_targets_list_every_linear_and_plain_experts() -> None:
     assert "layers.0.self_attn.q_proj" in targets and "layers.3.router.proj" in targets
     assert "self_conditioning.down_proj" in targets and "layers.2.experts.down_proj" in targets
     assert "layers.1.self_attn.v_proj" not in targets  # full-attention layers have no v_proj (K = V)
+
+
+def test_a_model_serves_one_lora_engine_only() -> None:
+    """A second `enable_lora` on one model is refused: it would find the experts already wrapped (no
+    longer targets) and nest a second wrapper around each linear."""
+    from engine.lora.manager import LoRAManager
+    from tests.engine.checkpoints import tiny_model_config
+
+    model = DiffusionGemma(tiny_model_config())
+    LoRAManager(model, max_loras=1, max_lora_rank=4, max_cpu_loras=1)
+    with pytest.raises(ValueError, match="LoRA is already enabled on this model"):
+        LoRAManager(model, max_loras=1, max_lora_rank=4, max_cpu_loras=1)
