@@ -14,15 +14,13 @@ so the deltas train through the merge; otherwise the wrapped module runs unchang
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 
 from engine.model.layers import Experts
 from engine.model.methods.base import stored
 from engine.model.methods.plain import looped_experts
-from recipes.sudoku.lora_linear import Role, Side
+from recipes.sudoku.lora_linear import Role, Side, peft_init
 
 
 class LoRAExpertWeight(nn.Module):
@@ -41,14 +39,7 @@ class LoRAExpertWeight(nn.Module):
         )
 
     def reset(self, generator: torch.Generator) -> None:
-        """PEFT's default init: A Kaiming-uniform (bound 1 / sqrt(in)), B zero."""
-        for weight in self.lora_A.values():
-            bound = 1 / math.sqrt(weight.shape[1])
-            with torch.no_grad():
-                weight.uniform_(-bound, bound, generator=generator)
-        for weight in self.lora_B.values():
-            with torch.no_grad():
-                weight.zero_()
+        peft_init(self.lora_A, self.lora_B, generator)
 
     def delta(self, role: Role) -> Tensor:
         """(E, out, in): expert e's B_e A_e (unscaled)."""

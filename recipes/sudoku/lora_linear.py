@@ -21,6 +21,17 @@ Role = Literal["encoder", "decoder"]
 ROLES: tuple[Role, ...] = ("encoder", "decoder")
 
 
+def peft_init(lora_a: nn.ParameterDict, lora_b: nn.ParameterDict, generator: torch.Generator) -> None:
+    """PEFT's default init of every side's pair: A Kaiming-uniform (a = sqrt(5): bound 1 / sqrt(in)),
+    B zero."""
+    with torch.no_grad():
+        for weight in lora_a.values():
+            bound = 1 / math.sqrt(weight.shape[1])
+            weight.uniform_(-bound, bound, generator=generator)
+        for weight in lora_b.values():
+            weight.zero_()
+
+
 class Side:
     """Which side of the model the running pass is: set around each pass, None outside them."""
 
@@ -56,14 +67,7 @@ class LoRALinear(nn.Module):
         )
 
     def reset(self, generator: torch.Generator) -> None:
-        """PEFT's default init: A Kaiming-uniform (a = sqrt(5): bound 1 / sqrt(in)), B zero."""
-        for weight in self.lora_A.values():
-            bound = 1 / math.sqrt(weight.shape[1])
-            with torch.no_grad():
-                weight.uniform_(-bound, bound, generator=generator)
-        for weight in self.lora_B.values():
-            with torch.no_grad():
-                weight.zero_()
+        peft_init(self.lora_A, self.lora_B, generator)
 
     def forward(self, x: Tensor) -> Tensor:
         out: Tensor = self.base(x)

@@ -9,6 +9,7 @@ from torch import Tensor
 from engine.packed_sampler import PACKED_BYTES, can_pack, packed_denoise_step
 from engine.request import FREE
 from engine.sampler import CanvasState, LMHead, StepParams, StepResult, denoise_step, init_canvas
+from tests.engine.test_sampler import make_params
 
 VOCAB, HIDDEN, CANVAS = 32, 24, 21
 
@@ -18,29 +19,17 @@ def make_head(dtype: torch.dtype) -> LMHead:
     return LMHead.tied(weight.to(dtype), softcap=30.0)
 
 
-def params(stability: int, **overrides: float) -> StepParams:
-    values = {
-        "max_steps": 9,
-        "t_min": 0.4,
-        "t_max": 0.8,
-        "entropy_bound": 0.3,
-        "confidence": 0.05,
-    } | overrides
-    return StepParams(
-        max_steps=int(values["max_steps"]),
-        t_min=values["t_min"],
-        t_max=values["t_max"],
-        entropy_bound=values["entropy_bound"],
-        stability_threshold=stability,
-        confidence_threshold=values["confidence"],
-    )
-
-
 def canvases(stabilities: list[int], pinned: list[bool]) -> tuple[list[CanvasState], list[StepParams]]:
     """One canvas per entry, each with its own seed and generator and its own sampler parameters."""
     states, step_params = [], []
     for i, (stability, pins) in enumerate(zip(stabilities, pinned, strict=True)):
-        p = params(stability, t_max=0.8 + 0.1 * i, entropy_bound=0.05 * (i + 1), confidence=0.01 * (i + 1))
+        p = make_params(
+            max_steps=9,
+            t_max=0.8 + 0.1 * i,
+            entropy_bound=0.05 * (i + 1),
+            stability_threshold=stability,
+            confidence_threshold=0.01 * (i + 1),
+        )
         canvas = tuple(7 if j % 4 == 1 else FREE for j in range(CANVAS)) if pins else None
         generator = torch.Generator().manual_seed(100 + i)
         states.append(init_canvas(CANVAS, VOCAB, stability, generator, canvas))
