@@ -247,12 +247,15 @@ def test_validation_keeps_the_best_adapter(base_dir: Path, tmp_path: Path) -> No
     assert any(not torch.equal(first[k], v) for k, v in last.state_dict().items())
 
 
-def test_a_validation_is_better_with_more_solved_then_fewer_steps() -> None:
+def test_a_validation_is_better_within_the_median_bound_then_with_more_solved_then_fewer_steps() -> None:
     assert Validation(0.5, 12.0).better(None)
-    assert Validation(0.6, 14.0).better(Validation(0.5, 12.0))
+    assert Validation(0.6, 11.0).better(Validation(0.5, 12.0))
     assert Validation(0.5, 11.0).better(Validation(0.5, 12.0))
     assert not Validation(0.5, 12.0).better(Validation(0.5, 12.0))
     assert not Validation(0.4, 3.0).better(Validation(0.5, 12.0))
+    assert not Validation(0.64, 18.0).better(Validation(0.62, 12.0)), "past 12 steps misses the target"
+    assert Validation(0.62, 12.0).better(Validation(0.64, 18.0))
+    assert Validation(0.3, 20.0).better(Validation(0.2, 13.0)), "past the bound: more solved still wins"
 
 
 def test_own_canvas_reaches_the_loss_on_self_conditioned_steps(
