@@ -2,8 +2,8 @@
 
 One step is what `ModelRunner.execute` does for N canvases already past their first step: the trunk
 forward over N bidirectional canvas segments that read a prefilled prompt from the paged cache (with
-the self-conditioning input), then the runner's sampler step (`denoise_step`, or
-`packed_denoise_step` where `can_pack`: LM head, entropy, sampling, soft embedding) for
+the self-conditioning input), then the runner's sampler step (`step_canvases`: `denoise_step`, or
+`packed_denoise_step` where it can: LM head, entropy, sampling, soft embedding) for
 every canvas. Two models: the bench model of `bench/forward.py` (random init, about 100M parameters,
 canvas 256, vocab 32768) and the shipped Sudoku model (`models/sudoku`, 8 layers of hidden 128,
 canvas 82).
@@ -50,9 +50,9 @@ from engine.model.compiled import compile_layers
 from engine.model.diffusion_gemma import Attention, DiffusionGemma
 from engine.model.layers import Experts, GatedMLP, RMSNorm, Router, SelfConditioning, rms_norm_reference
 from engine.model.loader import load_checkpoint
-from engine.packed_sampler import can_pack, packed_denoise_step
+from engine.packed_sampler import step_canvases
 from engine.request import StepParams
-from engine.sampler import LMHead, denoise_step, init_canvas
+from engine.sampler import LMHead, init_canvas
 
 SUDOKU_DIR = Path(__file__).resolve().parents[1] / "models" / "sudoku"
 PROMPT_LEN = {"bench": 128, "sudoku": 90}
@@ -151,7 +151,6 @@ def make_step(model: DiffusionGemma, name: str, n: int) -> Callable[[], None]:
             with record_function("part:trunk"):
                 hidden = model(batch, caches)
             with record_function("part:sampler"):
-                step_canvases = packed_denoise_step if can_pack(hidden, head, n) else denoise_step
                 step_canvases(hidden, head, states, [params] * n)
 
         step()  # every canvas past its first step: self-conditioning on from now

@@ -32,7 +32,10 @@ from engine.sampler import (
     LMHead,
     StepParams,
     StepResult,
+    accept_mask,
     apply_pins,
+    denoise_step,
+    place_noise,
     push_history,
     sample_tokens_from_uniforms,
     softcap,
@@ -48,6 +51,14 @@ def can_pack(hidden: Tensor, head: LMHead, num_canvases: int) -> bool:
     """True when the step runs on the CPU with at least two canvases whose logits fit `PACKED_BYTES`."""
     small = hidden.shape[0] * head.vocab_size * 4 <= PACKED_BYTES
     return num_canvases >= 2 and small and not use_kernels(hidden.device)
+
+
+def step_canvases(
+    hidden: Tensor, head: LMHead, states: list[CanvasState], params: list[StepParams]
+) -> list[StepResult]:
+    """The runner's sampler step: packed where `can_pack`, else `engine.sampler.denoise_step`."""
+    step = packed_denoise_step if can_pack(hidden, head, len(states)) else denoise_step
+    return step(hidden, head, states, params)
 
 
 def packed_denoise_step(
@@ -68,7 +79,7 @@ def packed_denoise_step(
         if pinned is not None:
             entropy, argmax, confidence = apply_pins(pinned, tokens, entropy, argmax, confidence)
         free = torch.ones_like(tokens, dtype=torch.bool) if pinned is None else ~pinned  # [N, C]
-        accepted = _accept_rows(entropy, _column([p.entropy_bound for p in params], entropy))  # [N, C]
+        accepted = accept_mask(entropy, _column([p.entropy_bound for p in params], entropy))  # [N, C]
         next_tokens = _renoise_rows(tokens, sample, accepted, free, head.vocab_size, states)  # [N, C]
         stable = _push_histories(states, argmax)  # [N]
         mean_entropy = _mean_entropy_rows(entropy, states, free)  # [N]
@@ -147,23 +158,13 @@ def _packed_pins(states: list[CanvasState], c: int) -> Tensor | None:
     return torch.stack([none if s.pinned is None else s.pinned for s in states])
 
 
-def _accept_rows(entropy: Tensor, bounds: Tensor) -> Tensor:
-    """`engine.sampler.accept_mask` row by row: entropy [N, C], bounds [N, 1] -> [N, C] bool."""
-    sorted_entropy, order = torch.sort(entropy, dim=-1, descending=False)
-    keep = sorted_entropy.cumsum(dim=-1) - sorted_entropy <= bounds
-    return torch.zeros_like(keep).scatter(-1, order, keep)
-
-
 def _renoise_rows(
     tokens: Tensor, sample: Tensor, accepted: Tensor, free: Tensor, vocab_size: int, states: list[CanvasState]
 ) -> Tensor:
     """`engine.sampler.renoise` row by row, each canvas's noise drawn from its own generator: [N, C]."""
     size, device = (tokens.shape[1],), tokens.device
-    noise = torch.stack(
-        [torch.randint(0, vocab_size, size, generator=s.generator, device=device) for s in states]
-    )
-    next_tokens = torch.where(accepted & free, sample, tokens)
-    return torch.where(~accepted & free, noise, next_tokens)
+    noise = [torch.randint(0, vocab_size, size, generator=s.generator, device=device) for s in states]
+    return place_noise(tokens, sample, accepted, free, torch.stack(noise))
 
 
 def _push_histories(states: list[CanvasState], argmax: Tensor) -> Tensor:

@@ -26,9 +26,9 @@ from engine.guided import GrammarCompiler
 from engine.lora.manager import LoRAManager
 from engine.model.diffusion_gemma import DiffusionGemma, ForwardBatch
 from engine.outputs import DenoiseOutcome, DenoiseWork, NewCanvas, RunnerOutput, SchedulerOutput
-from engine.packed_sampler import can_pack, packed_denoise_step
+from engine.packed_sampler import step_canvases
 from engine.request import FREE, TokenLogprob
-from engine.sampler import CanvasState, LMHead, StepResult, denoise_step, init_canvas
+from engine.sampler import CanvasState, LMHead, StepResult, init_canvas
 
 
 def canvas_seed(seed: int, canvas_index: int) -> int:
@@ -111,8 +111,7 @@ class ModelRunner:
         if not work.denoise:
             return RunnerOutput()
         states = [self.canvases[w.request_id] for w in work.denoise]
-        step = packed_denoise_step if can_pack(hidden, self.head, len(states)) else denoise_step
-        results = step(hidden, self.head, states, [w.params for w in work.denoise])
+        results = step_canvases(hidden, self.head, states, [w.params for w in work.denoise])
         outcomes = {}
         for i, (w, r) in enumerate(zip(work.denoise, results, strict=True)):
             committed = self._commit(w.request_id, r, hidden, i)

@@ -170,8 +170,10 @@ def sample_tokens_from_uniforms(processed: Tensor, uniform: Tensor) -> Tensor:
     return picks.squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
 
 
-def accept_mask(entropy: Tensor, entropy_bound: float) -> Tensor:
+def accept_mask(entropy: Tensor, entropy_bound: float | Tensor) -> Tensor:
     """Accept the k lowest-entropy positions with sum - max of their entropies <= bound: [C] -> [C] bool.
+
+    Row by row on [N, C] with bounds [N, 1] in entropy's dtype (what a Python float bound rounds to).
 
     At least one position is always accepted. Example: bound 0.1, entropies [0.2, 0.05, 0.04, 0.3] ->
     sorted [0.04, 0.05, 0.2, 0.3], sums before each [0, 0.04, 0.09, 0.29] -> positions {0, 1, 2}.
@@ -196,7 +198,13 @@ def renoise(
     """
     noise = torch.randint(0, vocab_size, tokens.shape, generator=generator, device=tokens.device)  # [C]
     free = torch.ones_like(accepted) if pinned is None else ~pinned  # [C]
-    next_tokens = torch.where(accepted & free, sample, tokens)  # [C]
+    return place_noise(tokens, sample, accepted, free, noise)
+
+
+def place_noise(tokens: Tensor, sample: Tensor, accepted: Tensor, free: Tensor, noise: Tensor) -> Tensor:
+    """`renoise` with its noise drawn: accepted free positions take `sample`, other free ones `noise`,
+    the rest keep `tokens`. Any shape, all alike."""
+    next_tokens = torch.where(accepted & free, sample, tokens)
     return torch.where(~accepted & free, noise, next_tokens)
 
 

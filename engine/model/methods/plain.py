@@ -22,7 +22,7 @@ GELU_INNER = 2 * math.sqrt(2 / math.pi)
 
 def gelu_tanh(x: Tensor) -> Tensor:
     """`F.gelu(x, approximate="tanh")`; under `torch.compile` written with a sigmoid, which inductor's CPU
-    code runs about 2.5x faster than its tanh (bench/RESULTS.md, "tanh-GELU as a sigmoid"). The same
+    code runs about 2.5x faster than its tanh (bench/RESULTS.md, "The compiled step, continued"). The same
     function up to fp32 rounding, computed in fp32 and rounded to x's dtype as `F.gelu` does."""
     if torch.compiler.is_compiling():
         return gelu_tanh_by_sigmoid(x)
