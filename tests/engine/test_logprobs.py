@@ -53,13 +53,13 @@ def test_logprobs_equal_the_reference_logits_of_the_committed_canvases(
     which we record and replay through the reference, canvas after committed canvas."""
     path, reference = checkpoint
     inputs: list[Tensor] = []
-    real_step = runner_module.denoise_step
+    real_step = runner_module.step_canvases
 
     def recording(hidden: Tensor, head: Any, states: list[Any], params: list[Any]) -> Any:
         inputs.extend(s.tokens.clone() for s in states)
         return real_step(hidden, head, states, params)
 
-    monkeypatch.setattr(runner_module, "denoise_step", recording)
+    monkeypatch.setattr(runner_module, "step_canvases", recording)
     loaded = load_checkpoint(path)
     engine = Engine(loaded.model, loaded.defaults, loaded.tokenizer, EngineConfig())
     prompt = [2, 40, 41, 42, 43, 44]
