@@ -39,6 +39,7 @@ from recipes.sudoku.dense_forward import EAGER, compiled_layer_forwards
 from recipes.sudoku.lora_adapter import Adapter, LoRASpec
 from recipes.sudoku.lora_data import BandMixSampler, ClueBand
 from recipes.sudoku.lora_validate import AdapterValidator, Validation
+from recipes.sudoku.rollout import ChainRules, Chains, chains_loss
 from recipes.sudoku.train import (
     TrainConfig,
     add_config_options,
@@ -73,6 +74,9 @@ class LoRATrainConfig:
     """On self-conditioned steps the graded pass reads the canvas one sampler step builds from the first
     pass (its own confident guesses, mistakes included) instead of the corrupted one (`train.py`'s
     `--own-canvas-from`)."""
+    rollout_fraction: float = 0.0
+    """Share of the steps graded on on-policy chains (`rollout.py`: the canvases and soft embeddings the
+    serving sampler builds from the model's own passes) instead of on corrupted canvases."""
     dug_fraction: float = 1.0
     hard_fraction: float = 0.8
     """Share of examples at `hard_low`-`hard_high` clues; the rest at `easy_low`-`easy_high`."""
@@ -130,7 +134,8 @@ class LoRATrainer:
         self.base_dir = base_dir
         self.out_dir = out_dir
         self.state_path = state_path
-        self.model = load_checkpoint(base_dir, with_tokenizer=False).model.train()
+        base = load_checkpoint(base_dir, with_tokenizer=False)
+        self.model = base.model.train()
         self.generator = torch.Generator().manual_seed(config.seed)
         self.adapter = Adapter.attach(self.model, config.spec(), self.generator)
         self.passes = self.adapter.passes()
@@ -141,6 +146,18 @@ class LoRATrainer:
         self.rng = random.Random(config.seed)
         pool, dig_orders = split_dug(dug_pool(config.pool_size, data_dir=data_dir))
         self.sampler = BandMixSampler(pool, self.rng, config.bands(), dig_orders, config.dug_fraction)
+        self.chains = (
+            Chains(
+                self.sampler,
+                config.batch_size,
+                ChainRules.of(base.defaults),
+                base.config.hidden_size,
+                base.config.vocab_size,
+                self.generator,
+            )
+            if config.rollout_fraction > 0
+            else None
+        )
         self.step = 0
         self.elapsed = 0.0
         self.validator = (
@@ -164,6 +181,21 @@ class LoRATrainer:
         lr = lr_at(self.progress, self.step, self.config.schedule())
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        if self.chains is not None and self.rng.random() < self.config.rollout_fraction:
+            loss, metrics = chains_loss(self.model, self.chains, self.forwards, self.passes)
+            metrics |= {"chain": 1.0}
+        else:
+            loss, metrics = self.corrupted_loss()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.adapter.parameters(), self.config.clip)
+        self.optimizer.step()
+        self.step += 1
+        self.elapsed += time.monotonic() - start
+        return metrics | {"lr": lr, "grad_norm": float(grad_norm)}
+
+    def corrupted_loss(self) -> tuple[torch.Tensor, dict[str, float]]:
+        """The recipe's objective on a fresh batch of corrupted canvases (`train.training_loss`)."""
         batch = self.sampler.batch(self.config.batch_size, with_order=self.config.ordered_fraction > 0)
         self_cond = self.rng.random() < self.config.self_cond_prob
         loss, metrics = training_loss(
@@ -176,14 +208,8 @@ class LoRATrainer:
             ordered_fraction=self.config.ordered_fraction,
             passes=self.passes,
         )
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.adapter.parameters(), self.config.clip)
-        self.optimizer.step()
-        self.step += 1
-        self.elapsed += time.monotonic() - start
         hard = batch.num_clues <= self.config.hard_high
-        return metrics | {"lr": lr, "grad_norm": float(grad_norm), "hard": float(hard.float().mean())}
+        return loss, metrics | {"hard": float(hard.float().mean())}
 
     @property
     def last_dir(self) -> Path:

@@ -435,8 +435,10 @@ class Trainer:
 
 
 def mean_row(rows: list[dict[str, float]]) -> dict[str, float]:
-    """The column means of a window of log rows, rounded for the JSONL log."""
-    return {k: round(sum(r[k] for r in rows) / len(rows), 5) for k in rows[0]}
+    """The column means of a window of log rows, rounded for the JSONL log; a column missing from some
+    rows (the LoRA recipe's two kinds of step log different figures) is the mean of those that have it."""
+    keys = dict.fromkeys(k for r in rows for k in r)
+    return {k: round(statistics.fmean(r[k] for r in rows if k in r), 5) for k in keys}
 
 
 def _parse_bool(text: str) -> bool:
