@@ -11,6 +11,12 @@ memory), and adds them up. That sum is the time of a forward that did nothing bu
 speed they reach alone: the forward's FLOPs over it is the highest fraction of the peak this model's
 forward can reach on this machine without merging matmuls into larger ones.
 
+Memory is the other bound. A forward reads every weight once (at 4 canvases every expert gets tokens)
+and, as `bench/forward.py` defines it, writes each canvas's raw logits in the model dtype, reads them
+back and writes the softcapped fp32 logits. `memory_floor` adds those bytes up and divides them by the
+machine's measured copy bandwidth (a 256 MiB fp32 `copy_`, read plus write bytes): no forward of this
+definition moves its data faster, however its kernels are fused.
+
     python bench/matmul_bound.py --canvases 4 16 --threads 2
 """
 
@@ -90,6 +96,32 @@ def shape_seconds(shape: Shape, dtype: torch.dtype, reps: int) -> float:
     return min(timing.wall)
 
 
+COPY_BYTES = 256 << 20
+
+
+def copy_bandwidth(reps: int) -> float:
+    """Bytes per second of a large fp32 `copy_` (read plus write), fastest of `reps`."""
+    src = torch.ones(COPY_BYTES // 4)
+    dst = torch.empty_like(src)
+    (timing,) = time_interleaved([lambda: dst.copy_(src)], warmup=1, reps=reps)
+    return 2 * COPY_BYTES / min(timing.wall)
+
+
+def memory_floor(config: ModelConfig, num_canvases: int, dtype: torch.dtype) -> int:
+    """Bytes one forward must move at least: every weight once, and the logits' three passes (raw
+    written, raw read, fp32 written) of `bench/forward.py`'s output."""
+    width = torch.finfo(dtype).bits // 8
+    hidden, vocab = config.hidden_size, config.vocab_size
+    weights = vocab * hidden  # the tied embedding / LM head
+    for spec in config.layers:
+        q, kv = config.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+        weights += hidden * (q + kv * (2 if spec.has_v_proj else 1)) + q * hidden  # q, k, (v), o
+        weights += 3 * hidden * config.intermediate_size + hidden * config.num_experts  # dense MLP, router
+        weights += 3 * config.num_experts * hidden * config.moe_intermediate_size  # experts
+    logits = num_canvases * config.canvas_length * vocab
+    return weights * width + logits * (2 * width + 4)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--canvases", type=int, nargs="+", default=[4, 16])
@@ -104,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     peak = matmul_gflops(dtype, 2048)
     print(f"matmul peak: {peak:.1f} GFLOP/s (2048^3 {args.dtype} torch.mm, fastest of 10)")
     config = bench_config()
+    bandwidth = copy_bandwidth(args.reps)
+    print(f"copy bandwidth: {bandwidth / 1e9:.1f} GB/s (256 MiB fp32 copy_, read + write, fastest)")
     for num_canvases in args.canvases:
         shapes = forward_shapes(config, num_canvases, args.prompt_len)
         rows = [(shape, count, shape_seconds(shape, dtype, args.reps)) for shape, count in shapes.items()]
@@ -123,6 +157,13 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"matmuls alone: {total_s * 1e3:.1f} ms -> {bound:.0f} GFLOP/s = {bound / peak:.0%} of the peak "
             f"(the highest fraction a forward of these matmuls reaches here)"
+        )
+        moved = memory_floor(config, num_canvases, dtype)
+        memory_s = moved / bandwidth
+        print(
+            f"memory floor: {moved / 1e6:.0f} MB -> {memory_s * 1e3:.1f} ms; with the matmuls alone: "
+            f"{flops / max(total_s, memory_s) / 1e9 / peak:.0%} of the peak if they overlap fully, "
+            f"{flops / (total_s + memory_s) / 1e9 / peak:.0%} if not"
         )
     print(f"load average now {load_average()}")
     return 0
