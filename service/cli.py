@@ -133,7 +133,16 @@ def _serve_parser(serve: argparse.ArgumentParser) -> None:
     serve.add_argument(
         "--engine-threads",
         type=int,
-        help="torch threads of the engine process (default: the usable cores but one, at least 1)",
+        help="torch threads of each engine process (default: the usable cores but one, shared out among "
+        "the engine processes, at least 1 each)",
+    )
+    serve.add_argument(
+        "--data-parallel-size",
+        "-dp",
+        type=int,
+        help="engine processes, each with its own model copy, scheduler and KV cache; requests go to the "
+        "least busy (default 1; env CANVAS_SERVE_DATA_PARALLEL_SIZE). On the CPU, N processes of one "
+        "thread outrun one of N threads for small models",
     )
     serve.add_argument("--canvas-min-interval", dest="canvas_min_interval_s", type=float)
     serve.add_argument("--log-level")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from engine.async_engine import AsyncEngine
 from engine.client import EngineClient
 from engine.config import DiffusionDefaults, ModelConfig
 from engine.core_client import EngineCoreClient, EngineStartError
+from engine.data_parallel import DataParallelClient
 from engine.engine import Engine
 from engine.lora.peft_config import read_peft_config
 from engine.model.loader import (
@@ -237,13 +239,14 @@ def usable_cpus(cgroup_cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
 
 
 def engine_threads(settings: Settings) -> int:
-    """torch threads of the engine core process: --engine-threads, else every usable core but one,
-    which the API process keeps for HTTP, tokenisation and detokenisation (at least 1). On a 2-core
-    machine that is 1: the engine's OpenMP workers then never wait at a barrier for a core the API
-    process holds (bench/RESULTS.md, "Served vs offline")."""
+    """torch threads of each engine core process: --engine-threads, else every usable core but one,
+    which the API process keeps for HTTP, tokenisation and detokenisation, shared out among the
+    `--data-parallel-size` processes (at least 1 each). On a 2-core machine that is 1: the engine's
+    OpenMP workers then never wait at a barrier for a core the API process holds (bench/RESULTS.md,
+    "Served vs offline")."""
     if settings.engine_threads is not None:
         return settings.engine_threads
-    return max(1, usable_cpus() - 1)
+    return max(1, (usable_cpus() - 1) // settings.data_parallel_size)
 
 
 def start_engine(settings: Settings) -> tuple[EngineClient, Any, ModelConfig, int]:
@@ -264,11 +267,28 @@ def start_engine(settings: Settings) -> tuple[EngineClient, Any, ModelConfig, in
         raise SetupError(str(error)) from error
     check_canvas_length(settings, config)
     build = functools.partial(build_engine, settings, detokenize=False)
+    cores = start_cores(settings, build, tokenizer)
+    client: EngineClient = cores[0] if len(cores) == 1 else DataParallelClient(cores)
+    return client, tokenizer, config, cores[0].max_model_len
+
+
+def start_cores(settings: Settings, build: Callable[[], Engine], tokenizer: Any) -> list[EngineCoreClient]:
+    """`--data-parallel-size` engine core processes, started one after another (each loads the model);
+    if one cannot start, those already started are stopped."""
+    if settings.data_parallel_size > 1 and device_and_dtype(settings)[0].type != "cpu":
+        raise SetupError(
+            f"--data-parallel-size {settings.data_parallel_size} puts every engine process on one device: "
+            "on a GPU, use 1"
+        )
+    cores: list[EngineCoreClient] = []
     try:
-        client = EngineCoreClient(build, tokenizer, engine_threads(settings), settings.log_level)
+        for _ in range(settings.data_parallel_size):
+            cores.append(EngineCoreClient(build, tokenizer, engine_threads(settings), settings.log_level))
     except EngineStartError as error:
+        for core in cores:
+            core.shutdown()
         raise SetupError(str(error)) from error
-    return client, tokenizer, config, client.max_model_len
+    return cores
 
 
 def build_service(settings: Settings) -> tuple[Service, Metrics]:
@@ -281,7 +301,14 @@ def build_service(settings: Settings) -> tuple[Service, Metrics]:
     device, dtype = device_and_dtype(settings)
     served = ServedModel(name, config.canvas_length, config.vocab_size, max_model_len)
     adapters = [Adapter(module.name, str(module.path)) for module in settings.lora_modules]
-    where = "an engine core process" if settings.engine_process else "an engine thread"
+    processes = settings.data_parallel_size
+    where = (
+        "an engine thread"
+        if not settings.engine_process
+        else "an engine core process"
+        if processes == 1
+        else f"{processes} engine core processes"
+    )
     logger.info(
         "serving %s from %s on %s, %s, in %s, max_model_len %d%s",
         name,

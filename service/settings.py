@@ -129,7 +129,13 @@ class Settings(BaseSettings):
     ZeroMQ, so HTTP never competes with a step for the GIL; False (`--no-engine-process`,
     CANVAS_SERVE_ENGINE_PROCESS=0): in a thread of the API process."""
     engine_threads: int | None = Field(None, ge=1)
-    """torch threads of the engine process; None: every core this process may use but one."""
+    """torch threads of each engine process; None: every core this process may use but one, shared
+    out among the engine processes."""
+    data_parallel_size: int = Field(1, ge=1, le=64)
+    """Engine core processes, each with its own copy of the model, scheduler and KV cache; a request
+    runs on the one with the fewest in flight (`engine.data_parallel`). On the CPU, where a small
+    model's step does not scale with threads, N cores of one thread each outrun one core of N threads.
+    `--max-num-seqs`, `--max-waiting` and the KV cache budget are per engine process."""
 
     drain_timeout_s: float = Field(30.0, ge=0)
     """On SIGTERM: stop admitting, wait this long for in-flight requests, then abort the rest."""
@@ -268,6 +274,15 @@ class Settings(BaseSettings):
                     f"--lora-modules {module.name}={module.path}: no such folder (it must hold PEFT's "
                     "adapter_config.json and adapter_model.safetensors)"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _data_parallel_needs_engine_processes(self) -> Settings:
+        if self.data_parallel_size > 1 and not self.engine_process:
+            raise ValueError(
+                f"--data-parallel-size {self.data_parallel_size} runs that many engine processes: "
+                "drop --no-engine-process"
+            )
         return self
 
     @model_validator(mode="after")
