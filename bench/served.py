@@ -12,9 +12,11 @@ request per puzzle with seed = its index and the shipped sampler settings (adapt
   process once per `--engine-threads` value (0: the server's default).
 
 Optional variants: `--compile-engine-threads` (the engine-process server with `--compile`, warmed up
-by `--concurrency` requests, which compile it) and `--reference-threads` (transformers' `generate` in
-static batches of `--concurrency`, bench/throughput.py's reference, in this process; the table then
-compares every variant's committed tokens/s with it, at the same torch thread count); `--dtype` sets
+by `--concurrency` requests, which compile it), `--compile-data-parallel` (the same with
+`--data-parallel-size N`, one torch thread per engine process: compared at N threads) and
+`--reference-threads` (transformers' `generate` in static batches of `--concurrency`,
+bench/throughput.py's reference, in this process; the table then compares every variant's committed
+tokens/s with it, at the same torch thread count); `--dtype` sets
 every variant's dtype (float32 by default).
 
 Every variant runs `--rounds` times, interleaved (the order rotates each round) so that a change in
@@ -114,6 +116,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="engine-process server variants with --compile, by --engine-threads (0: the default)",
     )
     parser.add_argument(
+        "--compile-data-parallel",
+        type=int,
+        nargs="*",
+        default=[],
+        help="engine-process server variants with --compile and --data-parallel-size N (one torch thread "
+        "per engine process), by N",
+    )
+    parser.add_argument(
         "--reference-threads",
         type=int,
         nargs="*",
@@ -131,8 +141,9 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def engine_child(server_pid: int) -> int | None:
-    """The server's engine core process (multiprocessing's spawned child), if it has one."""
+def engine_children(server_pid: int) -> list[int]:
+    """The server's engine core processes (multiprocessing's spawned children), if it has any."""
+    found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -142,8 +153,8 @@ def engine_child(server_pid: int) -> int | None:
         except (OSError, IndexError):
             continue
         if ppid == server_pid and b"spawn_main" in command and b"resource_tracker" not in command:
-            return int(entry.name)
-    return None
+            found.append(int(entry.name))
+    return found
 
 
 def solved(text: str, puzzle: list[int]) -> bool:
@@ -205,14 +216,14 @@ def served_runner(
         for i, (puzzle, _) in enumerate(pairs)
     ]
     asyncio.run(run_load(url, bodies[:concurrency], concurrency))  # warm-up (a compiled server compiles)
-    engine = engine_child(server.pid)
+    engines = engine_children(server.pid)
 
     def run(round_index: int) -> Run:
         load = load_average()
-        api_cpu, engine_cpu = cpu_seconds(server.pid), cpu_seconds(engine) if engine else 0.0
+        api_cpu, engine_cpu = cpu_seconds(server.pid), sum(cpu_seconds(pid) for pid in engines)
         samples, errors, wall = asyncio.run(run_load(url, bodies, concurrency))
         api_cpu = cpu_seconds(server.pid) - api_cpu
-        engine_cpu = cpu_seconds(engine) - engine_cpu if engine else api_cpu
+        engine_cpu = sum(cpu_seconds(pid) for pid in engines) - engine_cpu if engines else api_cpu
         return Run(
             name,
             round_index,
@@ -224,7 +235,7 @@ def served_runner(
             load,
             load_average(),
             engine_cpu,
-            api_cpu if engine else 0.0,
+            api_cpu if engines else 0.0,
             threads,
         )
 
@@ -278,6 +289,11 @@ def server_variants(args: argparse.Namespace) -> list[tuple[str, list[str], dict
         flags += ["--engine-threads", str(threads)] if threads else []
         label = f"{threads} torch threads" if threads else "default threads"
         variants.append((f"served, engine process, --compile ({label})", flags, {}, threads or None))
+    for size in args.compile_data_parallel:
+        flags = [*base, "--engine-process", "--compile", "--engine-threads", "1"]
+        flags += ["--data-parallel-size", str(size)]
+        label = f"{size} engine processes of 1 torch thread"
+        variants.append((f"served, --compile --data-parallel-size {size} ({label})", flags, {}, size))
     return variants
 
 
