@@ -42,15 +42,30 @@ def compile_layers(model: DiffusionGemma) -> None:
         layer.forward = functools.partial(_compiled_forward, layer)  # type: ignore[method-assign]
 
 
-def _layer_forward(
-    layer: Layer, x: Tensor, rope: Rope, is_decoder: Tensor, attention: BoundAttention[Any], cache: LayerCache
-) -> Tensor:
-    """`Layer.forward` with the attention call (and a looped MoE) left out of the graph."""
-    attn = layer.self_attn(layer.input_layernorm(x), rope, torch._dynamo.disable(attention), cache)  # type: ignore[no-untyped-call]
+def _before_attention(layer: Layer, x: Tensor, rope: Rope) -> tuple[Tensor, Tensor, Tensor]:
+    """The layer up to its attention: input norm, q/k/v projections, their norms and RoPE."""
+    q, k, v = layer.self_attn.project(layer.input_layernorm(x), rope)
+    return q, k, v
+
+
+def _after_attention(layer: Layer, x: Tensor, out: Tensor, is_decoder: Tensor) -> Tensor:
+    """The layer after its attention: o_proj, residual, dense MLP beside the MoE, the mode's scalar
+    (a looped MoE stays out of the graph)."""
     moe: Callable[[Tensor], Tensor] = layer.moe
     if not isinstance(layer.experts.method, DenseExperts):
         moe = torch._dynamo.disable(moe)  # type: ignore[no-untyped-call]
-    return layer.feed_forward(x, attn, moe) * layer.mode_scalar(is_decoder)
+    return layer.feed_forward(x, layer.self_attn.output(out), moe) * layer.mode_scalar(is_decoder)
 
 
-_compiled_forward = torch.compile(_layer_forward, dynamic=True)
+_compiled_before = torch.compile(_before_attention, dynamic=True)
+_compiled_after = torch.compile(_after_attention, dynamic=True)
+
+
+def _compiled_forward(
+    layer: Layer, x: Tensor, rope: Rope, is_decoder: Tensor, attention: BoundAttention[Any], cache: LayerCache
+) -> Tensor:
+    """`Layer.forward` as two compiled graphs around the eager attention call: two graph calls (and
+    two guard checks) a layer, where compiling the whole forward with the attention call disabled inside
+    it broke into five frames of its own."""
+    q, k, v = _compiled_before(layer, x, rope)
+    return _compiled_after(layer, x, attention(q, k, v, cache), is_decoder)
