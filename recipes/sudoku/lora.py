@@ -76,7 +76,10 @@ class LoRATrainConfig:
     `--own-canvas-from`)."""
     rollout_fraction: float = 0.0
     """Share of the steps graded on on-policy chains (`rollout.py`: the canvases and soft embeddings the
-    serving sampler builds from the model's own passes) instead of on corrupted canvases."""
+    serving sampler builds from the model's own passes) instead of on corrupted canvases..."""
+    rollout_from: float = 0.0
+    """...from this fraction of the schedule on (before it, the run draws exactly what it would draw
+    without chains; the chains start there)."""
     dug_fraction: float = 1.0
     hard_fraction: float = 0.8
     """Share of examples at `hard_low`-`hard_high` clues; the rest at `easy_low`-`easy_high`."""
@@ -146,18 +149,9 @@ class LoRATrainer:
         self.rng = random.Random(config.seed)
         pool, dig_orders = split_dug(dug_pool(config.pool_size, data_dir=data_dir))
         self.sampler = BandMixSampler(pool, self.rng, config.bands(), dig_orders, config.dug_fraction)
-        self.chains = (
-            Chains(
-                self.sampler,
-                config.batch_size,
-                ChainRules.of(base.defaults),
-                base.config.hidden_size,
-                base.config.vocab_size,
-                self.generator,
-            )
-            if config.rollout_fraction > 0
-            else None
-        )
+        self.chain_rules = ChainRules.of(base.defaults)
+        self.chains: Chains | None = None
+        """Started at the first chain step (`rollout_from`), so the data before it is the plain run's."""
         self.step = 0
         self.elapsed = 0.0
         self.validator = (
@@ -181,8 +175,8 @@ class LoRATrainer:
         lr = lr_at(self.progress, self.step, self.config.schedule())
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        if self.chains is not None and self.rng.random() < self.config.rollout_fraction:
-            loss, metrics = chains_loss(self.model, self.chains, self.forwards, self.passes)
+        if self.chain_step_due():
+            loss, metrics = chains_loss(self.model, self.started_chains(), self.forwards, self.passes)
             metrics |= {"chain": 1.0}
         else:
             loss, metrics = self.corrupted_loss()
@@ -193,6 +187,24 @@ class LoRATrainer:
         self.step += 1
         self.elapsed += time.monotonic() - start
         return metrics | {"lr": lr, "grad_norm": float(grad_norm)}
+
+    def chain_step_due(self) -> bool:
+        """Whether this step grades on the chains: from `rollout_from` on, with `rollout_fraction`."""
+        rollout = self.config.rollout_fraction > 0 and self.progress >= self.config.rollout_from
+        return rollout and self.rng.random() < self.config.rollout_fraction
+
+    def started_chains(self) -> Chains:
+        if self.chains is None:
+            config = self.model.config
+            self.chains = Chains(
+                self.sampler,
+                self.config.batch_size,
+                self.chain_rules,
+                config.hidden_size,
+                config.vocab_size,
+                self.generator,
+            )
+        return self.chains
 
     def corrupted_loss(self) -> tuple[torch.Tensor, dict[str, float]]:
         """The recipe's objective on a fresh batch of corrupted canvases (`train.training_loss`)."""

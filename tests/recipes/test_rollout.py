@@ -4,6 +4,7 @@ a canvas, done chains restart on new puzzles, and the LoRA trainer grades its st
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -88,15 +89,26 @@ def test_the_trainer_grades_chain_steps_and_changes_only_the_adapter(base_dir: P
         rank=2, batch_size=3, pool_size=4, compile=False, steps=4, warmup=1, lr=1e-2, rollout_fraction=0.5
     )
     trainer = LoRATrainer(config, base_dir, tmp_path / "a", tmp_path / "s.pt", tmp_path)
-    assert trainer.chains is not None
     frozen = {k: v.clone() for k, v in trainer.model.state_dict().items() if "lora_" not in k}
     rows = [trainer.train_step() for _ in range(4)]
     chain_rows = [r for r in rows if r.get("chain") == 1.0]
     assert chain_rows and len(chain_rows) < 4, "seed 0 draws both kinds of step in four"
     assert all({"loss", "grid_acc", "chain_steps", "chain_done"} <= r.keys() for r in chain_rows)
-    assert int(trainer.chains.steps.max()) >= 1
+    assert trainer.chains is not None and int(trainer.chains.steps.max()) >= 1
     after = trainer.model.state_dict()
     assert all(torch.equal(frozen[k], after[k]) for k in frozen), "the base weights must stay frozen"
+
+
+def test_before_rollout_from_the_run_is_the_plain_run(base_dir: Path, tmp_path: Path) -> None:
+    plain = LoRATrainConfig(rank=2, batch_size=3, pool_size=4, compile=False, steps=3, warmup=1, lr=1e-2)
+    late = replace(plain, rollout_fraction=0.5, rollout_from=0.5)  # 3 steps are far from half of 60 min
+    runs = [
+        LoRATrainer(c, base_dir, tmp_path / n, tmp_path / f"{n}.pt", tmp_path)
+        for c, n in ((plain, "p"), (late, "l"))
+    ]
+    losses = [[trainer.train_step()["loss"] for _ in range(3)] for trainer in runs]
+    assert losses[0] == losses[1]
+    assert runs[1].chains is None
 
 
 def test_a_log_window_mixing_both_kinds_of_step_averages_each_column_over_the_rows_that_have_it() -> None:
