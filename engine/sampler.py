@@ -124,29 +124,9 @@ def temperature(step: int, max_steps: int, t_min: float, t_max: float, device: t
     return t_min + (t_max - t_min) * (remaining / max_steps)
 
 
-TILE_BYTES = 1 << 20
-"""fp32 logits per row tile of the CPU sampler and `logits_for` (1 MiB): the passes over a tile stay in
-L2."""
-
-
 def logits_for(hidden_tile: Tensor, head: LMHead) -> Tensor:
-    """Softcapped fp32 logits of one tile, in the reference's order of ops: [C, H] -> [C, V] fp32.
-
-    From a narrower weight dtype the cast and the soft-cap run over row tiles of `TILE_BYTES` of the
-    fp32 output, in place, so the four passes over a tile stay in L2 and the [C, V] logits cross memory
-    once in each dtype (bench/RESULTS.md: the soft-cap's passes were a quarter of the bench model's
-    4-canvas forward). Every op is row-wise: the result equals the untiled one bit for bit.
-    """
-    raw = F.linear(hidden_tile, head.weight)  # [C, V] weight dtype
-    if raw.dtype == torch.float32:
-        return softcap(raw, head)  # in place: no copy to save
-    logits = torch.empty(raw.shape, dtype=torch.float32, device=raw.device)  # [C, V]
-    step = max(1, TILE_BYTES // (4 * raw.shape[-1]))
-    for lo in range(0, raw.shape[0], step):
-        tile = logits[lo : lo + step].copy_(raw[lo : lo + step])  # [R, V] fp32
-        if head.softcap is not None:
-            tile.div_(head.softcap).tanh_().mul_(head.softcap)
-    return logits
+    """Softcapped fp32 logits of one tile, in the reference's order of ops: [C, H] -> [C, V] fp32."""
+    return softcap(F.linear(hidden_tile, head.weight), head)  # [C, V]
 
 
 def softcap(raw_logits: Tensor, head: LMHead) -> Tensor:
@@ -334,6 +314,10 @@ def _canvas_stats(
         )
         return stats.entropy, stats.confidence, stats.argmax, stats.sample, self_cond
     return _tiled_canvas_stats(hidden_tile, head, temp, generator)
+
+
+TILE_BYTES = 1 << 20
+"""fp32 logits per row tile of the CPU sampler (1 MiB): the dozen passes over a tile stay in L2."""
 
 
 def _tiled_canvas_stats(

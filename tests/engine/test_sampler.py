@@ -20,7 +20,6 @@ from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
 )
 from transformers.models.diffusion_gemma.modeling_diffusion_gemma import DiffusionGemmaTextScaledWordEmbedding
 
-from engine import sampler as sampler_module
 from engine.config import DiffusionDefaults
 from engine.request import FREE, SamplingParams
 from engine.sampler import (
@@ -131,14 +130,6 @@ def test_logits_for_matches_reference_head() -> None:
     assert torch.equal(logits_for(hidden, head), reference)
     uncapped = LMHead(head.weight, None, head.embed_scale)
     assert torch.equal(logits_for(hidden, uncapped), F.linear(hidden, head.weight).float())
-
-
-def test_logits_for_over_row_tiles_equals_the_whole(monkeypatch: pytest.MonkeyPatch) -> None:
-    head = make_head(97, 16, dtype=torch.bfloat16)
-    hidden = torch.randn(8, 16, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16) * 4  # [C, H]
-    whole = logits_for(hidden, head)
-    monkeypatch.setattr(sampler_module, "TILE_BYTES", 3 * 4 * 97)  # tiles of 3, 3 and 2 rows
-    assert torch.equal(logits_for(hidden, head), whole)
 
 
 # --- acceptance -----------------------------------------------------------------------------------------
