@@ -16,8 +16,10 @@ RUNNING = "canvas_serve_num_requests_running{}"
 WAITING = "canvas_serve_num_requests_waiting{}"
 KV_USAGE = "canvas_serve_kv_cache_usage_perc{}"
 ABORTS = "canvas_serve_request_success_total{finished_reason=abort}"
-LONG = {"prompt": "hello", "max_tokens": 64, "max_denoising_steps": 200}
-"""4 canvases of 200 steps: far longer than any test waits."""
+LONG = {"prompt": "hello", "max_tokens": 64, "max_denoising_steps": 200, "confidence_threshold": 1e-30}
+"""4 canvases of 200 steps each: far longer than any test waits. The confidence threshold keeps the
+stop rule from ending a canvas early (a random model's canvas can settle within a second: a client's
+1 s read timeout then missed)."""
 
 
 @pytest.fixture(scope="module")
