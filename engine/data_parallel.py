@@ -38,8 +38,13 @@ from engine.scheduler import StepComposition
 from engine.snapshot import MAX_WAITING_ROWS, RequestsView
 from engine.stats import EngineStats, StepTiming
 
-BROADCAST_UTILITIES = frozenset({"add_lora", "remove_lora", "reset_prefix_cache"})
-"""Engine methods every core runs: what one core's state must not differ in from another's."""
+BROADCAST_UTILITIES: dict[str, Callable[[list[Any]], Any]] = {
+    "add_lora": lambda results: results[0],
+    "remove_lora": lambda results: results[0],
+    "reset_prefix_cache": all,
+}
+"""Engine methods every core runs (what one core's state must not differ in from another's), each with
+how the cores' answers make one."""
 
 
 class DataParallelClient:
@@ -149,9 +154,10 @@ class DataParallelClient:
             core.abort_all()
 
     async def call_utility(self, method: str, *args: Any) -> Any:
-        """`BROADCAST_UTILITIES` run in every core (the first core's result; any core's error raises,
-        after all have answered); every other method asks the first core."""
-        if method not in BROADCAST_UTILITIES:
+        """`BROADCAST_UTILITIES` run in every core (their answers combined as it says; any core's error
+        raises, after all have answered); every other method asks the first core."""
+        combine = BROADCAST_UTILITIES.get(method)
+        if combine is None:
             return await self.cores[0].call_utility(method, *args)
         results = await asyncio.gather(
             *(core.call_utility(method, *args) for core in self.cores), return_exceptions=True
@@ -159,7 +165,7 @@ class DataParallelClient:
         for result in results:
             if isinstance(result, BaseException):
                 raise result
-        return results[0] if method != "reset_prefix_cache" else all(results)
+        return combine(results)
 
 
 def combine_stats(total: EngineStats, parts: Sequence[EngineStats]) -> None:

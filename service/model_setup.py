@@ -257,7 +257,12 @@ def start_engine(settings: Settings) -> tuple[EngineClient, Any, ModelConfig, in
         engine = build_engine(settings)
         return AsyncEngine(engine), engine.tokenizer, engine.model.config, engine.max_model_len
     path = model_dir(settings)
-    device_and_dtype(settings)  # a device that is not there fails before any process starts
+    device = device_and_dtype(settings)[0]  # a device that is not there fails before any process starts
+    if settings.data_parallel_size > 1 and device.type != "cpu":
+        raise SetupError(
+            f"--data-parallel-size {settings.data_parallel_size} puts every engine process on one device: "
+            "on a GPU, use 1"
+        )
     if not path.is_dir():
         raise SetupError(f"checkpoint directory {path} does not exist")
     try:
@@ -275,15 +280,11 @@ def start_engine(settings: Settings) -> tuple[EngineClient, Any, ModelConfig, in
 def start_cores(settings: Settings, build: Callable[[], Engine], tokenizer: Any) -> list[EngineCoreClient]:
     """`--data-parallel-size` engine core processes, started one after another (each loads the model);
     if one cannot start, those already started are stopped."""
-    if settings.data_parallel_size > 1 and device_and_dtype(settings)[0].type != "cpu":
-        raise SetupError(
-            f"--data-parallel-size {settings.data_parallel_size} puts every engine process on one device: "
-            "on a GPU, use 1"
-        )
+    threads = engine_threads(settings)
     cores: list[EngineCoreClient] = []
     try:
         for _ in range(settings.data_parallel_size):
-            cores.append(EngineCoreClient(build, tokenizer, engine_threads(settings), settings.log_level))
+            cores.append(EngineCoreClient(build, tokenizer, threads, settings.log_level))
     except EngineStartError as error:
         for core in cores:
             core.shutdown()

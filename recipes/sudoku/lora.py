@@ -203,6 +203,7 @@ class LoRATrainer:
                 config.hidden_size,
                 config.vocab_size,
                 self.generator,
+                self.model.embed_tokens.weight.dtype,
             )
         return self.chains
 

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from engine.config import DiffusionDefaults
 from engine.model.diffusion_gemma import DiffusionGemma
-from engine.sampler import accept_mask, place_noise, sample_tokens, soft_embedding, token_entropy
+from engine.sampler import LMHead, accept_mask, place_noise, sample_tokens, soft_embedding, token_entropy
 from recipes.sudoku.data import Batch, TrainSampler
 from recipes.sudoku.dense_forward import DENSE, EAGER, LayerForwards, Passes, head_logits, lm_head
 
@@ -69,7 +69,9 @@ class Chains:
         hidden_size: int,
         vocab_size: int,
         generator: torch.Generator,
+        dtype: torch.dtype = torch.float32,
     ) -> None:
+        """`dtype`: the model's weight dtype, the soft embedding's."""
         self.sampler = sampler
         self.rules = rules
         self.vocab_size = vocab_size
@@ -77,17 +79,16 @@ class Chains:
         self.puzzles = sampler.batch(size)
         canvas_length = self.puzzles.targets.shape[1]
         self.canvas = self._noise((size, canvas_length))  # (B, C)
-        self.soft = torch.zeros(size, canvas_length, hidden_size)  # (B, C, H): zeros = no input yet
+        self.soft = torch.zeros(size, canvas_length, hidden_size, dtype=dtype)  # (B, C, H): zeros = none yet
         self.steps = torch.zeros(size, dtype=torch.long)  # (B,)
         self.last_argmax = torch.full((size, canvas_length), -1, dtype=torch.long)  # (B, C)
 
     def _noise(self, shape: tuple[int, ...]) -> Tensor:
         return torch.randint(0, self.vocab_size, shape, generator=self.generator)
 
-    def advance(self, hidden: Tensor, model: DiffusionGemma) -> Tensor:
+    def advance(self, hidden: Tensor, head: LMHead) -> Tensor:
         """One sampler step of every chain from the decoder's hidden states on its current canvas
         (B, C, H); returns which chains are done (B,) bool."""
-        head = lm_head(model)
         with torch.no_grad():
             temps = self.rules.temperatures(self.steps)  # (B,)
             processed = head_logits(hidden, head) / temps[:, None, None]  # (B, C, V)
@@ -98,7 +99,7 @@ class Chains:
             accepted = accept_mask(entropy, self.rules.entropy_bound)  # (B, C)
             free = torch.ones_like(accepted)
             self.canvas = place_noise(self.canvas, sample, accepted, free, self._noise(self.canvas.shape))
-            self.soft = soft_embedding(flat, head).view(self.soft.shape).float()
+            self.soft = soft_embedding(flat, head).view(self.soft.shape)  # the weight dtype
         self.steps += 1
         stable = (argmax == self.last_argmax).all(dim=-1)
         confident = entropy.mean(dim=-1) < self.rules.confidence_threshold
@@ -130,13 +131,12 @@ def chains_loss(
 ) -> tuple[Tensor, dict[str, float]]:
     """Advance every chain one sampler step, then the cross-entropy of the graded pass on the chains'
     new canvases and soft embeddings against their solutions; done chains restart after it."""
-    puzzles = chains.puzzles
+    puzzles, head = chains.puzzles, lm_head(model)
     cache = passes.encode(model, puzzles.prompts, forwards)
     with torch.no_grad():
         hidden = passes.decode(model, cache.detached(), chains.canvas, chains.soft, forwards)
-    done = chains.advance(hidden, model)
-    soft = chains.soft.to(model.embed_tokens.weight.dtype)
-    logits = head_logits(passes.decode(model, cache, chains.canvas, soft, forwards), lm_head(model))
+    done = chains.advance(hidden, head)
+    logits = head_logits(passes.decode(model, cache, chains.canvas, chains.soft, forwards), head)
     loss = F.cross_entropy(logits.flatten(0, 1), puzzles.targets.flatten())
     with torch.no_grad():
         correct = logits.argmax(-1) == puzzles.targets  # (B, C)

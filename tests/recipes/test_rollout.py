@@ -46,7 +46,7 @@ def test_a_chain_steps_as_the_engine_sampler_steps_its_canvas(base_dir: Path, tm
         cache = encode_prompts(model, chains.puzzles.prompts)
         for _ in range(4):
             hidden = decode_canvases(model, cache, chains.canvas, chains.soft)  # (1, C, H)
-            done = chains.advance(hidden, model)
+            done = chains.advance(hidden, lm_head(model))
             result = denoise_step(hidden[0], lm_head(model), [state], [params])[0]
             assert torch.equal(chains.canvas[0], state.tokens)
             assert state.self_cond is not None and torch.equal(chains.soft[0], state.self_cond)
@@ -79,8 +79,8 @@ def test_chains_end_at_the_step_cap(base_dir: Path, tmp_path: Path) -> None:
     )
     with torch.no_grad():
         cache = encode_prompts(model, chains.puzzles.prompts)
-        first = chains.advance(decode_canvases(model, cache, chains.canvas, chains.soft), model)
-        second = chains.advance(decode_canvases(model, cache, chains.canvas, chains.soft), model)
+        first = chains.advance(decode_canvases(model, cache, chains.canvas, chains.soft), lm_head(model))
+        second = chains.advance(decode_canvases(model, cache, chains.canvas, chains.soft), lm_head(model))
     assert first.tolist() == [False, False] and second.tolist() == [True, True]
 
 
