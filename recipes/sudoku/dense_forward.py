@@ -56,8 +56,10 @@ def _project(attn: Attention, x: Tensor, rope: Rope) -> tuple[Tensor, Tensor, Te
 
 def _attend(attn: Attention, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     """Scale-1 attention of q over k, v under `mask` (Sq, Sk), then o_proj: -> (B, Sq, H)."""
+    dtype = q.dtype
+    q, k, v = q.float(), k.float(), v.float()
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0, enable_gqa=True)
-    return attn.output(out.transpose(1, 2))
+    return attn.output(out.to(dtype).transpose(1, 2))
 
 
 @torch.compiler.disable

@@ -50,6 +50,8 @@ from recipes.sudoku.train import (
 )
 
 ADAPTER_DIR = REPO_ROOT / "models" / "sudoku-hard"
+DTYPES = ("float32", "bfloat16")
+"""The base's dtypes a run can train through (`LoRATrainConfig.dtype`)."""
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,9 @@ class LoRATrainConfig:
     easy_low: int = 28
     easy_high: int = 45
     compile: bool = True
+    dtype: str = "float32"
+    """The frozen base's weights and the forward's activations: `float32`, or `bfloat16` (the matmuls on
+    the CPU's bf16 units; the deltas and the optimizer stay fp32, the logits and loss are fp32)."""
     pool_size: int = 6000
     seed: int = 0
     minutes: float = 60.0
@@ -99,6 +104,10 @@ class LoRATrainConfig:
     output directory; 0 keeps the last one and validates nothing."""
     eval_size: int = 80
     """Validation puzzles (seed 3) in the hard band."""
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype {self.dtype!r}: use one of {', '.join(DTYPES)}")
 
     def spec(self) -> LoRASpec:
         return LoRASpec(
@@ -137,7 +146,7 @@ class LoRATrainer:
         self.base_dir = base_dir
         self.out_dir = out_dir
         self.state_path = state_path
-        base = load_checkpoint(base_dir, with_tokenizer=False)
+        base = load_checkpoint(base_dir, dtype=getattr(torch, config.dtype), with_tokenizer=False)
         self.model = base.model.train()
         self.generator = torch.Generator().manual_seed(config.seed)
         self.adapter = Adapter.attach(self.model, config.spec(), self.generator)

@@ -5,7 +5,8 @@ pass) and the decoder (`model.decoder.layers.N`, the denoise pass) as separate m
 weights, so a PEFT adapter holds separate LoRA weights for each copy of a projection. Our model has one
 set of layers for both passes; `LoRALinear` wraps one of its projections and adds the delta of the side
 that the current pass runs (`Side`, shared by every wrapped projection of a model and set by the pass,
-`lora_adapter.py`). PEFT's math: `base(x) + B(A(x)) * scaling`, A (r, in), B (out, r).
+`lora_adapter.py`). PEFT's math: `base(x) + B(A(x)) * scaling`, A (r, in), B (out, r). The deltas are
+kept in fp32 and run in the activations' dtype (a bf16 base trains fp32 deltas through a bf16 forward).
 """
 
 from __future__ import annotations
@@ -76,4 +77,5 @@ class LoRALinear(nn.Module):
             raise RuntimeError("LoRALinear called outside a pass: run it under Adapter.side_of(...)")
         if role not in self.lora_A:
             return out
-        return out + F.linear(F.linear(x, self.lora_A[role]), self.lora_B[role]) * self.scaling
+        lora_a, lora_b = self.lora_A[role].to(x.dtype), self.lora_B[role].to(x.dtype)
+        return out + F.linear(F.linear(x, lora_a), lora_b) * self.scaling

@@ -154,6 +154,45 @@ def test_trainer_steps_change_only_the_adapter_and_save_it(base_dir: Path, tmp_p
     assert all(torch.equal(saved[k], v) for k, v in loaded.state_dict().items())
 
 
+def test_bf16_base_trains_fp32_deltas_close_to_the_fp32_forward(base_dir: Path, tmp_path: Path) -> None:
+    """`--dtype bfloat16`: the frozen base runs in bf16, the deltas and their gradients stay fp32, and the
+    bf16 forward's logits follow the fp32 forward's for the same deltas (within bf16 rounding)."""
+    config = LoRATrainConfig(
+        rank=4,
+        alpha=4.0,
+        batch_size=4,
+        pool_size=4,
+        compile=False,
+        steps=2,
+        warmup=1,
+        lr=1e-2,
+        dtype="bfloat16",
+    )
+    trainer = LoRATrainer(config, base_dir, tmp_path / "adapter", tmp_path / "state.pt", tmp_path)
+    assert trainer.model.embed_tokens.weight.dtype == torch.bfloat16
+    trainer.run(tmp_path / "log.jsonl")
+    deltas = list(trainer.adapter.parameters())
+    assert all(p.dtype == torch.float32 for p in deltas)
+    grads = [p.grad for p in deltas if p.grad is not None]  # the prompt pass skips the last layer's MLP
+    assert len(grads) > len(deltas) // 2 and all(g.dtype == torch.float32 for g in grads)
+    assert any(float(m.lora_B["decoder"].abs().max()) > 0 for m in trainer.adapter.modules.values())
+    fp32 = load_adapter(load_checkpoint(base_dir, with_tokenizer=False).model, tmp_path / "adapter")
+    generator = torch.Generator().manual_seed(0)
+    prompts = torch.randint(tokens.BLANK, tokens.BLANK + 10, (2, tokens.CANVAS_LENGTH), generator=generator)
+    prompts[:, 0] = 2  # <bos>
+    canvases = torch.randint(0, tokens.VOCAB_SIZE, (2, tokens.CANVAS_LENGTH), generator=generator)
+    with torch.no_grad():
+        low = _ours(trainer.adapter, prompts, canvases, None)
+        full = _ours(fp32, prompts, canvases, None)
+    assert low.dtype == torch.float32
+    torch.testing.assert_close(low, full, atol=0.15, rtol=0.05)
+
+
+def test_an_unknown_training_dtype_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"float16.*float32, bfloat16"):
+        LoRATrainConfig(dtype="float16")
+
+
 def test_command_line_run_and_resume(base_dir: Path, tmp_path: Path) -> None:
     argv = [
         "--base",
