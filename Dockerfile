@@ -97,6 +97,12 @@ ENV NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
 COPY --from=app-cuda /opt/venv /opt/venv
 
-# The default target comes last.
+# The default target comes last. tcmalloc: the engine core processes start with it
+# (`--cpu-allocator auto`, engine/cpu_allocator.py), so a step does not fault its large tensors in again.
 FROM runtime AS cpu
+USER root
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends libtcmalloc-minimal4=2.10-1 \
+    && rm -rf /var/lib/apt/lists/*
+USER 10001
 COPY --from=app-cpu /opt/venv /opt/venv

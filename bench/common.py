@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import os
 import platform
 from pathlib import Path
 from typing import Any
@@ -66,4 +67,5 @@ def machine_header() -> dict[str, Any]:
         "cpu": cpu_model(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "load_avg_1min": load_average(),
+        "malloc": os.environ.get("LD_PRELOAD") or "glibc",
     }

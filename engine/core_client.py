@@ -82,7 +82,12 @@ class EngineCoreClient:
     """
 
     def __init__(
-        self, build: Callable[[], Engine], tokenizer: Any, num_threads: int, log_level: str = "INFO"
+        self,
+        build: Callable[[], Engine],
+        tokenizer: Any,
+        num_threads: int,
+        log_level: str = "INFO",
+        preload: str | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.codec = Codec(CODEC_ROOTS)
@@ -101,7 +106,7 @@ class EngineCoreClient:
             build, self._address("input"), self._address("output"), num_threads, os.getpid(), log_level
         )
         try:
-            self.process = CoreProcess(launch)
+            self.process = CoreProcess(launch, preload)
         except BaseException:
             self._close_sockets()
             raise

@@ -15,6 +15,7 @@ import signal
 from multiprocessing.connection import Connection
 
 from engine.core import CoreLaunch, run_engine_core
+from engine.cpu_allocator import preloaded
 from engine.messages import CoreFailed, EngineReady
 
 logger = logging.getLogger(__name__)
@@ -31,13 +32,15 @@ class CoreProcess:
     """A spawned engine core. The constructor returns once the engine is built, with its `ready`
     report, or raises `EngineStartError` (the process is then gone)."""
 
-    def __init__(self, launch: CoreLaunch) -> None:
+    def __init__(self, launch: CoreLaunch, preload: str | None = None) -> None:
+        """`preload`: a malloc library the process starts with (`engine.cpu_allocator`), or None."""
         spawn = multiprocessing.get_context("spawn")
         receiver, sender = spawn.Pipe(duplex=False)
         self._process = spawn.Process(
             target=run_engine_core, args=(launch, sender), name="canvas-engine-core", daemon=True
         )
-        self._process.start()
+        with preloaded(preload):
+            self._process.start()
         sender.close()
         try:
             self.ready = self._await_ready(receiver)

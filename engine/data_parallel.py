@@ -8,17 +8,17 @@ model copy and KV cache, run two half-size batches side by side instead, and eac
 half the canvases costs well under its step on all of them. The same holds for several GPUs, one core
 each.
 
-Routing: a new request goes to the core with the fewest requests in flight; ties go to the core
-after the one that took the last request. A request stays on its core to the end, so its stream,
+Routing: with prefix caching on, a new request goes to the core that was sent the longest leading
+part of its prompt (where that prefix's K/V is likely cached), unless that core is busier than the
+least busy by more than a small slack (`engine.prefix_affinity`); otherwise, and with prefix caching
+off, to the core with the fewest requests in flight, ties to the core after the one that took the
+last request. A request stays on its core to the end, so its stream,
 abort and statistics are that core's. What every core must agree on goes to all of them: aborting
 (an unknown id is a no-op in a core), adapters loaded and unloaded at run time, resetting the prefix
 cache. The statistics the metrics layer reads are the cores' sums (the KV usage is their mean, the
 last step the cores' last steps added up), and the engine view lists the requests of every core.
 The server is alive while every core is: one dead core turns /ready and generation into 503s, as a
 single core's death does, rather than serving on at part strength unnoticed.
-
-Each core's prefix cache is its own: a conversation's next turn hits its cached prefix only if it
-lands on the core that served the last one (least-loaded routing does not look).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from engine.client import RequestStream, stream_outputs
 from engine.config import DiffusionDefaults
 from engine.core_client import EngineCoreClient
 from engine.engine_config import EngineConfig
+from engine.prefix_affinity import PrefixAffinity, pick_with_affinity
 from engine.request import FinishReason, RequestOutput, SamplingParams
 from engine.scheduler import StepComposition
 from engine.snapshot import MAX_WAITING_ROWS, RequestsView
@@ -45,15 +46,19 @@ BROADCAST_UTILITIES: dict[str, Callable[[list[Any]], Any]] = {
 }
 """Engine methods every core runs (what one core's state must not differ in from another's), each with
 how the cores' answers make one."""
+CLEARS_AFFINITY = frozenset({"reset_prefix_cache"})
+"""Broadcast utilities after which the router's memory of the cores' prefixes is stale."""
 
 
 class DataParallelClient:
-    """`EngineClient` over `cores` (started engine core clients of one model and settings)."""
+    """`EngineClient` over `cores` (started engine core clients of one model and settings); with
+    `affinity`, requests are routed to the cores holding their prompts' prefixes."""
 
-    def __init__(self, cores: Sequence[EngineCoreClient]) -> None:
+    def __init__(self, cores: Sequence[EngineCoreClient], affinity: PrefixAffinity | None = None) -> None:
         if not cores:
             raise ValueError("data parallelism needs at least one engine core")
         self.cores = list(cores)
+        self.affinity = affinity
         self._stats = EngineStats()
         self._ids = itertools.count()
         self._next = 0
@@ -114,11 +119,21 @@ class DataParallelClient:
 
     # -- requests ---------------------------------------------------------------------------------
 
-    def pick_core(self) -> EngineCoreClient:
-        """The core with the fewest requests in flight, the first such after the last one picked."""
+    def pick_core(
+        self, prompt_token_ids: Sequence[int] = (), lora_name: str | None = None
+    ) -> EngineCoreClient:
+        """The core for a new request: by prefix affinity when on (`pick_with_affinity`), else the core
+        with the fewest requests in flight, the first such after the last one picked."""
         count = len(self.cores)
         order = [(self._next + i) % count for i in range(count)]
-        index = min(order, key=lambda i: self.cores[i].num_in_flight)
+        in_flight = [core.num_in_flight for core in self.cores]
+        if self.affinity is None:
+            index = min(order, key=lambda i: in_flight[i])
+        else:
+            hashes = self.affinity.hashes(prompt_token_ids, lora_name)
+            matched = self.affinity.matched_blocks(hashes, count)
+            index = pick_with_affinity(in_flight, matched, order)
+            self.affinity.record(hashes, index)
         self._next = (index + 1) % count
         return self.cores[index]
 
@@ -142,7 +157,7 @@ class DataParallelClient:
     ) -> RequestStream:
         """Admit the request on `pick_core()`'s core; ids are unique across the cores."""
         request_id = request_id or f"dp-{next(self._ids)}"
-        core = self.pick_core()
+        core = self.pick_core(prompt_token_ids, lora_name)
         return await core.submit(prompt_token_ids, params, request_id, want_canvas, lora_name)
 
     def abort(self, request_id: str, reason: FinishReason = "abort") -> None:
@@ -162,6 +177,8 @@ class DataParallelClient:
         results = await asyncio.gather(
             *(core.call_utility(method, *args) for core in self.cores), return_exceptions=True
         )
+        if method in CLEARS_AFFINITY and self.affinity is not None:
+            self.affinity.clear()
         for result in results:
             if isinstance(result, BaseException):
                 raise result

@@ -137,12 +137,19 @@ def _serve_parser(serve: argparse.ArgumentParser) -> None:
         "the engine processes, at least 1 each)",
     )
     serve.add_argument(
+        "--cpu-allocator",
+        choices=("auto", "system", "tcmalloc"),
+        help="malloc of the engine processes on the CPU: auto (default; env CANVAS_SERVE_CPU_ALLOCATOR) "
+        "preloads tcmalloc where installed, else glibc's; system: glibc's",
+    )
+    serve.add_argument(
         "--data-parallel-size",
         "-dp",
         type=int,
-        help="engine processes, each with its own model copy, scheduler and KV cache; requests go to the "
-        "least busy (default 1; env CANVAS_SERVE_DATA_PARALLEL_SIZE). On the CPU, N processes of one "
-        "thread outrun one of N threads for small models",
+        help="engine processes, each with its own model copy, scheduler and KV cache; a request goes to "
+        "the one that was sent its prompt's prefix, or else the least busy (default 1; env "
+        "CANVAS_SERVE_DATA_PARALLEL_SIZE). On the CPU, N processes of one thread outrun one of N threads "
+        "for small models",
     )
     serve.add_argument("--canvas-min-interval", dest="canvas_min_interval_s", type=float)
     serve.add_argument("--log-level")

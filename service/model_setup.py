@@ -23,6 +23,7 @@ from engine.async_engine import AsyncEngine
 from engine.client import EngineClient
 from engine.config import DiffusionDefaults, ModelConfig
 from engine.core_client import EngineCoreClient, EngineStartError
+from engine.cpu_allocator import AllocatorNotFound, resolve
 from engine.data_parallel import DataParallelClient
 from engine.engine import Engine
 from engine.lora.peft_config import read_peft_config
@@ -34,6 +35,7 @@ from engine.model.loader import (
     read_defaults,
     read_model_config,
 )
+from engine.prefix_affinity import affinity_for
 from engine.warm_up import warm_up
 from service.default_model import DEFAULT_ADAPTER_NAME, default_adapter_dir, default_model_dir
 from service.metrics import Metrics
@@ -273,18 +275,34 @@ def start_engine(settings: Settings) -> tuple[EngineClient, Any, ModelConfig, in
     check_canvas_length(settings, config)
     build = functools.partial(build_engine, settings, detokenize=False)
     cores = start_cores(settings, build, tokenizer)
-    client: EngineClient = cores[0] if len(cores) == 1 else DataParallelClient(cores)
+    client: EngineClient = (
+        cores[0] if len(cores) == 1 else DataParallelClient(cores, affinity_for(cores[0].config))
+    )
     return client, tokenizer, config, cores[0].max_model_len
+
+
+def core_allocator(settings: Settings) -> str | None:
+    """The malloc library the engine core processes start with (`--cpu-allocator`; on the CPU only:
+    a GPU's tensors do not come from malloc)."""
+    if device_and_dtype(settings)[0].type != "cpu":
+        return None
+    try:
+        library = resolve(settings.cpu_allocator)
+    except AllocatorNotFound as error:
+        raise SetupError(str(error)) from error
+    logger.info("engine core allocator: %s", library or "glibc malloc")
+    return library
 
 
 def start_cores(settings: Settings, build: Callable[[], Engine], tokenizer: Any) -> list[EngineCoreClient]:
     """`--data-parallel-size` engine core processes, started one after another (each loads the model);
     if one cannot start, those already started are stopped."""
     threads = engine_threads(settings)
+    preload = core_allocator(settings)
     cores: list[EngineCoreClient] = []
     try:
         for _ in range(settings.data_parallel_size):
-            cores.append(EngineCoreClient(build, tokenizer, threads, settings.log_level))
+            cores.append(EngineCoreClient(build, tokenizer, threads, settings.log_level, preload))
     except EngineStartError as error:
         for core in cores:
             core.shutdown()

@@ -131,9 +131,14 @@ class Settings(BaseSettings):
     engine_threads: int | None = Field(None, ge=1)
     """torch threads of each engine process; None: every core this process may use but one, shared
     out among the engine processes."""
+    cpu_allocator: Literal["auto", "system", "tcmalloc"] = "auto"
+    """malloc of the engine core processes on the CPU (`engine.cpu_allocator`): `auto` preloads tcmalloc
+    where installed (freed tensors stay mapped, so a step does not fault its large tensors' pages in
+    again), else glibc's; `system`: glibc's; `tcmalloc`: tcmalloc, which must be installed."""
     data_parallel_size: int = Field(1, ge=1, le=64)
     """Engine core processes, each with its own copy of the model, scheduler and KV cache; a request
-    runs on the one with the fewest in flight (`engine.data_parallel`). On the CPU, where a small
+    runs on the one that was sent its prompt's prefix, within a load slack, else on the one with the
+    fewest in flight (`engine.data_parallel`, `engine.prefix_affinity`). On the CPU, where a small
     model's step does not scale with threads, N cores of one thread each outrun one core of N threads.
     `--max-num-seqs`, `--max-waiting` and the KV cache budget are per engine process."""
 

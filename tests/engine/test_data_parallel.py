@@ -20,6 +20,7 @@ from engine.core_client import EngineCoreClient
 from engine.data_parallel import DataParallelClient, combine_stats
 from engine.llm import LLM
 from engine.model.loader import load_tokenizer
+from engine.prefix_affinity import affinity_for
 from engine.request import RequestOutput
 from engine.scheduler import StepComposition
 from engine.stats import EngineStats, RequestRecord, StepTiming
@@ -81,7 +82,7 @@ class Cores:
         build = functools.partial(build_engine_at, str(path), max_num_seqs=4)
         tokenizer = load_tokenizer(path)
         self.cores = [EngineCoreClient(build, tokenizer, num_threads=1) for _ in range(2)]
-        self.client = DataParallelClient(self.cores)
+        self.client = DataParallelClient(self.cores, affinity_for(self.cores[0].config))
         self.run(self._start())
 
     async def _start(self) -> None:
@@ -129,6 +130,19 @@ def test_requests_spread_over_the_cores_with_one_core_s_outputs(cores: Cores, ch
     assert stats.num_output_tokens == sum(len(r.token_ids) for r in offline) == sum(per_core)
     assert len(stats.drain_records()) == 4
     assert cores.client.num_in_flight == 0
+
+
+def test_a_conversation_s_next_turn_goes_to_the_core_that_cached_its_prefix(cores: Cores) -> None:
+    """Least-busy routing alone would send the second turn to the other (idle, next in turn) core,
+    which would compute the whole prompt again."""
+    first = [2, *range(40, 40 + 2 * cores.cores[0].config.block_size)]
+    turn_one = cores.run(_collect(cores.client, first, 0))
+    reply = [t for o in turn_one for t in o.new_token_ids]
+    cores.run(_collect(cores.client, [*first, *reply, *range(60, 70)], 1))
+    served = [core.stats.num_output_tokens > 0 for core in cores.cores]
+    hits = [core.stats.num_prefix_cache_hits for core in cores.cores]
+    assert served.count(True) == 1, f"both turns on one core: {served}"
+    assert hits[served.index(True)] >= 2 * cores.cores[0].config.block_size, hits
 
 
 def test_aborts_and_broadcast_utilities_reach_the_cores(cores: Cores) -> None:
