@@ -11,7 +11,8 @@ request per puzzle with seed = its index and the shipped sampler settings (adapt
   `--server-threads` value (its OMP_NUM_THREADS; 0: unset), and with the engine core in its own
   process once per `--engine-threads` value (0: the server's default).
 
-Optional variants: `--compile-engine-threads` (the engine-process server with `--compile`, warmed up
+Optional variants: `--system-allocator-threads` (the engine-process server on glibc's malloc, against
+the default allocator), `--compile-engine-threads` (the engine-process server with `--compile`, warmed up
 by `--concurrency` requests, which compile it), `--compile-data-parallel` (the same with
 `--data-parallel-size N`, one torch thread per engine process: compared at N threads) and
 `--reference-threads` (transformers' `generate` in static batches of `--concurrency`,
@@ -107,6 +108,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         nargs="*",
         default=[0],
         help="engine-process server variants, by --engine-threads (0: the server's default)",
+    )
+    parser.add_argument(
+        "--system-allocator-threads",
+        type=int,
+        nargs="*",
+        default=[],
+        help="engine-process server variants with --cpu-allocator system (glibc's malloc; the others run "
+        "the default, tcmalloc where installed), by --engine-threads",
     )
     parser.add_argument(
         "--compile-engine-threads",
@@ -284,6 +293,10 @@ def server_variants(args: argparse.Namespace) -> list[tuple[str, list[str], dict
         flags = [*base, "--engine-process"] + (["--engine-threads", str(threads)] if threads else [])
         label = f"{threads} torch threads" if threads else "default threads"
         variants.append((f"served, engine process ({label})", flags, {}, threads or None))
+    for threads in args.system_allocator_threads:
+        flags = [*base, "--engine-process", "--cpu-allocator", "system", "--engine-threads", str(threads)]
+        label = f"{threads} torch threads, glibc malloc"
+        variants.append((f"served, engine process ({label})", flags, {}, threads))
     for threads in args.compile_engine_threads:
         flags = [*base, "--engine-process", "--compile"]
         flags += ["--engine-threads", str(threads)] if threads else []
