@@ -76,13 +76,10 @@ def preloaded(library: str | None) -> Iterator[None]:
     if library is None:
         yield
         return
-    settings = {"LD_PRELOAD": library, **QUIET}
-    before = {name: os.environ.get(name) for name in settings}
-    if before["LD_PRELOAD"]:
-        settings["LD_PRELOAD"] = f"{library}:{before['LD_PRELOAD']}"
-    os.environ.update(
-        {name: value for name, value in settings.items() if name not in QUIET or before[name] is None}
-    )
+    before = {name: os.environ.get(name) for name in ("LD_PRELOAD", *QUIET)}
+    os.environ["LD_PRELOAD"] = ":".join(filter(None, (library, before["LD_PRELOAD"])))
+    for name, value in QUIET.items():
+        os.environ.setdefault(name, value)
     try:
         yield
     finally:

@@ -43,9 +43,11 @@ def test_a_named_allocator_that_is_missing_says_how_to_install_it(monkeypatch: p
 
 def test_preloading_is_confined_to_its_block(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("LD_PRELOAD", raising=False)
+    monkeypatch.delenv("TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD", raising=False)
     with preloaded("libtcmalloc_minimal.so.4"):
         assert os.environ["LD_PRELOAD"] == "libtcmalloc_minimal.so.4"
-    assert "LD_PRELOAD" not in os.environ
+        assert int(os.environ["TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD"]) >= 1 << 40, "no stderr per KV cache"
+    assert "LD_PRELOAD" not in os.environ and "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD" not in os.environ
     monkeypatch.setenv("LD_PRELOAD", "libother.so")
     with preloaded("libtcmalloc_minimal.so.4"):
         assert os.environ["LD_PRELOAD"] == "libtcmalloc_minimal.so.4:libother.so"
