@@ -78,8 +78,8 @@ def preloaded(library: str | None) -> Iterator[None]:
         return
     before = {name: os.environ.get(name) for name in ("LD_PRELOAD", *QUIET)}
     os.environ["LD_PRELOAD"] = ":".join(filter(None, (library, before["LD_PRELOAD"])))
-    for name, value in QUIET.items():
-        os.environ.setdefault(name, value)
+    for name, quiet in QUIET.items():
+        os.environ.setdefault(name, quiet)
     try:
         yield
     finally:
