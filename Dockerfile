@@ -76,6 +76,11 @@ RUN pip install --no-deps /src
 
 # ---- runtime: non-root user, health check, entrypoint -----------------------------------------------
 FROM base AS runtime
+# tcmalloc: on the CPU the engine core processes start with it (`--cpu-allocator auto`,
+# engine/cpu_allocator.py), so a step does not fault its large tensors' pages in again.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends libtcmalloc-minimal4=2.10-1 \
+    && rm -rf /var/lib/apt/lists/*
 # UID 10001, group 0 with group-writable home, so OpenShift's arbitrary UIDs work as well.
 RUN useradd --uid 10001 --gid 0 --home-dir /home/canvas --create-home --shell /usr/sbin/nologin canvas \
     && chmod 0775 /home/canvas
@@ -97,12 +102,6 @@ ENV NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
 COPY --from=app-cuda /opt/venv /opt/venv
 
-# The default target comes last. tcmalloc: the engine core processes start with it
-# (`--cpu-allocator auto`, engine/cpu_allocator.py), so a step does not fault its large tensors in again.
+# The default target comes last.
 FROM runtime AS cpu
-USER root
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends libtcmalloc-minimal4=2.10-1 \
-    && rm -rf /var/lib/apt/lists/*
-USER 10001
 COPY --from=app-cpu /opt/venv /opt/venv
