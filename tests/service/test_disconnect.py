@@ -16,10 +16,11 @@ RUNNING = "canvas_serve_num_requests_running{}"
 WAITING = "canvas_serve_num_requests_waiting{}"
 KV_USAGE = "canvas_serve_kv_cache_usage_perc{}"
 ABORTS = "canvas_serve_request_success_total{finished_reason=abort}"
-LONG = {"prompt": "hello", "max_tokens": 64, "max_denoising_steps": 200, "confidence_threshold": 1e-30}
-"""4 canvases of 200 steps each: far longer than any test waits. The confidence threshold keeps the
-stop rule from ending a canvas early (a random model's canvas can settle within a second: a client's
-1 s read timeout then missed)."""
+LONG = {"prompt": "hello", "max_tokens": 64, "max_denoising_steps": 1024, "confidence_threshold": 1e-30}
+"""4 canvases of 1,024 steps each (the most a request may ask): far longer than any test waits. The
+confidence threshold keeps the stop rule from ending a canvas early (a random model's canvas can settle
+within a second: a client's 1 s read timeout then missed). With 200 steps a canvas, a CI run once saw
+the whole request finish inside the 1 s timeout."""
 
 
 @pytest.fixture(scope="module")
