@@ -1,6 +1,6 @@
 """The real server with `--data-parallel-size 2`: two engine core processes, requests served by both,
 the metrics and the engine view adding both up, a dropped stream aborted in its core, and settings
-that cannot run refused."""
+that cannot run refused (among them the engine processes' `--cpu-allocator`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import concurrent.futures
 import pytest
 from pydantic import ValidationError
 
-from service.model_setup import engine_threads
+from engine import cpu_allocator
+from service.model_setup import SetupError, core_allocator, engine_threads
 from service.settings import Settings
 from tests.service.conftest import RemoteServer
 from tests.service.test_engine_process import ABORTS, BODY, LONG, RUNNING, engine_pid, wait_for
@@ -57,3 +58,14 @@ def test_settings_data_parallelism_cannot_run_are_refused() -> None:
         Settings(data_parallel_size=2, engine_process=False)
     assert engine_threads(Settings(data_parallel_size=2, engine_threads=3)) == 3
     assert engine_threads(Settings(data_parallel_size=64)) == 1, "at least one thread each"
+
+
+def test_a_named_allocator_that_is_missing_stops_the_start_with_how_to_install_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(cpu_allocator, "find_library", lambda name: None)
+    with pytest.raises(SetupError, match="apt-get install libtcmalloc-minimal4"):
+        core_allocator(Settings(cpu_allocator="tcmalloc", device="cpu"))
+    assert core_allocator(Settings(cpu_allocator="auto", device="cpu")) is None, "auto falls back to glibc"
+    with pytest.raises(ValidationError, match="cpu_allocator"):
+        Settings(cpu_allocator="jemalloc")

@@ -21,7 +21,15 @@ ABORTS = "canvas_serve_request_success_total{finished_reason=abort}"
 STOPS = "canvas_serve_request_success_total{finished_reason=stop}"
 ALIVE = "canvas_serve_engine_alive{}"
 BODY = {"prompt": "hello", "max_tokens": 32, "max_denoising_steps": 4, "seed": 3}
-LONG = {"prompt": "hello", "max_tokens": 64, "max_denoising_steps": 1000, "seed": 1}
+LONG = {
+    "prompt": "hello",
+    "max_tokens": 64,
+    "max_denoising_steps": 1000,
+    "seed": 1,
+    "confidence_threshold": 1e-30,
+}
+"""Runs for seconds: the near-zero confidence threshold keeps the stop rule from ending its canvases
+early (as tests/service/test_disconnect.py's LONG)."""
 
 
 @pytest.fixture(scope="module")
