@@ -15,7 +15,7 @@ What the router remembers is a guess at what the cores hold: a core may have evi
 and the blocks its committed canvases added are not seen. A wrong guess costs only the prefix
 computation that least-busy routing would have paid anyway. The memory is bounded: at most `capacity`
 blocks, the least recently routed forgotten first. Routing a 32k-token prompt (2,048 blocks hashed,
-matched and recorded) takes about 4 ms of the API process's event loop on the 2-core CI VM.
+matched and recorded) took 4.2 ms of the API process's event loop on the 2-core development VM.
 
 Example, block size 4, two idle cores: prompt A (10 tokens: 2 full blocks) goes to core 0; then
 prompt A + 6 more tokens (4 blocks) matches 2 blocks on core 0 and none on core 1, and goes to
