@@ -122,17 +122,15 @@ class DataParallelClient:
     def pick_core(
         self, prompt_token_ids: Sequence[int] = (), lora_name: str | None = None
     ) -> EngineCoreClient:
-        """The core for a new request: by prefix affinity when on (`pick_with_affinity`), else the core
-        with the fewest requests in flight, the first such after the last one picked."""
+        """The core for a new request (`pick_with_affinity`; with affinity off no core matches, so the
+        least busy, the first such after the last one picked)."""
         count = len(self.cores)
         order = [(self._next + i) % count for i in range(count)]
         in_flight = [core.num_in_flight for core in self.cores]
-        if self.affinity is None:
-            index = min(order, key=lambda i: in_flight[i])
-        else:
-            hashes = self.affinity.hashes(prompt_token_ids, lora_name)
-            matched = self.affinity.matched_blocks(hashes, count)
-            index = pick_with_affinity(in_flight, matched, order)
+        hashes = [] if self.affinity is None else self.affinity.hashes(prompt_token_ids, lora_name)
+        matched = [0] * count if self.affinity is None else self.affinity.matched_blocks(hashes, count)
+        index = pick_with_affinity(in_flight, matched, order)
+        if self.affinity is not None:
             self.affinity.record(hashes, index)
         self._next = (index + 1) % count
         return self.cores[index]

@@ -89,11 +89,12 @@ def affinity_for(config: EngineConfig) -> PrefixAffinity | None:
 
 def pick_with_affinity(in_flight: Sequence[int], matched: Sequence[int], order: Sequence[int]) -> int:
     """The core to route to: the longest match among the cores within `AFFINITY_SLACK` of the least
-    busy, fewer in flight breaking ties, then `order` (the round-robin turn).
+    busy, fewer in flight breaking ties, then `order` (the round-robin turn: `max` keeps the first of
+    equals). With no match anywhere: the least busy.
 
     in_flight [3, 0], matched [2, 0], order [0, 1] -> 1 (core 0 is 3 busier than core 1, over the
     slack); in_flight [2, 0] -> 0.
     """
     least = min(in_flight)
     eligible = [i for i in order if in_flight[i] <= least + AFFINITY_SLACK]
-    return max(eligible, key=lambda i: (matched[i], -in_flight[i], -order.index(i)))
+    return max(eligible, key=lambda i: (matched[i], -in_flight[i]))

@@ -28,7 +28,7 @@ from engine.request import InvalidParams, SamplingParams
 from service.app import create_app
 from service.model_setup import SetupError, build_service
 from service.serving import Service
-from service.settings import QUANTIZATION_CHOICES, LoRAModule, Settings
+from service.settings import CPU_ALLOCATOR_CHOICES, QUANTIZATION_CHOICES, LoRAModule, Settings
 
 logger = logging.getLogger("canvas_serve")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -138,7 +138,7 @@ def _serve_parser(serve: argparse.ArgumentParser) -> None:
     )
     serve.add_argument(
         "--cpu-allocator",
-        choices=("auto", "system", "tcmalloc"),
+        choices=CPU_ALLOCATOR_CHOICES,
         help="malloc of the engine processes on the CPU: auto (default; env CANVAS_SERVE_CPU_ALLOCATOR) "
         "preloads tcmalloc where installed, else glibc's; system: glibc's",
     )

@@ -274,17 +274,17 @@ def start_engine(settings: Settings) -> tuple[EngineClient, Any, ModelConfig, in
         raise SetupError(str(error)) from error
     check_canvas_length(settings, config)
     build = functools.partial(build_engine, settings, detokenize=False)
-    cores = start_cores(settings, build, tokenizer)
+    cores = start_cores(settings, build, tokenizer, core_allocator(settings, device))
     client: EngineClient = (
         cores[0] if len(cores) == 1 else DataParallelClient(cores, affinity_for(cores[0].config))
     )
     return client, tokenizer, config, cores[0].max_model_len
 
 
-def core_allocator(settings: Settings) -> str | None:
-    """The malloc library the engine core processes start with (`--cpu-allocator`; on the CPU only:
-    a GPU's tensors do not come from malloc)."""
-    if device_and_dtype(settings)[0].type != "cpu":
+def core_allocator(settings: Settings, device: torch.device) -> str | None:
+    """The malloc library the engine core processes on `device` start with (`--cpu-allocator`; on the
+    CPU only: a GPU's tensors do not come from malloc)."""
+    if device.type != "cpu":
         return None
     try:
         library = resolve(settings.cpu_allocator)
@@ -294,11 +294,12 @@ def core_allocator(settings: Settings) -> str | None:
     return library
 
 
-def start_cores(settings: Settings, build: Callable[[], Engine], tokenizer: Any) -> list[EngineCoreClient]:
-    """`--data-parallel-size` engine core processes, started one after another (each loads the model);
-    if one cannot start, those already started are stopped."""
+def start_cores(
+    settings: Settings, build: Callable[[], Engine], tokenizer: Any, preload: str | None
+) -> list[EngineCoreClient]:
+    """`--data-parallel-size` engine core processes, started one after another (each loads the model)
+    with `preload` (`core_allocator`); if one cannot start, those already started are stopped."""
     threads = engine_threads(settings)
-    preload = core_allocator(settings)
     cores: list[EngineCoreClient] = []
     try:
         for _ in range(settings.data_parallel_size):

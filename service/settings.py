@@ -24,6 +24,9 @@ MAX_REQUEST_BODY_BYTES = 8 * 1024**2
 Quantization = Literal["compressed-tensors", "modelopt", "modelopt_fp4", "fp8", "int8"]
 """`--quantization` values canvas-serve serves (vLLM's names)."""
 QUANTIZATION_CHOICES: tuple[str, ...] = get_args(Quantization)
+CpuAllocator = Literal["auto", "system", "tcmalloc"]
+"""`engine.cpu_allocator.CHOICES`, as a type."""
+CPU_ALLOCATOR_CHOICES: tuple[str, ...] = get_args(CpuAllocator)
 
 
 class LoRAModule(BaseModel):
@@ -131,7 +134,7 @@ class Settings(BaseSettings):
     engine_threads: int | None = Field(None, ge=1)
     """torch threads of each engine process; None: every core this process may use but one, shared
     out among the engine processes."""
-    cpu_allocator: Literal["auto", "system", "tcmalloc"] = "auto"
+    cpu_allocator: CpuAllocator = "auto"
     """malloc of the engine core processes on the CPU (`engine.cpu_allocator`): `auto` preloads tcmalloc
     where installed (freed tensors stay mapped, so a step does not fault its large tensors' pages in
     again), else glibc's; `system`: glibc's; `tcmalloc`: tcmalloc, which must be installed."""

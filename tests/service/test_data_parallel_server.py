@@ -7,6 +7,7 @@ from __future__ import annotations
 import concurrent.futures
 
 import pytest
+import torch
 from pydantic import ValidationError
 
 from engine import cpu_allocator
@@ -65,7 +66,8 @@ def test_a_named_allocator_that_is_missing_stops_the_start_with_how_to_install_i
 ) -> None:
     monkeypatch.setattr(cpu_allocator, "find_library", lambda name: None)
     with pytest.raises(SetupError, match="apt-get install libtcmalloc-minimal4"):
-        core_allocator(Settings(cpu_allocator="tcmalloc", device="cpu"))
-    assert core_allocator(Settings(cpu_allocator="auto", device="cpu")) is None, "auto falls back to glibc"
+        core_allocator(Settings(cpu_allocator="tcmalloc"), torch.device("cpu"))
+    assert core_allocator(Settings(cpu_allocator="auto"), torch.device("cpu")) is None, "auto: glibc's"
+    assert core_allocator(Settings(cpu_allocator="tcmalloc"), torch.device("meta")) is None, "not a CPU"
     with pytest.raises(ValidationError, match="cpu_allocator"):
         Settings(cpu_allocator="jemalloc")
