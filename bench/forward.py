@@ -188,7 +188,7 @@ def prepare_ours(
     blocks, tables = plan_cache(config, num_requests, prompt_len + config.canvas_length)
     caches = allocate_layer_caches(config, blocks, BLOCK_SIZE, weight.dtype, weight.device)
     model(segment_batch(prompts, 0, True, tables), caches)
-    head = LMHead(weight, config.final_logit_softcapping, model.embed_scale)
+    head = LMHead(weight, config.final_logit_softcapping, model.embed_scale).prepacked()  # as the runner's
     return segment_batch(canvases, prompt_len, False, tables), caches, head
 
 

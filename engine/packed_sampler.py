@@ -23,7 +23,6 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from engine.kernels.dispatch import use_kernels
@@ -134,7 +133,7 @@ def _packed_stats(
     """(entropy, confidence, argmax, sample), each [N, C], of `_tiled_canvas_stats` for every canvas;
     stores each canvas's soft embedding in its state."""
     tiles = torch.split(hidden, c)  # N x [C, H]
-    raw = torch.cat([F.linear(tile, head.weight) for tile in tiles])  # [N * C, V] weight dtype
+    raw = torch.cat([head.project(tile) for tile in tiles])  # [N * C, V] weight dtype
     processed = softcap(raw, head).div_(temps.repeat_interleave(c)[:, None])  # [N * C, V] fp32
     entropy, confidence = token_entropy(processed)
     argmax = processed.max(dim=-1).indices  # [N * C]

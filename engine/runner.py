@@ -59,7 +59,7 @@ class ModelRunner:
         weight = model.embed_tokens.weight
         self.device = weight.device
         self.attention = select_attention_backend(self.device)
-        self.head = LMHead(weight, model.config.final_logit_softcapping, model.embed_scale)
+        self.head = LMHead(weight, model.config.final_logit_softcapping, model.embed_scale).prepacked()
         self.canvases: dict[str, CanvasState] = {}
         self.commits: dict[str, CanvasCommit] = {}
         """Requests whose current canvas commits with a grammar or logprobs (`NewCanvas.commit`)."""

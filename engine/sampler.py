@@ -29,13 +29,14 @@ exactly as the reference computes it for any canvas.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from engine.kernels.dispatch import use_kernels
+from engine.kernels.packed_linear import faster_packed, packed_linear
 from engine.request import FREE
 from engine.request import StepParams as StepParams  # re-exported: the sampler's parameter type
 
@@ -53,6 +54,8 @@ class LMHead:
     softcap: float | None
     """`final_logit_softcapping`; None disables it."""
     embed_scale: Tensor
+    packed: Tensor | None = None
+    """oneDNN's prepacked copy of `weight` for `project` (`prepacked()`: bf16 on the CPU), or None."""
 
     def __post_init__(self) -> None:
         assert self.weight.dim() == 2 and self.embed_scale.dim() == 0, "weight is [V, H]; embed_scale is 0-d"
@@ -62,6 +65,21 @@ class LMHead:
         """The head the reference builds: embed_scale = torch.tensor(sqrt(H)) cast to the weight dtype."""
         scale = torch.tensor(weight.shape[1] ** 0.5).to(device=weight.device, dtype=weight.dtype)
         return cls(weight=weight, softcap=softcap, embed_scale=scale)
+
+    def prepacked(self) -> LMHead:
+        """This head with `weight` prepacked for `project` where that is bit-identical and measured faster
+        (bf16 on a oneDNN CPU: `engine.kernels.packed_linear.faster_packed`, a second copy of the weight);
+        itself elsewhere."""
+        if self.packed is not None:
+            return self
+        packed = faster_packed(self.weight)
+        return self if packed is None else replace(self, packed=packed)
+
+    def project(self, hidden: Tensor) -> Tensor:
+        """Raw logits `hidden @ weight.T` in the weight dtype: [R, H] -> [R, V]."""
+        if self.packed is None:
+            return F.linear(hidden, self.weight)
+        return packed_linear(hidden, self.packed)
 
     @property
     def vocab_size(self) -> int:
@@ -126,7 +144,7 @@ def temperature(step: int, max_steps: int, t_min: float, t_max: float, device: t
 
 def logits_for(hidden_tile: Tensor, head: LMHead) -> Tensor:
     """Softcapped fp32 logits of one tile, in the reference's order of ops: [C, H] -> [C, V] fp32."""
-    return softcap(F.linear(hidden_tile, head.weight), head)  # [C, V]
+    return softcap(head.project(hidden_tile), head)  # [C, V]
 
 
 def softcap(raw_logits: Tensor, head: LMHead) -> Tensor:
@@ -332,7 +350,7 @@ def _tiled_canvas_stats(
     passes that would otherwise each stream the whole canvas from memory (the sampler was 55-75% of
     a bench-model step before).
     """
-    raw = F.linear(hidden_tile, head.weight)  # [C, V] weight dtype
+    raw = head.project(hidden_tile)  # [C, V] weight dtype
     num_rows, vocab = raw.shape
     entropy = torch.empty(num_rows, dtype=torch.float32, device=raw.device)
     confidence = torch.empty_like(entropy)

@@ -4,8 +4,8 @@ The reference path (`engine.model.methods.plain.looped_experts`) loops over expe
 the token count of each on the host (one device-to-host sync per layer, plus one small matmul per
 expert). Here each (token, expert) pair becomes one row, rows are sorted by expert, and
 `torch.nn.functional.grouped_mm` multiplies every expert's slice of rows by its own weights in one call:
-on CUDA (bf16, SM >= 80) that is a single grouped GEMM launch; on the CPU it is torch's fallback, which
-the tests use.
+on CUDA (bf16, SM >= 80) that is a single grouped GEMM launch; on the CPU it is torch's fallback (a C++
+loop of matmuls), which bf16 inference on the CPU selects and the tests use.
 
 Example, 3 tokens, k = 2, 4 experts, expert_ids [[2, 0], [0, 1], [2, 3]]:
 flat experts [2, 0, 0, 1, 2, 3] -> sorted rows for tokens [0, 1, 1, 0, 2, 2] with experts
@@ -58,5 +58,5 @@ def grouped_experts(
     gate, up = F.grouped_mm(rows, gate_up_proj.transpose(1, 2), offs=offs).chunk(2, dim=-1)  # (T*k, I) x2
     hidden = F.gelu(gate, approximate="tanh") * up
     out_rows = F.grouped_mm(hidden, down_proj.transpose(1, 2), offs=offs)  # (T*k, H)
-    out_rows = out_rows * weights.flatten()[order, None].to(out_rows.dtype)
+    out_rows = (out_rows * weights.flatten()[order, None]).to(x.dtype)  # weighted in fp32, as the loop does
     return torch.zeros_like(x).index_add_(0, token_ids, out_rows)

@@ -102,3 +102,13 @@ def test_layout_rules() -> None:
         assert grouped_mm_fits(torch.zeros(3, 32), aligned.gate_up_proj, aligned.down_proj)
     half = torch.zeros(3, 32, dtype=torch.float16)
     assert not grouped_mm_fits(half, aligned.gate_up_proj, aligned.down_proj)
+
+
+def test_cpu_selects_grouped_for_bf16_inference_only() -> None:
+    """bf16 on the CPU serves through torch's grouped fallback (faster than the loop); fp32 keeps the
+    reference loop, and a training step on grouped weights still loops (no weight gradient)."""
+    config = tiny_model_config()
+    cpu = torch.device("cpu")
+    with dispatch.force(None):
+        assert isinstance(plain_experts_method(config, cpu, torch.bfloat16), GroupedExperts)
+        assert type(plain_experts_method(config, cpu, torch.float32)) is LoopedExperts

@@ -131,9 +131,12 @@ def registered_formats() -> list[str]:
 
 
 def plain_experts_method(config: ModelConfig, device: torch.device, dtype: torch.dtype) -> ExpertsMethod:
-    """`GroupedExperts` where the kernels run on `device` (`engine.kernels.dispatch`) and `grouped_mm`
-    takes the dtype and the expert widths; `LoopedExperts` (the reference) otherwise."""
-    if not use_kernels(device):
+    """`GroupedExperts` where `grouped_mm` takes the dtype and the expert widths and is the faster path:
+    where the kernels run on `device` (`engine.kernels.dispatch`), and for bf16 on the CPU (torch's
+    fallback runs the experts' matmuls in one C++ call: 1.2-1.6x the Python loop at one to four canvases,
+    even at sixteen; bench/RESULTS.md, "The CPU's bf16 fast paths"). `LoopedExperts` (the reference)
+    otherwise: fp32 on the CPU measured no faster grouped."""
+    if not (use_kernels(device) or (device.type == "cpu" and dtype == torch.bfloat16)):
         return LoopedExperts()
     hidden, inter = config.hidden_size, config.moe_intermediate_size
     x = torch.empty(0, hidden, dtype=dtype, device=device)

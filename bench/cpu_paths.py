@@ -1,0 +1,173 @@
+"""The CPU's bf16 fast paths on vs off, in one run: the prepacked LM head and the grouped experts.
+
+What it times, each pair interleaved (on, off, on, off, ...) so that other load hits both alike:
+1. the tied LM head of one canvas, `hidden [256, H] @ weight.T`: `F.linear` against oneDNN's prepacked
+   weight (`engine.kernels.packed_linear`, what `LMHead.prepacked` gives the runner), for the bench
+   model's head (V 32,768, H 512) and the released model's (V 262,144, H 2,816; 1.5 GB of bf16);
+2. one layer's MoE experts on a step's tokens: the reference loop over experts against torch's grouped
+   fallback (`GroupedExperts`, selected for bf16 on the CPU), at the bench model's shapes (16 experts,
+   top-4, 512 wide) and the released model's proportions (128 experts, top-8, H 2,816, I 704);
+3. the bench model's whole denoise forward (`bench/forward.py`: trunk + softcapped fp32 logits), the
+   engine's selection against both paths switched off (looped experts, unpacked head).
+Outputs are compared where the paths must agree: the head bit for bit, the experts and the forward as
+a max abs difference (the grouped fallback rounds its bf16 matmuls differently).
+
+Run: `python bench/cpu_paths.py --threads 2` (about 3 minutes on the 2-core Xeon), or
+`--quick` for a smoke check of a few seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from bench import forward
+from bench.common import load_average, machine_header, save_random_checkpoint
+from bench.timing import time_interleaved
+from engine.kernels.grouped_experts import grouped_experts
+from engine.kernels.packed_linear import pack_weight, packed_linear, packs
+from engine.model.diffusion_gemma import DiffusionGemma, Layer
+from engine.model.loader import load_checkpoint
+from engine.model.methods.plain import LoopedExperts, looped_experts
+from engine.sampler import LMHead
+
+CANVAS = 256
+HEADS = {"bench model (V 32768, H 512)": (32768, 512), "released model (V 262144, H 2816)": (262144, 2816)}
+EXPERTS = {
+    "bench model (16 experts, top-4, H 512, I 512)": (16, 4, 512, 512),
+    "released proportions (128 experts, top-8, H 2816, I 704)": (128, 8, 2816, 704),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="The CPU's bf16 fast paths on vs off.")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--reps", type=int, default=7, help="timed calls of each side (median reported)")
+    parser.add_argument("--canvases", type=int, nargs="+", default=[1, 4, 16], help="canvases per step")
+    parser.add_argument("--quick", action="store_true", help="small shapes, a smoke check")
+    return parser.parse_args(argv)
+
+
+def median_ms(fns: list[Callable[[], Any]], reps: int) -> list[float]:
+    return [statistics.median(t.wall) * 1e3 for t in time_interleaved(fns, warmup=2, reps=reps)]
+
+
+def row(label: str, on_ms: float, off_ms: float, diff: str) -> str:
+    return f"{label:<62} | {on_ms:9.2f} | {off_ms:9.2f} | {off_ms / on_ms:6.2f}x | {diff}"
+
+
+def head_case(name: str, vocab: int, hidden: int, reps: int) -> str:
+    weight = (torch.randn(vocab, hidden) * 0.02).bfloat16()
+    x = torch.randn(CANVAS, hidden).bfloat16()
+    packed = pack_weight(weight)
+    on, off = median_ms([lambda: packed_linear(x, packed), lambda: F.linear(x, weight)], reps)
+    same = torch.equal(packed_linear(x, packed), F.linear(x, weight))
+    return row(f"LM head, one canvas, {name}", on, off, f"bit-identical: {same}")
+
+
+def routing(tokens: int, num: int, k: int) -> tuple[Tensor, Tensor]:
+    weights, ids = torch.topk(torch.randn(tokens, num).softmax(-1), k)  # (T, k) x2
+    return weights / weights.sum(-1, keepdim=True), ids
+
+
+def experts_case(name: str, shape: tuple[int, int, int, int], canvases: int, reps: int) -> str:
+    num, k, hidden, inter = shape
+    gate_up = (torch.randn(num, 2 * inter, hidden) * 0.02).bfloat16()
+    down = (torch.randn(num, hidden, inter) * 0.02).bfloat16()
+    x = torch.randn(canvases * CANVAS, hidden).bfloat16()
+    weights, ids = routing(x.shape[0], num, k)
+
+    def grouped() -> Tensor:
+        return grouped_experts(x, weights, ids, gate_up, down)
+
+    def looped() -> Tensor:
+        return looped_experts(x, weights, ids, gate_up, down)
+
+    on, off = median_ms([grouped, looped], reps)
+    diff = f"max abs diff {float((grouped().float() - looped().float()).abs().max()):.2e}"
+    return row(f"one layer's experts, {canvases} canvases, {name}", on, off, diff)
+
+
+@contextmanager
+def looped_in(model: DiffusionGemma) -> Iterator[None]:
+    """Within the block every layer's experts run the reference loop."""
+    layers = [layer for layer in model.layers if isinstance(layer, Layer)]
+    methods = [layer.experts.method for layer in layers]
+    for layer in layers:
+        layer.experts.method = LoopedExperts()
+    try:
+        yield
+    finally:
+        for layer, method in zip(layers, methods, strict=True):
+            layer.experts.method = method
+
+
+def forward_case(model: DiffusionGemma, canvases: int, reps: int) -> str:
+    gen = torch.Generator().manual_seed(canvases)
+    prompts = torch.randint(3, model.config.vocab_size, (canvases, 128), generator=gen)
+    noisy = torch.randint(0, model.config.vocab_size, (canvases, CANVAS), generator=gen)
+    batch, caches, head = forward.prepare_ours(model, prompts, noisy)
+    plain_head = LMHead(head.weight, head.softcap, head.embed_scale)
+
+    def on() -> list[Tensor]:
+        return forward.our_forward(model, batch, caches, head)
+
+    def off() -> list[Tensor]:
+        with looped_in(model):
+            return forward.our_forward(model, batch, caches, plain_head)
+
+    on_ms, off_ms = median_ms([on, off], reps)
+    diff = max(float((a - b).abs().max()) for a, b in zip(on(), off(), strict=True))
+    label = f"bench model's forward, {canvases} canvases (head packed: {head.packed is not None})"
+    return row(label, on_ms, off_ms, f"max abs logit diff {diff:.2e}")
+
+
+def bench_model(quick: bool) -> DiffusionGemma:
+    with tempfile.TemporaryDirectory() as tmp:
+        text = forward.QUICK_TEXT if quick else forward.FULL_TEXT
+        save_random_checkpoint(Path(tmp), text, CANVAS, forward.SEED)
+        return load_checkpoint(Path(tmp), dtype=torch.bfloat16, with_tokenizer=False).model
+
+
+def cases(args: argparse.Namespace) -> Iterator[str]:
+    shrink = 8 if args.quick else 1
+    for name, (vocab, hidden) in HEADS.items():
+        yield head_case(name, vocab // shrink**2, hidden // shrink, args.reps)
+    for name, (num, k, hidden, inter) in EXPERTS.items():
+        for canvases in args.canvases:
+            yield experts_case(name, (num, k, hidden // shrink, inter // shrink), canvases, args.reps)
+    model = bench_model(args.quick)
+    for canvases in args.canvases:
+        yield forward_case(model, canvases, args.reps)
+
+
+@torch.inference_mode()
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print("  ".join(f"{k}={v}" for k, v in machine_header().items()), flush=True)
+    if not packs(torch.zeros(1, 1, dtype=torch.bfloat16)):
+        print("this CPU's oneDNN has no bf16 support: the engine packs nothing here")
+        return 1
+    print(f"{'case':<62} | {'on ms':>9} | {'off ms':>9} | {'gain':>7} | agreement", flush=True)
+    for line in cases(args):
+        print(line, flush=True)
+    print(f"on: prepacked head / grouped experts; off: F.linear / the loop; load average {load_average()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
