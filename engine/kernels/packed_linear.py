@@ -25,7 +25,7 @@ BATCH_HINT = 256
 weight serves any count)."""
 MIN_GAIN = 1.1
 """`faster_packed` keeps the packed copy only when F.linear takes at least this many times as long."""
-TIMED_CALLS = 3
+TIMED_CALLS = 5
 
 
 def packs(weight: Tensor) -> bool:
@@ -61,8 +61,7 @@ def faster_packed(weight: Tensor) -> Tensor | None:
     x = torch.randn(BATCH_HINT, weight.shape[1], generator=torch.Generator().manual_seed(0)).to(weight.dtype)
     if not torch.equal(packed_linear(x, packed), F.linear(x, weight)):  # also the warm-up of both
         return None
-    plain_s = _fastest(lambda: F.linear(x, weight))
-    packed_s = _fastest(lambda: packed_linear(x, packed))
+    plain_s, packed_s = _fastest([lambda: F.linear(x, weight), lambda: packed_linear(x, packed)])
     return packed if keeps_packed(plain_s, packed_s) else None
 
 
@@ -70,11 +69,13 @@ def keeps_packed(plain_s: float, packed_s: float) -> bool:
     return plain_s >= MIN_GAIN * packed_s
 
 
-def _fastest(call: Callable[[], Tensor]) -> float:
-    """Seconds of the fastest of `TIMED_CALLS` calls (other load only slows a call)."""
-    times = []
+def _fastest(calls: list[Callable[[], Tensor]]) -> list[float]:
+    """Seconds of each call's fastest of `TIMED_CALLS` runs, the calls taking turns so that other load
+    hits them alike (and only slows a run)."""
+    times: list[list[float]] = [[] for _ in calls]
     for _ in range(TIMED_CALLS):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return min(times)
+        for call, runs in zip(calls, times, strict=True):
+            start = time.perf_counter()
+            call()
+            runs.append(time.perf_counter() - start)
+    return [min(runs) for runs in times]

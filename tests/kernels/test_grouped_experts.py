@@ -8,6 +8,7 @@ import torch
 from engine.kernels import dispatch
 from engine.kernels.grouped_experts import grouped_experts, grouped_mm_fits
 from engine.model.layers import Experts
+from engine.model.methods import plain
 from engine.model.methods.plain import GroupedExperts, LoopedExperts, looped_experts
 from engine.model.methods.selection import plain_experts_method
 from tests.engine.checkpoints import tiny_model_config
@@ -112,3 +113,17 @@ def test_cpu_selects_grouped_for_bf16_inference_only() -> None:
     with dispatch.force(None):
         assert isinstance(plain_experts_method(config, cpu, torch.bfloat16), GroupedExperts)
         assert type(plain_experts_method(config, cpu, torch.float32)) is LoopedExperts
+
+
+def test_a_large_cpu_step_loops(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above `CPU_GROUPED_MAX_ROWS` (token, expert) rows the CPU's loop is the faster path."""
+    module = experts(4, 32, 16, torch.bfloat16, torch.device("cpu"))
+    module.method = GroupedExperts()
+    x = torch.randn(9, 32).bfloat16()
+    weights, ids = routing(9, 4, 2, 4, torch.device("cpu"))
+    assert GroupedExperts.groups(module, x, ids)
+    monkeypatch.setattr(plain, "CPU_GROUPED_MAX_ROWS", 17)
+    assert not GroupedExperts.groups(module, x, ids)  # 18 rows
+    assert torch.equal(
+        module(x, weights, ids), looped_experts(x, weights, ids, module.gate_up_proj, module.down_proj)
+    )

@@ -60,6 +60,12 @@ class LoopedExperts(ExpertsMethod):
         )
 
 
+CPU_GROUPED_MAX_ROWS = 8192
+"""Above this many (token, expert) rows a step, the CPU's grouped fallback is slower than the loop (one
+layer of the bench model, bf16, 2-core Xeon: 1.33x / 1.11x / 0.96x the loop at 1,024 / 4,096 / 16,384
+rows; 128 experts top-8 at H 2,816: 1.17x / 1.04x / 0.91x at 2,048 / 8,192 / 32,768; bench/cpu_paths.py)."""
+
+
 class GroupedExperts(LoopedExperts):
     """The same weights through `engine.kernels.grouped_experts` (two grouped matmuls, no host sync).
 
@@ -68,13 +74,20 @@ class GroupedExperts(LoopedExperts):
     """
 
     def apply(self, layer: nn.Module, x: Tensor, weights: Tensor, expert_ids: Tensor) -> Tensor:
-        # Only torch's CPU fallback lacks a weight gradient: a training step there (grad mode is a fact
-        # of the call, not of the load) takes the loop, as before this method existed.
-        if not grouped_mm_fits(x, stored(layer, "gate_up_proj"), stored(layer, "down_proj")):
+        if not self.groups(layer, x, expert_ids):
             return super().apply(layer, x, weights, expert_ids)
         return grouped_experts(
             x, weights, expert_ids, stored(layer, "gate_up_proj"), stored(layer, "down_proj")
         )
+
+    @staticmethod
+    def groups(layer: nn.Module, x: Tensor, expert_ids: Tensor) -> bool:
+        """Whether this call runs grouped: `grouped_mm` takes it (torch's CPU fallback has no weight
+        gradient, so a training step there, grad mode being a fact of the call, loops), and on the CPU
+        the step has at most `CPU_GROUPED_MAX_ROWS` rows."""
+        if not grouped_mm_fits(x, stored(layer, "gate_up_proj"), stored(layer, "down_proj")):
+            return False
+        return x.device.type != "cpu" or expert_ids.numel() <= CPU_GROUPED_MAX_ROWS
 
 
 class DenseExperts(LoopedExperts):
