@@ -76,6 +76,11 @@ class LoRATrainConfig:
     """On self-conditioned steps the graded pass reads the canvas one sampler step builds from the first
     pass (its own confident guesses, mistakes included) instead of the corrupted one (`train.py`'s
     `--own-canvas-from`)."""
+    self_cond_rounds: int = 1
+    """On self-conditioned steps, the no-grad passes that build the graded pass's soft embeddings, drawn
+    from 1..this per step; each reads the one before, so the graded pass meets beliefs already refined,
+    as the serving sampler's later steps feed it (training otherwise only shows it a pass that read none).
+    1, the recipe's first pass alone."""
     rollout_fraction: float = 0.0
     """Share of the steps graded on on-policy chains (`rollout.py`: the canvases and soft embeddings the
     serving sampler builds from the model's own passes) instead of on corrupted canvases..."""
@@ -108,6 +113,8 @@ class LoRATrainConfig:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype {self.dtype!r}: use one of {', '.join(DTYPES)}")
+        if self.self_cond_rounds < 1:
+            raise ValueError(f"self_cond_rounds {self.self_cond_rounds}: at least 1 (the first pass)")
 
     def spec(self) -> LoRASpec:
         return LoRASpec(
@@ -220,6 +227,7 @@ class LoRATrainer:
         """The recipe's objective on a fresh batch of corrupted canvases (`train.training_loss`)."""
         batch = self.sampler.batch(self.config.batch_size, with_order=self.config.ordered_fraction > 0)
         self_cond = self.rng.random() < self.config.self_cond_prob
+        rounds = self.self_cond_rounds() if self_cond else 1
         loss, metrics = training_loss(
             self.model,
             batch,
@@ -229,9 +237,16 @@ class LoRATrainer:
             forwards=self.forwards,
             ordered_fraction=self.config.ordered_fraction,
             passes=self.passes,
+            self_cond_rounds=rounds,
         )
         hard = batch.num_clues <= self.config.hard_high
         return loss, metrics | {"hard": float(hard.float().mean())}
+
+    def self_cond_rounds(self) -> int:
+        """1..`self_cond_rounds`, uniformly (no draw at 1, so such runs keep the earlier runs' stream)."""
+        if self.config.self_cond_rounds == 1:
+            return 1
+        return self.rng.randint(1, self.config.self_cond_rounds)
 
     @property
     def last_dir(self) -> Path:

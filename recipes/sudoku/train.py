@@ -169,10 +169,12 @@ def first_pass(
     t: Tensor,
     forwards: LayerForwards = EAGER,
     passes: Passes = DENSE,
+    soft: Tensor | None = None,
 ) -> Tensor:
-    """No-grad logits (B, C, V) divided by the sampler's temperature for noise level t (0.4 + 0.4 t)."""
+    """No-grad logits (B, C, V) divided by the sampler's temperature for noise level t (0.4 + 0.4 t);
+    `soft`: a previous pass's soft embeddings to read (None: none, the recipe's first pass)."""
     with torch.no_grad():
-        hidden = passes.decode(model, cache.detached(), noisy, None, forwards)
+        hidden = passes.decode(model, cache.detached(), noisy, soft, forwards)
         logits = head_logits(hidden, head)  # (B, C, V)
         return logits / (0.4 + 0.4 * t)[:, None, None]
 
@@ -197,6 +199,7 @@ def training_loss(
     canvases_per_puzzle: int = 1,
     ordered_fraction: float = 0.0,
     passes: Passes = DENSE,
+    self_cond_rounds: int = 1,
 ) -> tuple[Tensor, dict[str, float]]:
     """Cross-entropy of the denoiser on one corrupted batch, and accuracy figures for the log.
 
@@ -204,7 +207,8 @@ def training_loss(
     its own noise level. With `use_self_cond` the graded pass gets the first pass's soft embeddings, and
     with `own_canvas` also its sampler-step canvas in place of the corrupted one. `ordered_fraction`
     of the canvases are corrupted in deduction order (needs `batch.order`). `passes` runs the prompt
-    and canvas passes (the LoRA recipe's run each under its adapter side).
+    and canvas passes (the LoRA recipe's run each under its adapter side). `self_cond_rounds` no-grad
+    passes build the graded pass's soft embeddings, each reading the one before (1: the first pass only).
     """
     head = lm_head(model)
     vocab_size = model.config.vocab_size
@@ -219,6 +223,9 @@ def training_loss(
     if use_self_cond:
         processed = first_pass(model, head, cache, noisy, t, forwards, passes)
         soft = soft_embedding(processed, head)
+        for _ in range(self_cond_rounds - 1):
+            processed = first_pass(model, head, cache, noisy, t, forwards, passes, soft)
+            soft = soft_embedding(processed, head)
         if own_canvas:
             keep = ((1 - t) * noisy.shape[1]).round().long()
             noisy = sampler_canvas(processed, keep, vocab_size, generator)
