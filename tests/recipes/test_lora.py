@@ -193,6 +193,11 @@ def test_an_unknown_training_dtype_is_refused() -> None:
         LoRATrainConfig(dtype="float16")
 
 
+def test_self_cond_rounds_are_at_least_one() -> None:
+    with pytest.raises(ValueError, match="self_cond_rounds 0"):
+        LoRATrainConfig(self_cond_rounds=0)
+
+
 def test_command_line_run_and_resume(base_dir: Path, tmp_path: Path) -> None:
     argv = [
         "--base",

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ from transformers import DiffusionGemmaForBlockDiffusion
 from engine.model.loader import load_checkpoint, our_name
 from recipes.sudoku.checkpoint import checkpoint_name
 from recipes.sudoku.data import TrainSampler
+from recipes.sudoku.dense_forward import Passes, decode_canvases
 from recipes.sudoku.puzzles import make_puzzle
 from recipes.sudoku.train import (
     TrainConfig,
@@ -169,3 +172,26 @@ def test_resume_keeps_the_saved_settings_unless_overridden() -> None:
     assert (resumed.minutes, resumed.compile) == (120.0, True)
     fresh = run_config(parse_args(["--batch-size", "16"])[1], None)
     assert fresh == TrainConfig(batch_size=16)
+
+
+@pytest.mark.parametrize("rounds", [1, 3])
+def test_self_cond_rounds_each_read_the_pass_before(init_dir: Path, rounds: int) -> None:
+    """The first pass reads no soft embeddings; each further no-grad round reads the one before, and the
+    graded pass the last."""
+    model = load_checkpoint(init_dir, with_tokenizer=False).model
+    rng = random.Random(0)
+    batch = TrainSampler([make_puzzle(rng) for _ in range(2)], rng, 30, 45).batch(2)
+    seen: list[torch.Tensor | None] = []
+
+    def decode(*args: Any) -> torch.Tensor:
+        seen.append(args[3])
+        return decode_canvases(*args)
+
+    passes = Passes(decode=decode)
+    training_loss(
+        model, batch, torch.Generator().manual_seed(0), True, passes=passes, self_cond_rounds=rounds
+    )
+    assert len(seen) == rounds + 1 and seen[0] is None
+    softs = [soft for soft in seen[1:] if soft is not None]
+    assert len(softs) == rounds
+    assert all(not torch.equal(a, b) for a, b in itertools.pairwise(softs))
