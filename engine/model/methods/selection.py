@@ -133,9 +133,9 @@ def registered_formats() -> list[str]:
 def plain_experts_method(config: ModelConfig, device: torch.device, dtype: torch.dtype) -> ExpertsMethod:
     """`GroupedExperts` where `grouped_mm` takes the dtype and the expert widths and is the faster path:
     where the kernels run on `device` (`engine.kernels.dispatch`), and for bf16 on the CPU (torch's
-    fallback runs the experts' matmuls in one C++ call: 1.2-1.6x the Python loop at one to four canvases,
-    even at sixteen; bench/RESULTS.md, "The CPU's bf16 fast paths"). `LoopedExperts` (the reference)
-    otherwise: fp32 on the CPU measured no faster grouped."""
+    fallback runs the experts' matmuls in one C++ call: 1.16-1.33x the Python loop a layer at one canvas;
+    a CPU step of more than `CPU_GROUPED_MAX_ROWS` rows still loops; bench/RESULTS.md, "The CPU's bf16
+    fast paths"). `LoopedExperts` (the reference) otherwise: fp32 on the CPU measured no faster grouped."""
     if not (use_kernels(device) or (device.type == "cpu" and dtype == torch.bfloat16)):
         return LoopedExperts()
     hidden, inter = config.hidden_size, config.moe_intermediate_size
