@@ -7,8 +7,9 @@ What it times, each pair interleaved (on, off, on, off, ...) so that other load 
 2. one layer's MoE experts on a step's tokens: the reference loop over experts against torch's grouped
    fallback (`GroupedExperts`, selected for bf16 on the CPU), at the bench model's shapes (16 experts,
    top-4, 512 wide) and the released model's proportions (128 experts, top-8, H 2,816, I 704);
-3. the bench model's whole denoise forward (`bench/forward.py`: trunk + softcapped fp32 logits), the
-   engine's selection against both paths switched off (looped experts, unpacked head).
+3. the whole denoise forward (`bench/forward.py`: trunk + softcapped fp32 logits) of the bench model
+   and of the shipped Sudoku model (`models/sudoku`, bf16, prompts of one canvas's length), the engine's
+   selection against both paths switched off (looped experts, unpacked head).
 Outputs are compared where the paths must agree: the head bit for bit, the experts and the forward as
 a max abs difference (the grouped fallback rounds its bf16 matmuls differently).
 
@@ -42,6 +43,7 @@ from engine.model.diffusion_gemma import DiffusionGemma, Layer
 from engine.model.loader import load_checkpoint
 from engine.model.methods.plain import LoopedExperts, looped_experts
 from engine.sampler import LMHead
+from service.default_model import default_model_dir
 
 CANVAS = 256
 HEADS = {"bench model (V 32768, H 512)": (32768, 512), "released model (V 262144, H 2816)": (262144, 2816)}
@@ -114,10 +116,11 @@ def looped_in(model: DiffusionGemma) -> Iterator[None]:
             layer.experts.method = method
 
 
-def forward_case(model: DiffusionGemma, canvases: int, reps: int) -> str:
+def forward_case(model: DiffusionGemma, name: str, canvases: int, prompt_len: int, reps: int) -> str:
+    config = model.config
     gen = torch.Generator().manual_seed(canvases)
-    prompts = torch.randint(3, model.config.vocab_size, (canvases, 128), generator=gen)
-    noisy = torch.randint(0, model.config.vocab_size, (canvases, CANVAS), generator=gen)
+    prompts = torch.randint(3, config.vocab_size, (canvases, prompt_len), generator=gen)
+    noisy = torch.randint(0, config.vocab_size, (canvases, config.canvas_length), generator=gen)
     batch, caches, head = forward.prepare_ours(model, prompts, noisy)
     plain_head = LMHead(head.weight, head.softcap, head.embed_scale)
 
@@ -130,7 +133,7 @@ def forward_case(model: DiffusionGemma, canvases: int, reps: int) -> str:
 
     on_ms, off_ms = median_ms([on, off], reps)
     diff = max(float((a - b).abs().max()) for a, b in zip(on(), off(), strict=True))
-    label = f"bench model's forward, {canvases} canvases (head packed: {head.packed is not None})"
+    label = f"{name}'s forward, {canvases} canvases (head packed: {head.packed is not None})"
     return row(label, on_ms, off_ms, f"max abs logit diff {diff:.2e}")
 
 
@@ -150,7 +153,10 @@ def cases(args: argparse.Namespace) -> Iterator[str]:
             yield experts_case(name, (num, k, hidden // shrink, inter // shrink), canvases, args.reps)
     model = bench_model(args.quick)
     for canvases in args.canvases:
-        yield forward_case(model, canvases, args.reps)
+        yield forward_case(model, "bench model", canvases, 128, args.reps)
+    sudoku = load_checkpoint(default_model_dir(), dtype=torch.bfloat16, with_tokenizer=False).model
+    for canvases in args.canvases:
+        yield forward_case(sudoku, "Sudoku model", canvases, sudoku.config.canvas_length, args.reps)
 
 
 @torch.inference_mode()
