@@ -5,12 +5,16 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import DiffusionGemmaForBlockDiffusion
 
+from engine.model.diffusion_gemma import DiffusionGemma
+from engine.model.methods.plain import LoopedExperts
 from recipes.reference_config import text_only_config
 
 SMALL_TEXT: dict[str, Any] = dict(
@@ -69,3 +73,16 @@ def machine_header() -> dict[str, Any]:
         "load_avg_1min": load_average(),
         "malloc": os.environ.get("LD_PRELOAD") or "glibc",
     }
+
+
+@contextmanager
+def looped_experts_in(model: DiffusionGemma) -> Iterator[None]:
+    """Within the block every layer's experts run the reference loop (their method is chosen at load)."""
+    methods = [layer.experts.method for layer in model.layers]
+    for layer in model.layers:
+        layer.experts.method = LoopedExperts()
+    try:
+        yield
+    finally:
+        for layer, method in zip(model.layers, methods, strict=True):
+            layer.experts.method = method

@@ -24,7 +24,6 @@ import statistics
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -35,13 +34,13 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from bench import forward
-from bench.common import load_average, machine_header, save_random_checkpoint
+from bench.common import load_average, looped_experts_in, machine_header, save_random_checkpoint
 from bench.timing import time_interleaved
 from engine.kernels.grouped_experts import grouped_experts
 from engine.kernels.packed_linear import pack_weight, packed_linear, packs
-from engine.model.diffusion_gemma import DiffusionGemma, Layer
+from engine.model.diffusion_gemma import DiffusionGemma
 from engine.model.loader import load_checkpoint
-from engine.model.methods.plain import LoopedExperts, looped_experts
+from engine.model.methods.plain import looped_experts
 from engine.sampler import LMHead
 from service.default_model import default_model_dir
 
@@ -102,20 +101,6 @@ def experts_case(name: str, shape: tuple[int, int, int, int], canvases: int, rep
     return row(f"one layer's experts, {canvases} canvases, {name}", on, off, diff)
 
 
-@contextmanager
-def looped_in(model: DiffusionGemma) -> Iterator[None]:
-    """Within the block every layer's experts run the reference loop."""
-    layers = [layer for layer in model.layers if isinstance(layer, Layer)]
-    methods = [layer.experts.method for layer in layers]
-    for layer in layers:
-        layer.experts.method = LoopedExperts()
-    try:
-        yield
-    finally:
-        for layer, method in zip(layers, methods, strict=True):
-            layer.experts.method = method
-
-
 def forward_case(model: DiffusionGemma, name: str, canvases: int, prompt_len: int, reps: int) -> str:
     config = model.config
     gen = torch.Generator().manual_seed(canvases)
@@ -128,7 +113,7 @@ def forward_case(model: DiffusionGemma, name: str, canvases: int, prompt_len: in
         return forward.our_forward(model, batch, caches, head)
 
     def off() -> list[Tensor]:
-        with looped_in(model):
+        with looped_experts_in(model):
             return forward.our_forward(model, batch, caches, plain_head)
 
     on_ms, off_ms = median_ms([on, off], reps)

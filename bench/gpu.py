@@ -30,8 +30,7 @@ import json
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
+from bench.common import looped_experts_in
 from bench.flops import forward_flops
 from engine.attention.types import LayerCache, Segment
 from engine.config import ModelConfig
@@ -46,7 +46,7 @@ from engine.kernels import dispatch
 from engine.kernels.grouped_experts import grouped_experts
 from engine.model.cache_tensors import allocate_layer_caches
 from engine.model.diffusion_gemma import DiffusionGemma, ForwardBatch
-from engine.model.methods.plain import LoopedExperts, looped_experts
+from engine.model.methods.plain import looped_experts
 from engine.model.methods.selection import select_weight_methods
 from engine.request import StepParams
 from engine.sampler import CanvasState, LMHead, denoise_step, init_canvas
@@ -234,19 +234,6 @@ def measure_batch(
             row["torch_step_ms"] = sync_time(bench.step, reps=max(1, reps // 2), warmup=1) * 1e3
     del bench
     return row | expert_times(model, n * model.config.canvas_length, reps)
-
-
-@contextmanager
-def looped_experts_in(model: DiffusionGemma) -> Iterator[None]:
-    """Within the block every layer's experts run the reference loop (their method is chosen at load)."""
-    methods = [layer.experts.method for layer in model.layers]
-    for layer in model.layers:
-        layer.experts.method = LoopedExperts()
-    try:
-        yield
-    finally:
-        for layer, method in zip(model.layers, methods, strict=True):
-            layer.experts.method = method
 
 
 @torch.no_grad()
