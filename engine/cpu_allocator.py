@@ -21,13 +21,18 @@ import ctypes.util
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Literal, get_args
+
+CpuAllocator = Literal["auto", "system", "tcmalloc"]
+"""`--cpu-allocator`: `auto`, `system`, or a named allocator of `LIBRARIES`."""
+CHOICES: tuple[str, ...] = get_args(CpuAllocator)
 
 LIBRARIES: dict[str, tuple[str, ...]] = {"tcmalloc": ("tcmalloc_minimal", "tcmalloc")}
 """Each allocator's library names, as `ctypes.util.find_library` takes them (no `lib`, no `.so`)."""
+assert set(CHOICES) == {"auto", "system", *LIBRARIES}, "every named choice has its libraries"
 
 PACKAGES = {"tcmalloc": "libtcmalloc-minimal4"}
 """The Debian/Ubuntu package of each allocator."""
-CHOICES = ("auto", "system", *LIBRARIES)
 
 
 QUIET = {"TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(1 << 40)}

@@ -21,6 +21,7 @@ import torch
 import uvicorn
 from pydantic import ValidationError
 
+from engine import cpu_allocator
 from engine.engine_config import DEFAULT_PREFILL_CHUNK, EngineConfig
 from engine.generate import generate
 from engine.model.loader import CheckpointError, load_checkpoint
@@ -28,7 +29,7 @@ from engine.request import InvalidParams, SamplingParams
 from service.app import create_app
 from service.model_setup import SetupError, build_service
 from service.serving import Service
-from service.settings import CPU_ALLOCATOR_CHOICES, QUANTIZATION_CHOICES, LoRAModule, Settings
+from service.settings import QUANTIZATION_CHOICES, LoRAModule, Settings
 
 logger = logging.getLogger("canvas_serve")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -138,7 +139,7 @@ def _serve_parser(serve: argparse.ArgumentParser) -> None:
     )
     serve.add_argument(
         "--cpu-allocator",
-        choices=CPU_ALLOCATOR_CHOICES,
+        choices=cpu_allocator.CHOICES,
         help="malloc of the engine processes on the CPU: auto (default; env CANVAS_SERVE_CPU_ALLOCATOR) "
         "preloads tcmalloc where installed, else glibc's; system: glibc's",
     )

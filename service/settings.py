@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal, get_args
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from engine.cpu_allocator import CpuAllocator
 from engine.engine_config import EngineConfig
 
 SUPPORTED_SAMPLERS = ("entropy_bound",)
@@ -24,9 +25,6 @@ MAX_REQUEST_BODY_BYTES = 8 * 1024**2
 Quantization = Literal["compressed-tensors", "modelopt", "modelopt_fp4", "fp8", "int8"]
 """`--quantization` values canvas-serve serves (vLLM's names)."""
 QUANTIZATION_CHOICES: tuple[str, ...] = get_args(Quantization)
-CpuAllocator = Literal["auto", "system", "tcmalloc"]
-"""`engine.cpu_allocator.CHOICES`, as a type."""
-CPU_ALLOCATOR_CHOICES: tuple[str, ...] = get_args(CpuAllocator)
 
 
 class LoRAModule(BaseModel):
