@@ -180,7 +180,7 @@ def segment_batch(
 
 
 def prepare_ours(
-    model: DiffusionGemma, prompts: Tensor, canvases: Tensor
+    model: DiffusionGemma, prompts: Tensor, canvases: Tensor, compiled: bool = False
 ) -> tuple[ForwardBatch, list[LayerCache], LMHead]:
     """Prefill every prompt into fresh paged caches; return the denoise batch, the caches and the head."""
     config, weight = model.config, model.embed_tokens.weight
@@ -189,6 +189,7 @@ def prepare_ours(
     caches = allocate_layer_caches(config, blocks, BLOCK_SIZE, weight.dtype, weight.device)
     model(segment_batch(prompts, 0, True, tables), caches)
     head = LMHead(weight, config.final_logit_softcapping, model.embed_scale).prepacked()  # as the runner's
+    head = head.with_table() if compiled else head
     return segment_batch(canvases, prompt_len, False, tables), caches, head
 
 
@@ -234,7 +235,7 @@ def run_case(
     gen = torch.Generator().manual_seed(SEED + num_canvases)
     prompts = torch.randint(3, config.vocab_size, (num_canvases, args.prompt_len), generator=gen)
     canvases = torch.randint(0, config.vocab_size, (num_canvases, config.canvas_length), generator=gen)
-    batch, caches, head = prepare_ours(ours, prompts, canvases)
+    batch, caches, head = prepare_ours(ours, prompts, canvases, compiled=args.compile)
     cache = prepare_reference(reference, prompts)
 
     def run_ours() -> list[Tensor]:

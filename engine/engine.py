@@ -96,7 +96,7 @@ class Engine:
             from engine.model.compiled import compile_layers  # imports torch._dynamo: only when asked
 
             compile_layers(model)
-        self.runner = ModelRunner(model, caches, self.grammars, self.lora)
+        self.runner = ModelRunner(model, caches, self.grammars, self.lora, compiled=self.config.compile)
         self.scheduler = Scheduler(
             self.config,
             model_config.canvas_length,

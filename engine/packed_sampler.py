@@ -37,8 +37,8 @@ from engine.sampler import (
     place_noise,
     push_history,
     sample_tokens_from_uniforms,
-    softcap,
     temperature,
+    tempered_logits,
     token_entropy,
 )
 
@@ -134,7 +134,7 @@ def _packed_stats(
     stores each canvas's soft embedding in its state."""
     tiles = torch.split(hidden, c)  # N x [C, H]
     raw = torch.cat([head.project(tile) for tile in tiles])  # [N * C, V] weight dtype
-    processed = softcap(raw, head).div_(temps.repeat_interleave(c)[:, None])  # [N * C, V] fp32
+    processed = tempered_logits(raw, head, temps.repeat_interleave(c)[:, None])  # [N * C, V] fp32
     entropy, confidence = token_entropy(processed)
     argmax = processed.max(dim=-1).indices  # [N * C]
     uniforms = torch.cat([torch.rand((c, 1), generator=s.generator, device=raw.device) for s in states])

@@ -49,9 +49,11 @@ class ModelRunner:
         caches: list[LayerCache],
         grammars: GrammarCompiler | None = None,
         lora: LoRAManager | None = None,
+        compiled: bool = False,
     ) -> None:
         """`grammars` compiles the grammars of constrained requests (None: the engine admits none);
-        `lora` applies each work's adapter (None: LoRA is off)."""
+        `lora` applies each work's adapter (None: LoRA is off); `compiled` (the engine's `--compile`)
+        also looks the head's soft-cap up in a table where inductor can build the lookup."""
         self.model = model
         self.grammars = grammars
         self.lora = lora
@@ -59,7 +61,8 @@ class ModelRunner:
         weight = model.embed_tokens.weight
         self.device = weight.device
         self.attention = select_attention_backend(self.device)
-        self.head = LMHead(weight, model.config.final_logit_softcapping, model.embed_scale).prepacked()
+        head = LMHead(weight, model.config.final_logit_softcapping, model.embed_scale).prepacked()
+        self.head = head.with_table() if compiled else head
         self.canvases: dict[str, CanvasState] = {}
         self.commits: dict[str, CanvasCommit] = {}
         """Requests whose current canvas commits with a grammar or logprobs (`NewCanvas.commit`)."""

@@ -37,6 +37,7 @@ from torch import Tensor
 
 from engine.kernels.dispatch import use_kernels
 from engine.kernels.packed_linear import faster_packed, packed_linear
+from engine.kernels.softcap_table import build_table, table_softcap
 from engine.request import FREE
 from engine.request import StepParams as StepParams  # re-exported: the sampler's parameter type
 
@@ -56,6 +57,9 @@ class LMHead:
     embed_scale: Tensor
     packed: Tensor | None = None
     """oneDNN's prepacked copy of `weight` for `project` (`prepacked()`: bf16 on the CPU), or None."""
+    table: Tensor | None = None
+    """[65536] fp32: the soft-cap of every bf16 value (`with_table()`: bf16 on the CPU, compiled
+    engines), which `softcap` looks raw logits up in; None computes it."""
 
     def __post_init__(self) -> None:
         assert self.weight.dim() == 2 and self.embed_scale.dim() == 0, "weight is [V, H]; embed_scale is 0-d"
@@ -74,6 +78,13 @@ class LMHead:
             return self
         packed = faster_packed(self.weight)
         return self if packed is None else replace(self, packed=packed)
+
+    def with_table(self) -> LMHead:
+        """This head with its soft-cap as a table lookup where the raw logits are bf16 on the CPU
+        (`engine.kernels.softcap_table`: bit-identical, one compiled pass); itself elsewhere."""
+        if self.table is not None or self.softcap is None or not _takes_table(self.weight):
+            return self
+        return replace(self, table=build_table(self.softcap))
 
     def project(self, hidden: Tensor) -> Tensor:
         """Raw logits `hidden @ weight.T` in the weight dtype: [R, H] -> [R, V]."""
@@ -149,10 +160,24 @@ def logits_for(hidden_tile: Tensor, head: LMHead) -> Tensor:
 
 def softcap(raw_logits: Tensor, head: LMHead) -> Tensor:
     """The head's soft-cap of raw logits in fp32 (in place when they are fp32): [R, V] -> [R, V] fp32."""
+    if head.table is not None and _takes_table(raw_logits):
+        return table_softcap(raw_logits, head.table)
     logits = raw_logits.to(torch.float32)  # [R, V]
     if head.softcap is not None:
         logits = logits.div_(head.softcap).tanh_().mul_(head.softcap)
     return logits
+
+
+def tempered_logits(raw_logits: Tensor, head: LMHead, temperature: Tensor) -> Tensor:
+    """`softcap(raw_logits, head) / temperature` (broadcast), one pass where the head has a table."""
+    if head.table is not None and _takes_table(raw_logits):
+        return table_softcap(raw_logits, head.table, temperature)
+    return softcap(raw_logits, head).div_(temperature)
+
+
+def _takes_table(tensor: Tensor) -> bool:
+    """The soft-cap table reads bf16 raw logits on the CPU (the compiled lookup is inductor's C++)."""
+    return tensor.dtype == torch.bfloat16 and tensor.device.type == "cpu"
 
 
 def token_entropy(processed: Tensor) -> tuple[Tensor, Tensor]:
@@ -360,7 +385,7 @@ def _tiled_canvas_stats(
     step = max(1, TILE_BYTES // (4 * vocab))
     for lo in range(0, num_rows, step):
         rows = slice(lo, min(lo + step, num_rows))
-        processed = softcap(raw[rows], head).div_(temp)  # [R, V] fp32
+        processed = tempered_logits(raw[rows], head, temp)  # [R, V] fp32
         entropy[rows], confidence[rows] = token_entropy(processed)
         argmax[rows] = processed.max(dim=-1).indices  # = argmax (the first maximum), 5-15x faster on the CPU
         sample[rows] = sample_tokens(processed, generator)

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from engine.kernels.gelu import gelu_tanh
+
 _ALIGN_BYTES = 16
 """grouped_mm needs every row stride (in bytes) to be a multiple of 16."""
 
@@ -56,7 +58,7 @@ def grouped_experts(
     offs = torch.searchsorted(flat_experts[order], boundaries, right=True).to(torch.int32)  # (E,)
     rows = x[token_ids]  # (T*k, H)
     gate, up = F.grouped_mm(rows, gate_up_proj.transpose(1, 2), offs=offs).chunk(2, dim=-1)  # (T*k, I) x2
-    hidden = F.gelu(gate, approximate="tanh") * up
+    hidden = gelu_tanh(gate) * up
     out_rows = F.grouped_mm(hidden, down_proj.transpose(1, 2), offs=offs)  # (T*k, H)
     out_rows = (out_rows * weights.flatten()[order, None]).to(x.dtype)  # weighted in fp32, as the loop does
     return torch.zeros_like(x).index_add_(0, token_ids, out_rows)

@@ -52,7 +52,7 @@ def _after_attention(layer: Layer, x: Tensor, out: Tensor, is_decoder: Tensor) -
     """The layer after its attention: o_proj, residual, dense MLP beside the MoE, the mode's scalar
     (a looped MoE stays out of the graph)."""
     moe: Callable[[Tensor], Tensor] = layer.moe
-    if not isinstance(layer.experts.method, DenseExperts):
+    if not isinstance(layer.experts.method, (DenseExperts, GroupedExperts)):
         moe = torch._dynamo.disable(moe)  # type: ignore[no-untyped-call]
     return layer.feed_forward(x, layer.self_attn.output(out), moe) * layer.mode_scalar(is_decoder)
 

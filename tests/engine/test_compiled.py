@@ -23,6 +23,7 @@ from engine.model.compiled import compile_layers
 from engine.model.loader import load_checkpoint
 from engine.model.methods.plain import (
     DenseExperts,
+    GroupedExperts,
     LoopedExperts,
     dense_experts,
     gelu_tanh,
@@ -113,3 +114,33 @@ def test_compiled_layers_give_the_eager_logits(checkpoints: dict[str, Path], kin
         )
     for got, want in zip(logits[True], logits[False], strict=True):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_grouped_experts_compile_into_the_layer_in_bf16(checkpoints: dict[str, Path]) -> None:
+    """bf16 on the CPU: the grouped experts (no host sync, static shapes) stay grouped and compile into
+    the layer's graph; the compiled logits are no further from fp32's than eager bf16's are (fused
+    kernels round differently), and a compiled engine's head looks its soft-cap up in a table."""
+    logits = {}
+    for dtype, compiled in ((torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)):
+        model = load_checkpoint(checkpoints["looped"], dtype=dtype, with_tokenizer=False).model
+        if compiled:
+            compile_layers(model)
+        harness = Harness(model)
+        gen = torch.Generator().manual_seed(7)
+        prompt = torch.randint(5, 100, (13,), generator=gen)
+        harness.run([Part("a", prompt, 0, True)])
+        (logits[dtype, compiled],) = harness.run(
+            [Part("a", torch.randint(5, 100, (16,), generator=gen), 13, False)]
+        )
+        if dtype == torch.bfloat16:
+            assert {type(layer.experts.method) for layer in model.layers} == {GroupedExperts}
+    want = logits[torch.float32, False]
+    eager_error = (logits[torch.bfloat16, False] - want).abs().max()
+    compiled_error = (logits[torch.bfloat16, True] - want).abs().max()
+    assert 0 < compiled_error <= 2 * eager_error, (compiled_error, eager_error)
+    loaded = load_checkpoint(checkpoints["looped"], dtype=torch.bfloat16, with_tokenizer=False)
+    prompts, params = [[2, *range(10, 19)]], [SamplingParams(seed=0, max_tokens=20, stop_token_ids=())]
+    lockstep = lockstep_config(loaded.model, loaded.defaults, prompts, params, 16)
+    engine = Engine(loaded.model, loaded.defaults, None, replace(lockstep, compile=True))
+    assert engine.runner.head.table is not None
+    assert [len(r.token_ids) for r in LLM(engine).generate(prompts, params)] == [20]

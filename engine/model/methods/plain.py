@@ -13,26 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from engine.kernels.gelu import GELU_INNER as GELU_INNER  # re-exported: the model's GELU lives there
+from engine.kernels.gelu import gelu_tanh as gelu_tanh
+from engine.kernels.gelu import gelu_tanh_by_sigmoid as gelu_tanh_by_sigmoid
 from engine.kernels.grouped_experts import grouped_experts, grouped_mm_fits
 from engine.model.methods.base import ExpertsMethod, LinearMethod, stored
-
-GELU_INNER = 2 * math.sqrt(2 / math.pi)
-"""tanh-GELU as a sigmoid: 0.5 x (1 + tanh(z)) = x sigmoid(2 z), z = sqrt(2 / pi) (x + 0.044715 x^3)."""
-
-
-def gelu_tanh(x: Tensor) -> Tensor:
-    """`F.gelu(x, approximate="tanh")`; under `torch.compile` written with a sigmoid, which inductor's CPU
-    code runs about 2.5x faster than its tanh (bench/RESULTS.md, "The compiled step, continued"). The same
-    function up to fp32 rounding, computed in fp32 and rounded to x's dtype as `F.gelu` does."""
-    if torch.compiler.is_compiling():
-        return gelu_tanh_by_sigmoid(x)
-    return F.gelu(x, approximate="tanh")
-
-
-def gelu_tanh_by_sigmoid(x: Tensor) -> Tensor:
-    """x sigmoid(2 z) in fp32, rounded to x's dtype (see `GELU_INNER`)."""
-    xf = x.float()
-    return (xf * torch.sigmoid(GELU_INNER * (xf + 0.044715 * xf * xf * xf))).to(x.dtype)
 
 
 class UnquantizedLinear(LinearMethod):
