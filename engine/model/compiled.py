@@ -4,9 +4,11 @@ On the CPU a small model's denoise step is mostly the dispatch of many small ops
 casts, residual adds: bench/PROFILE.md); inductor fuses each layer's elementwise work between the
 matmuls into a few loops. What stays eager, behind `torch._dynamo.disable`:
 - the attention backend call: it reads per-step Python metadata (the bound plans) and the paged cache;
-- the MoE, unless its experts run dense: the loop over experts has a host sync and data-dependent
-  shapes. With few experts (at most `DENSE_EXPERTS_RATIO` times top-k) plain experts switch to
-  `DenseExperts`, every expert on every token, which compiles into the layer.
+- the MoE when its experts loop: the loop over experts has a host sync and data-dependent shapes.
+  Grouped experts (bf16 on the CPU, CUDA) have neither: two grouped matmuls over the sorted rows, with
+  the GELU and the weighting between them fused into the layer's graph. With few experts (at most
+  `DENSE_EXPERTS_RATIO` times top-k) plain experts switch to `DenseExperts`, every expert on every
+  token, which compiles into the layer.
 
 Shapes are dynamic (one graph per kind of layer, whatever the step's token count). The first steps pay
 the compilation (seconds to a minute on a small CPU; inductor needs a C++ compiler on the CPU).
@@ -50,7 +52,7 @@ def _before_attention(layer: Layer, x: Tensor, rope: Rope) -> tuple[Tensor, Tens
 
 def _after_attention(layer: Layer, x: Tensor, out: Tensor, is_decoder: Tensor) -> Tensor:
     """The layer after its attention: o_proj, residual, dense MLP beside the MoE, the mode's scalar
-    (a looped MoE stays out of the graph)."""
+    (a looped MoE stays out of the graph; grouped and dense ones compile into it)."""
     moe: Callable[[Tensor], Tensor] = layer.moe
     if not isinstance(layer.experts.method, (DenseExperts, GroupedExperts)):
         moe = torch._dynamo.disable(moe)  # type: ignore[no-untyped-call]

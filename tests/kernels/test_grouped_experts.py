@@ -127,3 +127,5 @@ def test_a_large_cpu_step_loops(monkeypatch: pytest.MonkeyPatch) -> None:
     assert torch.equal(
         module(x, weights, ids), looped_experts(x, weights, ids, module.gate_up_proj, module.down_proj)
     )
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert GroupedExperts.groups(module, x, ids)  # compiled layers group at every size: no graph split

@@ -21,7 +21,8 @@ def reference_softcap(raw: torch.Tensor, cap: float = CAP) -> torch.Tensor:
 
 
 def same_bits(got: torch.Tensor, want: torch.Tensor) -> bool:
-    return got.dtype == want.dtype == torch.float32 and torch.equal(got.view(torch.int32), want.view(torch.int32))
+    same_dtype = got.dtype == want.dtype == torch.float32
+    return same_dtype and torch.equal(got.view(torch.int32), want.view(torch.int32))
 
 
 def raw_logits(rows: int, vocab: int, seed: int) -> torch.Tensor:
@@ -37,7 +38,7 @@ def test_the_table_is_indexed_by_the_values_bits() -> None:
     values = every_bf16()
     assert values.shape == (NUM_BF16_PATTERNS,) and values.dtype == torch.bfloat16
     bits = values.view(torch.int16).to(torch.int32) + OFFSET
-    assert torch.equal(bits, torch.arange(NUM_BF16_PATTERNS, dtype=torch.int32))  # row i holds bits i - OFFSET
+    assert torch.equal(bits, torch.arange(NUM_BF16_PATTERNS, dtype=torch.int32))  # row i: bits i - OFFSET
     table = build_table(CAP)
     assert same_bits(table[~values.isnan()], reference_softcap(values[~values.isnan()]))
     assert table[values.isnan()].isnan().all()

@@ -48,7 +48,9 @@ class LoopedExperts(ExpertsMethod):
 CPU_GROUPED_MAX_ROWS = 8192
 """Above this many (token, expert) rows a step, the CPU's grouped fallback is slower than the loop (one
 layer of the bench model, bf16, 2-core Xeon: 1.33x / 1.11x / 0.96x the loop at 1,024 / 4,096 / 16,384
-rows; 128 experts top-8 at H 2,816: 1.17x / 1.04x / 0.91x at 2,048 / 8,192 / 32,768; bench/cpu_paths.py)."""
+rows; 128 experts top-8 at H 2,816: 1.17x / 1.04x / 0.91x at 2,048 / 8,192 / 32,768; bench/cpu_paths.py).
+Eager only: compiled layers (`--compile`) group at every size, since the loop's host sync would split
+the layer's graph (the bench model's 16-canvas forward, 16,384 rows: 392 ms grouped, 419 ms looped)."""
 
 
 class GroupedExperts(LoopedExperts):
@@ -69,10 +71,12 @@ class GroupedExperts(LoopedExperts):
     def groups(layer: nn.Module, x: Tensor, expert_ids: Tensor) -> bool:
         """Whether this call runs grouped: `grouped_mm` takes it (torch's CPU fallback has no weight
         gradient, so a training step there, grad mode being a fact of the call, loops), and on the CPU
-        the step has at most `CPU_GROUPED_MAX_ROWS` rows."""
+        the step is compiled or has at most `CPU_GROUPED_MAX_ROWS` rows."""
         if not grouped_mm_fits(x, stored(layer, "gate_up_proj"), stored(layer, "down_proj")):
             return False
-        return x.device.type != "cpu" or expert_ids.numel() <= CPU_GROUPED_MAX_ROWS
+        if x.device.type != "cpu" or torch.compiler.is_compiling():
+            return True
+        return expert_ids.numel() <= CPU_GROUPED_MAX_ROWS
 
 
 class DenseExperts(LoopedExperts):
