@@ -1,4 +1,5 @@
-"""The CPU's bf16 fast paths on vs off, in one run: the prepacked LM head and the grouped experts.
+"""The CPU's bf16 fast paths on vs off, in one run: the prepacked LM head, the grouped experts and the
+soft-cap table.
 
 What it times, each pair interleaved (on, off, on, off, ...) so that other load hits both alike:
 1. the tied LM head of one canvas, `hidden [256, H] @ weight.T`: `F.linear` against oneDNN's prepacked
@@ -7,23 +8,30 @@ What it times, each pair interleaved (on, off, on, off, ...) so that other load 
 2. one layer's MoE experts on a step's tokens: the reference loop over experts against torch's grouped
    fallback (`GroupedExperts`, selected for bf16 on the CPU), at the bench model's shapes (16 experts,
    top-4, 512 wide) and the released model's proportions (128 experts, top-8, H 2,816, I 704);
-3. the whole denoise forward (`bench/forward.py`: trunk + softcapped fp32 logits) of the bench model
+3. the soft-cap of raw bf16 logits, as the compiled engine's table lookup
+   (`engine.kernels.softcap_table`) against the reference's ops, for one canvas and for one of the
+   sampler's row tiles of the bench model's vocabulary, for both heads' vocabularies;
+4. the whole denoise forward (`bench/forward.py`: trunk + softcapped fp32 logits) of the bench model
    and of the shipped Sudoku model (`models/sudoku`, bf16, prompts of one canvas's length), the engine's
-   selection against both paths switched off (looped experts, unpacked head).
-Outputs are compared where the paths must agree: the head bit for bit, the experts and the forward as
-a max abs difference (the grouped fallback rounds its bf16 matmuls differently).
+   selection against both paths switched off (looped experts, unpacked head);
+5. the bench model's forward with compiled layers (`--compile`): the engine's choice (grouped experts
+   inside the layer graph, the soft-cap table) against looped experts outside it and the soft-cap's ops.
+Outputs are compared where the paths must agree: the head and the soft-cap bit for bit, the experts
+and the forward as a max abs difference (the grouped fallback rounds its bf16 matmuls differently).
 
-Run: `python bench/cpu_paths.py --threads 2` (about 3 minutes on the 2-core Xeon), or
+Run: `python bench/cpu_paths.py --threads 2` (about 4 minutes on the 2-core Xeon), or
 `--quick` for a smoke check of a few seconds.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -38,13 +46,17 @@ from bench.common import load_average, looped_experts_in, machine_header, save_r
 from bench.timing import time_interleaved
 from engine.kernels.grouped_experts import grouped_experts
 from engine.kernels.packed_linear import pack_weight, packed_linear, packs
+from engine.kernels.softcap_table import build_table, table_softcap
+from engine.model.compiled import compile_layers
 from engine.model.diffusion_gemma import DiffusionGemma
 from engine.model.loader import load_checkpoint
 from engine.model.methods.plain import looped_experts
-from engine.sampler import LMHead
+from engine.sampler import TILE_BYTES, LMHead, softcap
 from service.default_model import default_model_dir
 
 CANVAS = 256
+SAMPLER_TILE_ROWS = TILE_BYTES // (4 * 32768)
+"""Rows of one of the CPU sampler's tiles at the bench model's vocabulary (8)."""
 HEADS = {"bench model (V 32768, H 512)": (32768, 512), "released model (V 262144, H 2816)": (262144, 2816)}
 EXPERTS = {
     "bench model (16 experts, top-4, H 512, I 512)": (16, 4, 512, 512),
@@ -76,6 +88,23 @@ def head_case(name: str, vocab: int, hidden: int, reps: int) -> str:
     on, off = median_ms([lambda: packed_linear(x, packed), lambda: F.linear(x, weight)], reps)
     same = torch.equal(packed_linear(x, packed), F.linear(x, weight))
     return row(f"LM head, one canvas, {name}", on, off, f"bit-identical: {same}")
+
+
+def softcap_case(name: str, vocab: int, rows: int, reps: int) -> str:
+    raw = (torch.randn(rows, vocab) * 20).bfloat16()
+    cap = forward.FULL_TEXT["final_logit_softcapping"]
+    head = LMHead.tied(torch.zeros(vocab, 8, dtype=torch.bfloat16), cap)
+    table = build_table(cap)
+
+    def on() -> Tensor:
+        return table_softcap(raw, table)
+
+    def off() -> Tensor:
+        return softcap(raw, head)
+
+    on_ms, off_ms = median_ms([on, off], reps)
+    same = torch.equal(on().view(torch.int32), off().view(torch.int32))
+    return row(f"soft-cap, {rows} rows, {name}", on_ms, off_ms, f"bit-identical: {same}")
 
 
 def routing(tokens: int, num: int, k: int) -> tuple[Tensor, Tensor]:
@@ -122,6 +151,28 @@ def forward_case(model: DiffusionGemma, name: str, canvases: int, prompt_len: in
     return row(label, on_ms, off_ms, f"max abs logit diff {diff:.2e}")
 
 
+def compiled_case(model: DiffusionGemma, canvases: int, reps: int) -> str:
+    """Compiled layers (compile `model` first): the engine's choice against the loop and the ops."""
+    config = model.config
+    gen = torch.Generator().manual_seed(canvases)
+    prompts = torch.randint(3, config.vocab_size, (canvases, 128), generator=gen)
+    noisy = torch.randint(0, config.vocab_size, (canvases, config.canvas_length), generator=gen)
+    batch, caches, head = forward.prepare_ours(model, prompts, noisy, compiled=True)
+    ops_head = replace(head, table=None)
+
+    def on() -> list[Tensor]:
+        return forward.our_forward(model, batch, caches, head)
+
+    def off() -> list[Tensor]:
+        with looped_experts_in(model):
+            return forward.our_forward(model, batch, caches, ops_head)
+
+    on_ms, off_ms = median_ms([on, off], reps)
+    diff = max(float((a - b).abs().max()) for a, b in zip(on(), off(), strict=True))
+    label = f"bench model's compiled forward, {canvases} canvases"
+    return row(label, on_ms, off_ms, f"max abs logit diff {diff:.2e}")
+
+
 def bench_model(quick: bool) -> DiffusionGemma:
     with tempfile.TemporaryDirectory() as tmp:
         text = forward.QUICK_TEXT if quick else forward.FULL_TEXT
@@ -136,12 +187,17 @@ def cases(args: argparse.Namespace) -> Iterator[str]:
     for name, (num, k, hidden, inter) in EXPERTS.items():
         for canvases in args.canvases:
             yield experts_case(name, (num, k, hidden // shrink, inter // shrink), canvases, args.reps)
+    for (name, (vocab, _)), rows in itertools.product(HEADS.items(), (CANVAS, SAMPLER_TILE_ROWS)):
+        yield softcap_case(name, vocab // shrink**2, rows, args.reps)
     model = bench_model(args.quick)
     for canvases in args.canvases:
         yield forward_case(model, "bench model", canvases, 128, args.reps)
     sudoku = load_checkpoint(default_model_dir(), dtype=torch.bfloat16, with_tokenizer=False).model
     for canvases in args.canvases:
         yield forward_case(sudoku, "Sudoku model", canvases, sudoku.config.canvas_length, args.reps)
+    compile_layers(model)
+    for canvases in args.canvases:
+        yield compiled_case(model, canvases, args.reps)
 
 
 @torch.inference_mode()
@@ -156,7 +212,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'case':<62} | {'on ms':>9} | {'off ms':>9} | {'gain':>7} | agreement", flush=True)
     for line in cases(args):
         print(line, flush=True)
-    print(f"on: prepacked head / grouped experts; off: F.linear / the loop; load average {load_average()}")
+    print(
+        "on: prepacked head / grouped experts / soft-cap table; off: F.linear / the loop / the soft-cap's "
+        f"ops; load average {load_average()}"
+    )
     return 0
 
 

@@ -159,20 +159,25 @@ def logits_for(hidden_tile: Tensor, head: LMHead) -> Tensor:
 
 
 def softcap(raw_logits: Tensor, head: LMHead) -> Tensor:
-    """The head's soft-cap of raw logits in fp32 (in place when they are fp32): [R, V] -> [R, V] fp32."""
+    """The head's soft-cap of raw logits in fp32 (in place when they are fp32): [R, V] -> [R, V] fp32.
+    A head with a table looks bf16 logits up in it (whole canvases: `logits_for`)."""
     if head.table is not None and _takes_table(raw_logits):
         return table_softcap(raw_logits, head.table)
-    logits = raw_logits.to(torch.float32)  # [R, V]
-    if head.softcap is not None:
-        logits = logits.div_(head.softcap).tanh_().mul_(head.softcap)
-    return logits
+    return _softcap_ops(raw_logits, head.softcap)
 
 
 def tempered_logits(raw_logits: Tensor, head: LMHead, temperature: Tensor) -> Tensor:
-    """`softcap(raw_logits, head) / temperature` (broadcast), one pass where the head has a table."""
-    if head.table is not None and _takes_table(raw_logits):
-        return table_softcap(raw_logits, head.table, temperature)
-    return softcap(raw_logits, head).div_(temperature)
+    """`softcap(raw_logits, head) / temperature` (broadcast) by the reference's ops, never the table:
+    the sampler calls it on row tiles, dozens a canvas, where the compiled lookup's cost per call
+    outweighed the passes it saves (bench/RESULTS.md, "The soft-cap as a table")."""
+    return _softcap_ops(raw_logits, head.softcap).div_(temperature)
+
+
+def _softcap_ops(raw_logits: Tensor, cap: float | None) -> Tensor:
+    logits = raw_logits.to(torch.float32)  # [R, V]
+    if cap is not None:
+        logits = logits.div_(cap).tanh_().mul_(cap)
+    return logits
 
 
 def _takes_table(tensor: Tensor) -> bool:

@@ -55,14 +55,17 @@ def test_the_lookup_gives_the_reference_bits(shape: tuple[int, int]) -> None:
     assert torch.equal(got.isnan(), want.isnan())
 
 
-def test_the_lookup_divides_as_the_sampler_does() -> None:
-    raw, table = raw_logits(12, 500, seed=1), build_table(CAP)
+def test_the_samplers_tempered_logits_keep_the_reference_bits_beside_a_table() -> None:
+    """The sampler's row tiles take the ops, not the table; both give the reference's bits."""
+    raw = raw_logits(12, 500, seed=1)
+    head = LMHead.tied(torch.zeros(500, 4).bfloat16(), CAP).with_table()
     per_row = torch.linspace(0.4, 1.2, 12)[:, None]  # [R, 1]: one temperature per canvas row
     for temperature in (per_row, torch.tensor(0.7)):
-        got = table_softcap(raw, table, temperature)
+        got = tempered_logits(raw, head, temperature)
         want = reference_softcap(raw).div_(temperature)
         finite = ~want.isnan()
         assert same_bits(got[finite], want[finite])
+        assert same_bits(softcap(raw, head).div_(temperature)[finite], want[finite])
 
 
 def test_only_bf16_heads_on_the_cpu_get_a_table() -> None:
