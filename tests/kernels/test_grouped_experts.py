@@ -129,3 +129,18 @@ def test_a_large_cpu_step_loops(monkeypatch: pytest.MonkeyPatch) -> None:
     )
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert GroupedExperts.groups(module, x, ids)  # compiled layers group at every size: no graph split
+
+
+def test_compiled_grouped_experts_gather_their_rows_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under compilation the rows are gathered back and summed in fp32 instead of `index_add_`: the same
+    sum, rounded once (fp32: equal to the loop within rounding)."""
+    gen = torch.Generator().manual_seed(4)
+    tokens, hidden, inter, num, k = 23, 32, 16, 4, 2
+    x = torch.randn(tokens, hidden, generator=gen)
+    gate_up = torch.randn(num, 2 * inter, hidden, generator=gen) * 0.3
+    down = torch.randn(num, hidden, inter, generator=gen) * 0.3
+    weights, ids = torch.topk(torch.rand(tokens, num, generator=gen).softmax(-1), k)
+    want = looped_experts(x, weights, ids, gate_up, down)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    got = grouped_experts(x, weights, ids, gate_up, down)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
