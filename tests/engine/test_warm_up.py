@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
+from engine import sampler
 from engine.engine import Engine
 from engine.engine_config import EngineConfig
 from engine.llm import LLM
@@ -48,3 +50,23 @@ def test_warm_up_runs_every_slot_and_leaves_no_trace(path: Path) -> None:
     )
     want = [r.token_ids for r in LLM(fresh).generate(prompts, params)]
     assert [r.token_ids for r in LLM(engine).generate(prompts, params)] == want
+
+
+def test_warm_up_runs_the_commits_logits_through_the_soft_cap_table(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One warm-up request asks for logprobs, so a compiled engine's soft-cap lookup (built on first
+    use) is compiled before the server is ready, not on a user's first logprobs request."""
+    loaded = load_checkpoint(path, dtype=torch.bfloat16, with_tokenizer=False)
+    engine = Engine(loaded.model, loaded.defaults, None, EngineConfig(max_num_seqs=2, max_model_len=128))
+    engine.runner.head = engine.runner.head.with_table()  # what `compile=True` builds
+    calls: list[tuple[int, ...]] = []
+    lookup = sampler.table_softcap
+
+    def counted(raw: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        calls.append(tuple(raw.shape))
+        return lookup(raw, table)
+
+    monkeypatch.setattr(sampler, "table_softcap", counted)
+    warm_up(engine)
+    assert calls and all(shape[-1] == loaded.model.config.vocab_size for shape in calls)
