@@ -1,4 +1,5 @@
-"""Smoke check of the CPU fast-path benchmark: it runs, and the prepacked head is bit-identical."""
+"""Smoke check of the CPU fast-path benchmark: it runs, and the prepacked head and the soft-cap table
+are bit-identical."""
 
 from __future__ import annotations
 
@@ -22,3 +23,6 @@ def test_quick_cpu_paths_bench_runs() -> None:
     assert len(heads) == 2 and all("bit-identical: True" in line for line in heads), proc.stdout
     forwards = [line for line in proc.stdout.splitlines() if "'s forward" in line]
     assert len(forwards) == 2, proc.stdout
+    softcaps = [line for line in proc.stdout.splitlines() if line.startswith("soft-cap")]
+    assert len(softcaps) == 4 and all("bit-identical: True" in line for line in softcaps), proc.stdout
+    assert sum("compiled forward" in line for line in proc.stdout.splitlines()) == 1, proc.stdout
