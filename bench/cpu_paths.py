@@ -29,7 +29,6 @@ import argparse
 import itertools
 import statistics
 import sys
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -42,7 +41,7 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from bench import forward
-from bench.common import load_average, looped_experts_in, machine_header, save_random_checkpoint
+from bench.common import load_average, looped_experts_in, machine_header
 from bench.timing import time_interleaved
 from engine.kernels.grouped_experts import grouped_experts
 from engine.kernels.packed_linear import pack_weight, packed_linear, packs
@@ -130,13 +129,18 @@ def experts_case(name: str, shape: tuple[int, int, int, int], canvases: int, rep
     return row(f"one layer's experts, {canvases} canvases, {name}", on, off, diff)
 
 
-def forward_case(model: DiffusionGemma, name: str, canvases: int, prompt_len: int, reps: int) -> str:
+def forward_case(
+    model: DiffusionGemma, name: str, canvases: int, prompt_len: int, reps: int, compiled: bool = False
+) -> str:
+    """The engine's choice against the plain paths: eager, the head unpacked and the experts looped;
+    compiled (compile `model` first), the soft-cap's ops and the experts looped outside the graph."""
     config = model.config
     gen = torch.Generator().manual_seed(canvases)
     prompts = torch.randint(3, config.vocab_size, (canvases, prompt_len), generator=gen)
     noisy = torch.randint(0, config.vocab_size, (canvases, config.canvas_length), generator=gen)
-    batch, caches, head = forward.prepare_ours(model, prompts, noisy)
-    plain_head = LMHead(head.weight, head.softcap, head.embed_scale)
+    batch, caches, head = forward.prepare_ours(model, prompts, noisy, compiled=compiled)
+    unpacked = LMHead(head.weight, head.softcap, head.embed_scale)
+    plain_head = replace(head, table=None) if compiled else unpacked
 
     def on() -> list[Tensor]:
         return forward.our_forward(model, batch, caches, head)
@@ -147,37 +151,9 @@ def forward_case(model: DiffusionGemma, name: str, canvases: int, prompt_len: in
 
     on_ms, off_ms = median_ms([on, off], reps)
     diff = max(float((a - b).abs().max()) for a, b in zip(on(), off(), strict=True))
-    label = f"{name}'s forward, {canvases} canvases (head packed: {head.packed is not None})"
+    kind = "compiled forward" if compiled else "forward"
+    label = f"{name}'s {kind}, {canvases} canvases (head packed: {head.packed is not None})"
     return row(label, on_ms, off_ms, f"max abs logit diff {diff:.2e}")
-
-
-def compiled_case(model: DiffusionGemma, canvases: int, reps: int) -> str:
-    """Compiled layers (compile `model` first): the engine's choice against the loop and the ops."""
-    config = model.config
-    gen = torch.Generator().manual_seed(canvases)
-    prompts = torch.randint(3, config.vocab_size, (canvases, 128), generator=gen)
-    noisy = torch.randint(0, config.vocab_size, (canvases, config.canvas_length), generator=gen)
-    batch, caches, head = forward.prepare_ours(model, prompts, noisy, compiled=True)
-    ops_head = replace(head, table=None)
-
-    def on() -> list[Tensor]:
-        return forward.our_forward(model, batch, caches, head)
-
-    def off() -> list[Tensor]:
-        with looped_experts_in(model):
-            return forward.our_forward(model, batch, caches, ops_head)
-
-    on_ms, off_ms = median_ms([on, off], reps)
-    diff = max(float((a - b).abs().max()) for a, b in zip(on(), off(), strict=True))
-    label = f"bench model's compiled forward, {canvases} canvases"
-    return row(label, on_ms, off_ms, f"max abs logit diff {diff:.2e}")
-
-
-def bench_model(quick: bool) -> DiffusionGemma:
-    with tempfile.TemporaryDirectory() as tmp:
-        text = forward.QUICK_TEXT if quick else forward.FULL_TEXT
-        save_random_checkpoint(Path(tmp), text, CANVAS, forward.SEED)
-        return load_checkpoint(Path(tmp), dtype=torch.bfloat16, with_tokenizer=False).model
 
 
 def cases(args: argparse.Namespace) -> Iterator[str]:
@@ -189,7 +165,7 @@ def cases(args: argparse.Namespace) -> Iterator[str]:
             yield experts_case(name, (num, k, hidden // shrink, inter // shrink), canvases, args.reps)
     for (name, (vocab, _)), rows in itertools.product(HEADS.items(), (CANVAS, SAMPLER_TILE_ROWS)):
         yield softcap_case(name, vocab // shrink**2, rows, args.reps)
-    model = bench_model(args.quick)
+    model = forward.bench_model(args.quick, torch.bfloat16)
     for canvases in args.canvases:
         yield forward_case(model, "bench model", canvases, 128, args.reps)
     sudoku = load_checkpoint(default_model_dir(), dtype=torch.bfloat16, with_tokenizer=False).model
@@ -197,7 +173,7 @@ def cases(args: argparse.Namespace) -> Iterator[str]:
         yield forward_case(sudoku, "Sudoku model", canvases, sudoku.config.canvas_length, args.reps)
     compile_layers(model)
     for canvases in args.canvases:
-        yield compiled_case(model, canvases, args.reps)
+        yield forward_case(model, "bench model", canvases, 128, args.reps, compiled=True)
 
 
 @torch.inference_mode()

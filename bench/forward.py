@@ -145,6 +145,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def bench_model(quick: bool, dtype: torch.dtype) -> DiffusionGemma:
+    """Our model of the bench checkpoint (`QUICK_TEXT` if quick, else `FULL_TEXT`), saved and loaded anew."""
+    with tempfile.TemporaryDirectory() as tmp:
+        save_random_checkpoint(Path(tmp), QUICK_TEXT if quick else FULL_TEXT, CANVAS_LENGTH, SEED)
+        return load_checkpoint(Path(tmp), dtype=dtype, with_tokenizer=False).model
+
+
 def load_both(path: Path, dtype: torch.dtype) -> tuple[DiffusionGemma, DiffusionGemmaForBlockDiffusion]:
     ours = load_checkpoint(path, dtype=dtype, with_tokenizer=False).model
     reference = DiffusionGemmaForBlockDiffusion.from_pretrained(path, dtype=dtype).eval()

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,13 +34,12 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from bench import forward
-from bench.common import load_average, machine_header, save_random_checkpoint
+from bench.common import load_average, machine_header
 from bench.flops import forward_flops
 from bench.timing import matmul_gflops
 from engine.config import LayerSpec, ModelConfig
 from engine.kernels.packed_linear import pack_weight, packed_linear, packs
 from engine.kernels.softcap_table import build_table, table_softcap
-from engine.model.loader import load_checkpoint
 
 BF16 = torch.bfloat16
 PROMPT_LEN = 128
@@ -148,13 +146,6 @@ def report(config: ModelConfig, canvases: int, floor: Floor, peak: float) -> str
     )
 
 
-def bench_config(quick: bool) -> ModelConfig:
-    with tempfile.TemporaryDirectory() as tmp:
-        text = forward.QUICK_TEXT if quick else forward.FULL_TEXT
-        save_random_checkpoint(Path(tmp), text, forward.CANVAS_LENGTH, forward.SEED)
-        return load_checkpoint(Path(tmp), dtype=BF16, with_tokenizer=False).model.config
-
-
 @torch.inference_mode()
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
@@ -163,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     print("  ".join(f"{k}={v}" for k, v in machine_header().items()), flush=True)
     peak = matmul_gflops(BF16, 1024 if args.quick else 2048)
     print(f"bf16 matmul peak: {peak:.0f} GFLOP/s; {TARGET:.0%} of it is the budget", flush=True)
-    config = bench_config(args.quick)
+    config = forward.bench_model(args.quick, BF16).config
     print(
         f"{'canvases':>8} | {'matmuls':>8} | {'attn':>6} | {'head':>6} | {'cast':>6} | {'lookup':>6} | "
         f"{'floor':>7} | {'of peak':>6} | {'budget':>8} | {'left over':>9}"
