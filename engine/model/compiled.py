@@ -5,8 +5,9 @@ casts, residual adds: bench/PROFILE.md); inductor fuses each layer's elementwise
 matmuls into a few loops. What stays eager, behind `torch._dynamo.disable`:
 - the attention backend call: it reads per-step Python metadata (the bound plans) and the paged cache;
 - the MoE when its experts loop: the loop over experts has a host sync and data-dependent shapes.
-  Grouped experts (bf16 on the CPU, CUDA) have neither: two grouped matmuls over the sorted rows, with
-  the GELU and the weighting between them fused into the layer's graph. With few experts (at most
+  Grouped experts have neither: on the CPU (bf16) they compile into the layer's graph, two grouped
+  matmuls over the sorted rows with the GELU, the weighting and the gather back fused around them
+  (CUDA keeps them eager until a GPU has tested them compiled). With few experts (at most
   `DENSE_EXPERTS_RATIO` times top-k) plain experts switch to `DenseExperts`, every expert on every
   token, which compiles into the layer.
 
@@ -54,9 +55,17 @@ def _after_attention(layer: Layer, x: Tensor, out: Tensor, is_decoder: Tensor) -
     """The layer after its attention: o_proj, residual, dense MLP beside the MoE, the mode's scalar
     (a looped MoE stays out of the graph; grouped and dense ones compile into it)."""
     moe: Callable[[Tensor], Tensor] = layer.moe
-    if not isinstance(layer.experts.method, (DenseExperts, GroupedExperts)):
+    if not _moe_in_graph(layer, x):
         moe = torch._dynamo.disable(moe)  # type: ignore[no-untyped-call]
     return layer.feed_forward(x, layer.self_attn.output(out), moe) * layer.mode_scalar(is_decoder)
+
+
+def _moe_in_graph(layer: Layer, x: Tensor) -> bool:
+    """Dense experts compile into the layer anywhere, grouped ones on the CPU (CUDA's grouped GEMM
+    under compilation waits for a GPU to test it on: issue 25); looped and wrapped (LoRA, quantized)
+    experts stay eager."""
+    method = layer.experts.method
+    return isinstance(method, DenseExperts) or (isinstance(method, GroupedExperts) and x.device.type == "cpu")
 
 
 _compiled_before = torch.compile(_before_attention, dynamic=True)
