@@ -26,9 +26,9 @@ import torch
 from torch import Tensor
 
 from engine.kernels.dispatch import use_kernels
+from engine.lm_head import LMHead, tempered_logits
 from engine.sampler import (
     CanvasState,
-    LMHead,
     StepParams,
     StepResult,
     accept_mask,
@@ -38,7 +38,6 @@ from engine.sampler import (
     push_history,
     sample_tokens_from_uniforms,
     temperature,
-    tempered_logits,
     token_entropy,
 )
 

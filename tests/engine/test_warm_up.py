@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import sampler
+from engine import lm_head
 from engine.engine import Engine
 from engine.engine_config import EngineConfig
 from engine.llm import LLM
@@ -61,12 +61,12 @@ def test_warm_up_runs_the_commits_logits_through_the_soft_cap_table(
     engine = Engine(loaded.model, loaded.defaults, None, EngineConfig(max_num_seqs=2, max_model_len=128))
     engine.runner.head = engine.runner.head.with_table()  # what `compile=True` builds
     calls: list[tuple[int, ...]] = []
-    lookup = sampler.table_softcap
+    lookup = lm_head.table_softcap
 
     def counted(raw: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         calls.append(tuple(raw.shape))
         return lookup(raw, table)
 
-    monkeypatch.setattr(sampler, "table_softcap", counted)
+    monkeypatch.setattr(lm_head, "table_softcap", counted)
     warm_up(engine)
     assert calls and all(shape[-1] == loaded.model.config.vocab_size for shape in calls)

@@ -9,14 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine import sampler
+from engine import lm_head
 from engine.engine import Engine
 from engine.engine_config import EngineConfig
 from engine.kernels.packed_linear import faster_packed, keeps_packed, pack_weight, packed_linear, packs
 from engine.llm import LLM
+from engine.lm_head import LMHead, logits_for
 from engine.model.loader import load_checkpoint
 from engine.request import SamplingParams
-from engine.sampler import LMHead, logits_for
 from tests.engine.checkpoints import save_servable
 
 CPU_BF16 = torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
@@ -93,12 +93,12 @@ def test_the_engine_serves_through_the_head_prepacked_at_load(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The runner asks `LMHead.prepacked` (patched here to always pack: the real choice is timed)."""
-    monkeypatch.setattr(sampler, "faster_packed", pack_weight)
+    monkeypatch.setattr(lm_head, "faster_packed", pack_weight)
     checkpoint = load_checkpoint(save_servable(tmp_path), dtype=torch.bfloat16)
     engine = Engine(checkpoint.model, checkpoint.defaults, checkpoint.tokenizer, EngineConfig())
     assert engine.runner.head.packed is not None
     assert engine.runner.head.weight is checkpoint.model.embed_tokens.weight
-    monkeypatch.setattr(sampler, "faster_packed", lambda weight: None)
+    monkeypatch.setattr(lm_head, "faster_packed", lambda weight: None)
     plain = Engine(checkpoint.model, checkpoint.defaults, checkpoint.tokenizer, EngineConfig())
     assert plain.runner.head.packed is None
     params = SamplingParams(max_tokens=16, max_denoising_steps=3, seed=1, stop_token_ids=())

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from engine.kernels.softcap_table import NUM_BF16_PATTERNS, OFFSET, build_table, every_bf16, table_softcap
-from engine.sampler import LMHead, softcap, tempered_logits
+from engine.lm_head import LMHead, softcap, tempered_logits
 
 CAP = 30.0
 
