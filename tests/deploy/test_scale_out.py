@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import signal
 import threading
-import time
 from collections.abc import Iterator
 
 import httpx
@@ -56,6 +55,19 @@ def stream_through(front: Router) -> list[str]:
     return lines
 
 
+def stream_long(url: str, started: threading.Event, result: list[tuple[int, str]]) -> None:
+    """Stream a long completion (every canvas of its 320 tokens) from `url`; set `started` at its
+    first chunk; append (status, last data line)."""
+    body = {"model": "tiny", "prompt": "hi", "max_tokens": 320, "max_denoising_steps": 16, "stream": True}
+    last = ""
+    with httpx.stream("POST", url + COMPLETIONS, json=body, timeout=120) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                started.set()
+                last = line
+    result.append((response.status_code, last))
+
+
 def test_requests_spread_and_survive_a_replica_going_away(router: Router, replicas: list[Replica]) -> None:
     leaving, staying = replicas
     before = [served(r) for r in replicas]
@@ -64,18 +76,14 @@ def test_requests_spread_and_survive_a_replica_going_away(router: Router, replic
     assert spread[0] > 0 and spread[1] > 0 and sum(spread) == 8, f"round robin spread: {spread}"
     assert len(stream_through(router)) > 2, "a stream passes through the router chunk by chunk"
 
-    # A long request in flight on the leaving replica, sent to it directly.
-    long_result: list[int] = []
-    long_body = {"model": "tiny", "prompt": "hi", "max_tokens": 320, "max_denoising_steps": 16}
-    thread = threading.Thread(
-        target=lambda: long_result.append(
-            httpx.post(leaving.url + COMPLETIONS, json=long_body, timeout=120).status_code
-        )
-    )
+    # A long request in flight on the leaving replica, sent to it directly and streamed, so that its
+    # first chunk says it is running (it lasts about a second on the tiny model: polling the metrics
+    # for it could miss it).
+    long_result: list[tuple[int, str]] = []
+    started = threading.Event()
+    thread = threading.Thread(target=stream_long, args=(leaving.url, started, long_result))
     thread.start()
-    deadline = time.monotonic() + 30
-    while total(leaving.metrics(), "canvas_serve_num_requests_running") < 1 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    assert started.wait(30), "the long request never started streaming"
     assert thread.is_alive(), "the long request should still be running when the drain starts"
 
     staying_before = served(staying)
@@ -85,7 +93,7 @@ def test_requests_spread_and_survive_a_replica_going_away(router: Router, replic
     assert leaving.wait(60) == 0, leaving.log_tail()
     after_exit = send(router, 6)
 
-    assert long_result == [200], "the request in flight on the draining replica must finish"
+    assert long_result == [(200, "data: [DONE]")], "the request in flight on the draining replica must finish"
     assert while_draining == [200] * 6 and after_exit == [200] * 6, (while_draining, after_exit)
     assert served(staying) - staying_before == 12, "the staying replica served every routed request"
     retries = total(router.metrics(), "vllm_router_retries_total")
