@@ -75,6 +75,13 @@ def machine_header() -> dict[str, Any]:
     }
 
 
+def start(threads: int) -> None:
+    """A benchmark's first lines: torch's threads (0 keeps torch's default), then the machine header."""
+    if threads:
+        torch.set_num_threads(threads)
+    print("  ".join(f"{k}={v}" for k, v in machine_header().items()), flush=True)
+
+
 @contextmanager
 def looped_experts_in(model: DiffusionGemma) -> Iterator[None]:
     """Within the block every layer's experts run the reference loop (their method is chosen at load)."""

@@ -27,12 +27,10 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import statistics
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -41,8 +39,8 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from bench import forward
-from bench.common import load_average, looped_experts_in, machine_header
-from bench.timing import time_interleaved
+from bench.common import load_average, looped_experts_in, start
+from bench.timing import median_ms
 from engine.kernels.grouped_experts import grouped_experts
 from engine.kernels.packed_linear import pack_weight, packed_linear, packs
 from engine.kernels.softcap_table import build_table, table_softcap
@@ -70,10 +68,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--canvases", type=int, nargs="+", default=[1, 4, 16], help="canvases per step")
     parser.add_argument("--quick", action="store_true", help="small shapes, a smoke check")
     return parser.parse_args(argv)
-
-
-def median_ms(fns: list[Callable[[], Any]], reps: int) -> list[float]:
-    return [statistics.median(t.wall) * 1e3 for t in time_interleaved(fns, warmup=2, reps=reps)]
 
 
 def row(label: str, on_ms: float, off_ms: float, diff: str) -> str:
@@ -179,9 +173,7 @@ def cases(args: argparse.Namespace) -> Iterator[str]:
 @torch.inference_mode()
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    print("  ".join(f"{k}={v}" for k, v in machine_header().items()), flush=True)
+    start(args.threads)
     if not packs(torch.zeros(1, 1, dtype=torch.bfloat16)):
         print("this CPU's oneDNN has no bf16 support: the engine packs nothing here")
         return 1

@@ -20,13 +20,9 @@ of expert rows, residuals, dispatch, and the matmuls' loss to cold weights in th
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -34,9 +30,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from bench import forward
-from bench.common import load_average, machine_header
+from bench.common import load_average, start
 from bench.flops import forward_flops
-from bench.timing import matmul_gflops
+from bench.timing import matmul_gflops, median_ms
 from engine.config import LayerSpec, ModelConfig
 from engine.kernels.packed_linear import pack_weight, packed_linear, packs
 from engine.kernels.softcap_table import build_table, table_softcap
@@ -70,26 +66,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def median_ms(fn: Callable[[], Any], reps: int) -> float:
-    fn()
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
-
-
 def matmul_ms(rows: int, inner: int, outer: int, reps: int) -> float:
     """[rows, inner] @ [inner, outer] in bf16: the faster of F.linear and the prepacked weight."""
     x = torch.randn(rows, inner).to(BF16)
     weight = (torch.randn(outer, inner) * 0.05).to(BF16)
-    plain = median_ms(lambda: F.linear(x, weight), reps)
+    plain = median_ms([lambda: F.linear(x, weight)], reps)[0]
     if not packs(weight):
         return plain
     packed = pack_weight(weight)
-    return min(plain, median_ms(lambda: packed_linear(x, packed), reps))
+    return min(plain, median_ms([lambda: packed_linear(x, packed)], reps)[0])
 
 
 def layer_matmuls_ms(config: ModelConfig, spec: LayerSpec, tokens: int, reps: int) -> float:
@@ -112,7 +97,7 @@ def attention_ms(config: ModelConfig, spec: LayerSpec, canvases: int, reps: int)
     q = torch.randn(canvases, config.num_heads, canvas, spec.head_dim).to(BF16)
     k = torch.randn(canvases, spec.num_kv_heads, PROMPT_LEN + canvas, spec.head_dim).to(BF16)
     v = torch.randn_like(k)
-    return median_ms(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), reps)
+    return median_ms([lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)], reps)[0]
 
 
 def floor_of(config: ModelConfig, canvases: int, reps: int) -> Floor:
@@ -130,8 +115,8 @@ def floor_of(config: ModelConfig, canvases: int, reps: int) -> Floor:
         matmuls=sum(by_spec[spec][0] for spec in config.layers),
         attention=sum(by_spec[spec][1] for spec in config.layers),
         head=canvases * matmul_ms(canvas, config.hidden_size, vocab, reps),
-        cast=canvases * median_ms(lambda: out.copy_(raw), reps),
-        lookup=canvases * median_ms(lambda: table_softcap(raw, table), reps),
+        cast=canvases * median_ms([lambda: out.copy_(raw)], reps)[0],
+        lookup=canvases * median_ms([lambda: table_softcap(raw, table)], reps)[0],
     )
 
 
@@ -149,9 +134,7 @@ def report(config: ModelConfig, canvases: int, floor: Floor, peak: float) -> str
 @torch.inference_mode()
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    print("  ".join(f"{k}={v}" for k, v in machine_header().items()), flush=True)
+    start(args.threads)
     peak = matmul_gflops(BF16, 1024 if args.quick else 2048)
     print(f"bf16 matmul peak: {peak:.0f} GFLOP/s; {TARGET:.0%} of it is the budget", flush=True)
     config = forward.bench_model(args.quick, BF16).config

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,6 +35,11 @@ def time_interleaved(fns: list[Callable[[], Any]], warmup: int, reps: int) -> li
         for fn, timing in zip(fns, timings, strict=True):
             timing.record(fn)
     return timings
+
+
+def median_ms(fns: list[Callable[[], Any]], reps: int) -> list[float]:
+    """Median wall milliseconds of each function over `reps` interleaved calls, after two warm-ups each."""
+    return [statistics.median(t.wall) * 1e3 for t in time_interleaved(fns, warmup=2, reps=reps)]
 
 
 def matmul_gflops(dtype: torch.dtype, n: int, reps: int = 10) -> float:

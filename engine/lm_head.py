@@ -90,7 +90,7 @@ def softcap(raw_logits: Tensor, head: LMHead) -> Tensor:
 def tempered_logits(raw_logits: Tensor, head: LMHead, temperature: Tensor) -> Tensor:
     """`softcap(raw_logits, head) / temperature` (broadcast) by the reference's ops, never the table:
     the sampler calls it on row tiles, dozens a canvas, where the compiled lookup's cost per call
-    outweighed the passes it saves (bench/RESULTS.md, "The soft-cap as a table")."""
+    outweighed the passes it saves (bench/RESULTS.md, "Compiled bf16 on the CPU")."""
     return _softcap_ops(raw_logits, head.softcap).div_(temperature)
 
 

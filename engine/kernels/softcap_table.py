@@ -9,9 +9,8 @@ reference's bits for every input, NaN and infinities included, by construction.
 The lookup `table[bits + 32768]` runs as one compiled loop (inductor fuses the bit view, the index and
 the gather; it needs the C++ compiler `--compile` already needs): read 2 bytes, write 4, no tanh.
 On the 2-core Xeon one canvas's tile took 1.8 ms against 3.5 ms for the reference's ops
-(bench/RESULTS.md, "The soft-cap as a table"). The sampler's temperature divides the table, not the
-logits: `(table / T)[bits]` is `table[bits] / T` bit for bit, for 65,536 divisions instead of C x V (a
-divide inside the compiled loop measured slower than the lookup and the divide apart).
+(bench/RESULTS.md, "Compiled bf16 on the CPU"). Whole canvases only: in the sampler's loop over small
+row tiles the lookup measured no faster, so the sampler keeps the ops (`engine.lm_head.tempered_logits`).
 
 Eager torch has no cheap form of this gather (advanced indexing with int64 indices took 24 ms a tile),
 so the table is used only where the engine compiles (`LMHead.with_table`).
@@ -55,7 +54,7 @@ def _compiled_lookup() -> Callable[[Tensor, Tensor], Tensor]:
 
 
 def table_softcap(raw: Tensor, table: Tensor) -> Tensor:
-    """`table[raw's bits]`: [R, V] bf16 -> [R, V] fp32; with `build_table(cap)` (or it divided by a
-    temperature) bit for bit the reference's `cap * tanh(raw.float() / cap)` (divided by it)."""
+    """`table[raw's bits]`: [R, V] bf16 -> [R, V] fp32; with `build_table(cap)` bit for bit the
+    reference's `cap * tanh(raw.float() / cap)`."""
     assert raw.dtype == torch.bfloat16 and table.shape == (NUM_BF16_PATTERNS,), "bf16 raw logits only"
     return _compiled_lookup()(raw, table)  # [R, V] fp32
