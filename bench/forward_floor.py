@@ -125,8 +125,8 @@ def report(config: ModelConfig, canvases: int, floor: Floor, peak: float) -> str
     budget = gflop / (TARGET * peak) * 1e3
     of_peak = gflop / floor.total * 1e3 / peak
     return (
-        f"{canvases:>8} | {floor.matmuls:8.1f} | {floor.attention:6.1f} | {floor.head:6.1f} | "
-        f"{floor.cast:6.1f} | {floor.lookup:6.1f} | {floor.total:7.1f} | {of_peak:6.0%} | "
+        f"{canvases:>8} | {floor.matmuls:8.2f} | {floor.attention:6.2f} | {floor.head:6.2f} | "
+        f"{floor.cast:6.2f} | {floor.lookup:6.2f} | {floor.total:7.2f} | {of_peak:6.0%} | "
         f"{budget:8.1f} | {budget - floor.total:9.1f}"
     )
 

@@ -21,7 +21,10 @@ OUTPUT_TOKENS = "canvas_serve_generation_tokens_total{}"
 
 @pytest.fixture(scope="module")
 def server_args() -> list[str]:
-    return ["--data-parallel-size", "2", "--engine-threads", "1"]
+    """One request at a time in each core, so a request's text depends on its seed and its core only,
+    not on the neighbours it happened to share steps with (CI failed once comparing a request run
+    beside others with the same request run alone; not reproduced here)."""
+    return ["--data-parallel-size", "2", "--engine-threads", "1", "--max-num-seqs", "1"]
 
 
 def test_both_engine_processes_serve_and_the_metrics_add_them_up(server: RemoteServer) -> None:
@@ -36,7 +39,7 @@ def test_both_engine_processes_serve_and_the_metrics_add_them_up(server: RemoteS
         status = http.get("/v1/engine/status").json()
     assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
     texts = [r.json()["choices"][0]["text"] for r in responses]
-    assert again["choices"][0]["text"] == texts[0], "same seed, same text, whichever core runs it"
+    assert again["choices"][0]["text"] == texts[0], ("same seed, same text, whichever core runs it", texts)
     usage = sum(r.json()["usage"]["completion_tokens"] for r in [*responses, again_response])
     wait_for(lambda: server.metrics()[OUTPUT_TOKENS] == before.get(OUTPUT_TOKENS, 0) + usage)
     assert status["alive"] is True and status["totals"]["committed_tokens"] >= usage
