@@ -14,6 +14,7 @@ import torch
 from transformers import DiffusionGemmaForBlockDiffusion
 
 from engine.model.diffusion_gemma import DiffusionGemma
+from engine.model.methods.base import ExpertsMethod
 from engine.model.methods.plain import LoopedExperts
 from recipes.reference_config import text_only_config
 
@@ -83,11 +84,12 @@ def start(threads: int) -> None:
 
 
 @contextmanager
-def looped_experts_in(model: DiffusionGemma) -> Iterator[None]:
-    """Within the block every layer's experts run the reference loop (their method is chosen at load)."""
+def experts_in(model: DiffusionGemma, method: type[ExpertsMethod] = LoopedExperts) -> Iterator[None]:
+    """Within the block every layer's experts run `method`, by default the reference loop (their method
+    is chosen at load, and by `compile_layers`)."""
     methods = [layer.experts.method for layer in model.layers]
     for layer in model.layers:
-        layer.experts.method = LoopedExperts()
+        layer.experts.method = method()
     try:
         yield
     finally:

@@ -15,7 +15,9 @@ What it times, each pair interleaved (on, off, on, off, ...) so that other load 
    and of the shipped Sudoku model (`models/sudoku`, bf16, prompts of one canvas's length), the engine's
    selection against both paths switched off (looped experts, unpacked head);
 5. the bench model's forward with compiled layers (`--compile`): the engine's choice (grouped experts
-   inside the layer graph, the soft-cap table) against looped experts outside it and the soft-cap's ops.
+   inside the layer graph, the soft-cap table) against looped experts outside it and the soft-cap's ops;
+6. the Sudoku model's forward with compiled layers: its 4 experts grouped (top-2, the engine's choice
+   on the CPU) against dense (every expert on every token, what `compile_layers` chose before).
 Outputs are compared where the paths must agree: the head and the soft-cap bit for bit, the experts
 and the forward as a max abs difference (the grouped fallback rounds its bf16 matmuls differently).
 
@@ -39,7 +41,7 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from bench import forward
-from bench.common import load_average, looped_experts_in, start
+from bench.common import experts_in, load_average, start
 from bench.timing import median_ms
 from engine.kernels.grouped_experts import grouped_experts
 from engine.kernels.packed_linear import pack_weight, packed_linear, packs
@@ -47,7 +49,8 @@ from engine.kernels.softcap_table import build_table, table_softcap
 from engine.model.compiled import compile_layers
 from engine.model.diffusion_gemma import DiffusionGemma
 from engine.model.loader import load_checkpoint
-from engine.model.methods.plain import looped_experts
+from engine.model.methods.base import ExpertsMethod
+from engine.model.methods.plain import DenseExperts, LoopedExperts, looped_experts
 from engine.sampler import TILE_BYTES, LMHead, softcap
 from service.default_model import default_model_dir
 
@@ -124,10 +127,17 @@ def experts_case(name: str, shape: tuple[int, int, int, int], canvases: int, rep
 
 
 def forward_case(
-    model: DiffusionGemma, name: str, canvases: int, prompt_len: int, reps: int, compiled: bool = False
+    model: DiffusionGemma,
+    name: str,
+    canvases: int,
+    prompt_len: int,
+    reps: int,
+    compiled: bool = False,
+    off_experts: type[ExpertsMethod] = LoopedExperts,
 ) -> str:
     """The engine's choice against the plain paths: eager, the head unpacked and the experts looped;
-    compiled (compile `model` first), the soft-cap's ops and the experts looped outside the graph."""
+    compiled (compile `model` first), the soft-cap's ops and the experts looped outside the graph.
+    `off_experts=DenseExperts` times only the experts: the same head on both sides, dense experts off."""
     config = model.config
     gen = torch.Generator().manual_seed(canvases)
     prompts = torch.randint(3, config.vocab_size, (canvases, prompt_len), generator=gen)
@@ -140,13 +150,16 @@ def forward_case(
         return forward.our_forward(model, batch, caches, head)
 
     def off() -> list[Tensor]:
-        with looped_experts_in(model):
-            return forward.our_forward(model, batch, caches, plain_head)
+        with experts_in(model, off_experts):
+            return forward.our_forward(model, batch, caches, off_head)
 
+    off_head = head if off_experts is DenseExperts else plain_head
     on_ms, off_ms = median_ms([on, off], reps)
     diff = max(float((a - b).abs().max()) for a, b in zip(on(), off(), strict=True))
     kind = "compiled forward" if compiled else "forward"
     label = f"{name}'s {kind}, {canvases} canvases (head packed: {head.packed is not None})"
+    if off_experts is DenseExperts:
+        label = f"{name}'s {kind}, {canvases} canvases, grouped vs dense experts"
     return row(label, on_ms, off_ms, f"max abs logit diff {diff:.2e}")
 
 
@@ -168,6 +181,11 @@ def cases(args: argparse.Namespace) -> Iterator[str]:
     compile_layers(model)
     for canvases in args.canvases:
         yield forward_case(model, "bench model", canvases, 128, args.reps, compiled=True)
+    torch._dynamo.reset()  # the bench model's graphs would fill dynamo's cache for the shared functions
+    compile_layers(sudoku)
+    for canvases in args.canvases:
+        length = sudoku.config.canvas_length
+        yield forward_case(sudoku, "Sudoku model", canvases, length, args.reps, True, DenseExperts)
 
 
 @torch.inference_mode()

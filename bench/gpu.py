@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from bench.common import looped_experts_in
+from bench.common import experts_in
 from bench.flops import forward_flops
 from engine.attention.types import LayerCache, Segment
 from engine.config import ModelConfig
@@ -230,7 +230,7 @@ def measure_batch(
         "tflops": flops / step / 1e12,
     }
     if torch_ref:
-        with dispatch.force(False), looped_experts_in(model):
+        with dispatch.force(False), experts_in(model):
             row["torch_step_ms"] = sync_time(bench.step, reps=max(1, reps // 2), warmup=1) * 1e3
     del bench
     return row | expert_times(model, n * model.config.canvas_length, reps)

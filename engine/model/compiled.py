@@ -8,8 +8,8 @@ matmuls into a few loops. What stays eager, behind `torch._dynamo.disable`:
   Grouped experts have neither: on the CPU (bf16) they compile into the layer's graph, two grouped
   matmuls over the sorted rows with the GELU, the weighting and the gather back fused around them
   (CUDA keeps them eager until a GPU has tested them compiled). With few experts (at most
-  `DENSE_EXPERTS_RATIO` times top-k) plain experts switch to `DenseExperts`, every expert on every
-  token, which compiles into the layer.
+  `DENSE_EXPERTS_RATIO` times top-k) experts that would stay eager (looped ones; grouped ones on CUDA)
+  switch to `DenseExperts`, every expert on every token, which compiles into the layer.
 
 Shapes are dynamic (one graph per kind of layer, whatever the step's token count). The first steps pay
 the compilation (seconds to a minute on a small CPU; inductor needs a C++ compiler on the CPU).
@@ -31,18 +31,29 @@ from engine.model.diffusion_gemma import DiffusionGemma, Layer, Rope
 from engine.model.methods.plain import DenseExperts, GroupedExperts, LoopedExperts
 
 DENSE_EXPERTS_RATIO = 2
-"""Plain experts run dense under compilation when num_experts <= this * top_k (the Sudoku model:
-4 experts, top-2, twice the loop's expert arithmetic)."""
+"""Plain experts that would stay out of the compiled graph run dense when num_experts <= this * top_k
+(4 experts, top-2: twice the loop's expert arithmetic)."""
 
 
 def compile_layers(model: DiffusionGemma) -> None:
     """Run every layer of `model` through one compiled forward (in place; idempotent)."""
-    dense = model.config.num_experts <= DENSE_EXPERTS_RATIO * model.config.top_k_experts
+    few = model.config.num_experts <= DENSE_EXPERTS_RATIO * model.config.top_k_experts
+    device = model.embed_tokens.weight.device
     for layer in model.layers:
         assert isinstance(layer, Layer)
-        if dense and type(layer.experts.method) in (LoopedExperts, GroupedExperts):
+        if few and _stays_out_of_graph(layer.experts.method, device):
             layer.experts.method = DenseExperts()
         layer.forward = functools.partial(_compiled_forward, layer)  # type: ignore[method-assign]
+
+
+def _stays_out_of_graph(method: object, device: torch.device) -> bool:
+    """Plain experts that would run eagerly between compiled graphs: looped ones anywhere, grouped ones
+    on CUDA. Grouped ones on the CPU compile into the layer with half the dense experts' arithmetic
+    (top-2 of 4): the shipped Sudoku model's compiled step, 16 canvases, one thread, AMD EPYC: 87 ms
+    grouped against 98 dense (bench/RESULTS.md, "Compiled Sudoku step: grouped experts")."""
+    if type(method) is LoopedExperts:
+        return True
+    return type(method) is GroupedExperts and device.type != "cpu"
 
 
 def _before_attention(layer: Layer, x: Tensor, rope: Rope) -> tuple[Tensor, Tensor, Tensor]:

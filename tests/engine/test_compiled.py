@@ -67,7 +67,7 @@ def test_the_sigmoid_gelu_is_the_tanh_gelu(dtype: torch.dtype) -> None:
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Two tiny checkpoints: 4 experts top-2 (dense under compilation) and 8 top-2 (the loop, eager)."""
+    """Two tiny checkpoints: 4 experts top-2 (dense when compiled in fp32) and 8 top-2 (the loop, eager)."""
     paths = {}
     for name, experts in (("dense", 4), ("looped", 8)):
         path = tmp_path_factory.mktemp(name)
@@ -145,3 +145,22 @@ def test_grouped_experts_compile_into_the_layer_in_bf16(checkpoints: dict[str, P
     engine = Engine(loaded.model, loaded.defaults, None, replace(lockstep, compile=True))
     assert engine.runner.head.table is not None
     assert [len(r.token_ids) for r in LLM(engine).generate(prompts, params)] == [20]
+
+
+def test_few_experts_run_dense_only_where_they_would_stay_out_of_the_graph(
+    checkpoints: dict[str, Path],
+) -> None:
+    """4 experts, top-2: fp32 loads them looped (the tiny widths do not meet grouped_mm's alignment),
+    which compiled runs dense; bf16 loads them grouped, which on the CPU compile into the layer and stay
+    grouped; on CUDA grouped ones stay eager, so they would run dense there."""
+    for dtype, loaded, compiled in (
+        (torch.float32, LoopedExperts, DenseExperts),
+        (torch.bfloat16, GroupedExperts, GroupedExperts),
+    ):
+        model = load_checkpoint(checkpoints["dense"], dtype=dtype, with_tokenizer=False).model
+        assert {type(layer.experts.method) for layer in model.layers} == {loaded}
+        compile_layers(model)
+        assert {type(layer.experts.method) for layer in model.layers} == {compiled}
+    assert compiled_module._stays_out_of_graph(GroupedExperts(), torch.device("cuda"))
+    assert not compiled_module._stays_out_of_graph(GroupedExperts(), torch.device("cpu"))
+    assert not compiled_module._stays_out_of_graph(DenseExperts(), torch.device("cpu"))
