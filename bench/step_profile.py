@@ -17,6 +17,7 @@ block; `sampler` = `denoise_step`). Times are inclusive CPU time of the range, s
     python bench/step_profile.py --model sudoku --dtype fp32 bf16 --canvases 1 4 16
     python bench/step_profile.py --ab --reps 7     # step time before/after issue 21's changes, interleaved
     python bench/step_profile.py --compile --model sudoku --dtype bf16 fp32 --reps 9   # eager vs --compile
+    python bench/step_profile.py --compile --dense-experts --model sudoku --dtype bf16   # dense vs grouped
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from engine.model.compiled import compile_layers
 from engine.model.diffusion_gemma import Attention, DiffusionGemma
 from engine.model.layers import Experts, GatedMLP, RMSNorm, Router, SelfConditioning, rms_norm_reference
 from engine.model.loader import load_checkpoint
+from engine.model.methods.plain import DenseExperts
 from engine.packed_sampler import step_canvases
 from engine.request import StepParams
 from engine.sampler import LMHead, init_canvas
@@ -237,14 +239,21 @@ def untiled_canvas_stats(
 
 
 def compile_case(model: DiffusionGemma, name: str, n: int, dtype_name: str, args: argparse.Namespace) -> None:
-    """Median step time of the eager model and of a compiled copy (`compile_layers`), taking turns."""
+    """Median step time of the eager model and of a compiled copy (`compile_layers`), taking turns.
+    With `--dense-experts` the first is a compiled copy too, its experts dense (every expert on every
+    token), against the engine's choice."""
+    labels = ("eager", "compiled")
+    if args.dense_experts:
+        compile_layers(model)
+        for layer in model.layers:
+            layer.experts.method = DenseExperts()
+        labels = ("dense", "engine's")
     eager = make_step(model, name, n)
     compiled_model = load_model(name, DTYPES[dtype_name])
     compile_layers(compiled_model)
     start = time.perf_counter()
     compiled = make_step(compiled_model, name, n)  # its prefill and first step compile
     compile_s = time.perf_counter() - start
-    labels = ("eager", "compiled")
     note = f"   prefill and first step compiled {compile_s:.1f} s"
     print_interleaved(
         f"{name:>6} {dtype_name:>4} canvases={n:<3d}",
@@ -307,6 +316,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ab", action="store_true", help="time before/after issue 21 instead of profiling")
     parser.add_argument(
         "--compile", action="store_true", help="time eager against --compile (engine.model.compiled) instead"
+    )
+    parser.add_argument(
+        "--dense-experts", action="store_true", help="with --compile: dense experts against the engine's"
     )
     return parser.parse_args(argv)
 
