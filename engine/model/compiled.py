@@ -41,19 +41,10 @@ def compile_layers(model: DiffusionGemma) -> None:
     device = model.embed_tokens.weight.device
     for layer in model.layers:
         assert isinstance(layer, Layer)
-        if few and _stays_out_of_graph(layer.experts.method, device):
+        method = layer.experts.method
+        if few and type(method) in (LoopedExperts, GroupedExperts) and not _in_graph(method, device):
             layer.experts.method = DenseExperts()
         layer.forward = functools.partial(_compiled_forward, layer)  # type: ignore[method-assign]
-
-
-def _stays_out_of_graph(method: object, device: torch.device) -> bool:
-    """Plain experts that would run eagerly between compiled graphs: looped ones anywhere, grouped ones
-    on CUDA. Grouped ones on the CPU compile into the layer with half the dense experts' arithmetic
-    (top-2 of 4): the shipped Sudoku model's compiled step, 16 canvases, one thread, AMD EPYC: 87 ms
-    grouped against 98 dense (bench/RESULTS.md, "Compiled Sudoku step: grouped experts")."""
-    if type(method) is LoopedExperts:
-        return True
-    return type(method) is GroupedExperts and device.type != "cpu"
 
 
 def _before_attention(layer: Layer, x: Tensor, rope: Rope) -> tuple[Tensor, Tensor, Tensor]:
@@ -66,17 +57,19 @@ def _after_attention(layer: Layer, x: Tensor, out: Tensor, is_decoder: Tensor) -
     """The layer after its attention: o_proj, residual, dense MLP beside the MoE, the mode's scalar
     (a looped MoE stays out of the graph; grouped and dense ones compile into it)."""
     moe: Callable[[Tensor], Tensor] = layer.moe
-    if not _moe_in_graph(layer, x):
+    if not _in_graph(layer.experts.method, x.device):
         moe = torch._dynamo.disable(moe)  # type: ignore[no-untyped-call]
     return layer.feed_forward(x, layer.self_attn.output(out), moe) * layer.mode_scalar(is_decoder)
 
 
-def _moe_in_graph(layer: Layer, x: Tensor) -> bool:
+def _in_graph(method: object, device: torch.device) -> bool:
     """Dense experts compile into the layer anywhere, grouped ones on the CPU (CUDA's grouped GEMM
     under compilation waits for a GPU to test it on: issue 25); looped and wrapped (LoRA, quantized)
-    experts stay eager."""
-    method = layer.experts.method
-    return isinstance(method, DenseExperts) or (isinstance(method, GroupedExperts) and x.device.type == "cpu")
+    experts stay eager. Few plain experts that would stay eager run dense instead (`compile_layers`);
+    grouped ones on the CPU stay grouped, with half the dense experts' arithmetic at top-2 of 4: the
+    shipped Sudoku model's compiled step, 16 canvases, one thread, AMD EPYC, 86 ms grouped against 95
+    dense (bench/RESULTS.md, "Compiled Sudoku step: grouped experts")."""
+    return isinstance(method, DenseExperts) or (isinstance(method, GroupedExperts) and device.type == "cpu")
 
 
 _compiled_before = torch.compile(_before_attention, dynamic=True)

@@ -161,6 +161,7 @@ def test_few_experts_run_dense_only_where_they_would_stay_out_of_the_graph(
         assert {type(layer.experts.method) for layer in model.layers} == {loaded}
         compile_layers(model)
         assert {type(layer.experts.method) for layer in model.layers} == {compiled}
-    assert compiled_module._stays_out_of_graph(GroupedExperts(), torch.device("cuda"))
-    assert not compiled_module._stays_out_of_graph(GroupedExperts(), torch.device("cpu"))
-    assert not compiled_module._stays_out_of_graph(DenseExperts(), torch.device("cpu"))
+    assert not compiled_module._in_graph(GroupedExperts(), torch.device("cuda"))
+    assert compiled_module._in_graph(GroupedExperts(), torch.device("cpu"))
+    assert not compiled_module._in_graph(LoopedExperts(), torch.device("cpu"))
+    assert compiled_module._in_graph(DenseExperts(), torch.device("cuda"))
