@@ -22,7 +22,7 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from bench.common import load_average, machine_header
+from bench.common import load_average, start
 from bench.timing import time_interleaved
 from engine.model.methods.plain import gelu_tanh_by_sigmoid
 
@@ -41,8 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--reps", type=int, default=30)
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    print("  ".join(f"{k}={v}" for k, v in machine_header().items()), flush=True)
+    start(args.threads)
     gen = torch.Generator().manual_seed(0)
     gate, up = (torch.randn(args.shape, generator=gen).bfloat16() for _ in range(2))
     variants = {

@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from bench.common import load_average, machine_header
+from bench.common import load_average, start
 from bench.flops import forward_flops
 from bench.forward import CANVAS_LENGTH, DTYPES, FULL_TEXT
 from bench.timing import matmul_gflops, time_interleaved
@@ -130,9 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--reps", type=int, default=10)
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    start(args.threads)
     dtype = DTYPES[args.dtype]
-    print("  ".join(f"{k}={v}" for k, v in machine_header().items()), flush=True)
     peak = matmul_gflops(dtype, 2048)
     print(f"matmul peak: {peak:.1f} GFLOP/s (2048^3 {args.dtype} torch.mm, fastest of 10)")
     config = bench_config()

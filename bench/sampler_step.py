@@ -21,7 +21,7 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from bench.common import load_average, machine_header
+from bench.common import load_average, start
 from bench.timing import time_interleaved
 from engine.packed_sampler import packed_denoise_step
 from engine.request import StepParams
@@ -63,8 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--reps", type=int, default=100)
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    print("  ".join(f"{k}={v}" for k, v in machine_header().items()), flush=True)
+    start(args.threads)
     dtype = DTYPES[args.dtype]
     gen = torch.Generator().manual_seed(0)
     head = LMHead.tied(torch.randn(args.vocab, args.hidden, generator=gen).to(dtype), 30.0)

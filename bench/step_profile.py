@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -38,8 +37,8 @@ from torch.autograd.profiler import record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from bench.common import load_average, machine_header, save_random_checkpoint
-from bench.forward import CANVAS_LENGTH, DTYPES, FULL_TEXT, plan_cache, segment_batch
+from bench.common import load_average, start
+from bench.forward import DTYPES, bench_model, plan_cache, segment_batch
 from bench.timing import matmul_gflops, time_interleaved
 from engine import sampler
 from engine.attention import reference
@@ -71,9 +70,7 @@ PART_OF: list[tuple[type[nn.Module], str]] = [
 def load_model(name: str, dtype: torch.dtype) -> DiffusionGemma:
     if name == "sudoku":
         return load_checkpoint(SUDOKU_DIR, dtype=dtype, with_tokenizer=False).model
-    with tempfile.TemporaryDirectory() as tmp:
-        save_random_checkpoint(Path(tmp), FULL_TEXT, CANVAS_LENGTH, 0)
-        return load_checkpoint(Path(tmp), dtype=dtype, with_tokenizer=False).model
+    return bench_model(quick=False, dtype=dtype)
 
 
 def annotate(model: DiffusionGemma) -> None:
@@ -325,8 +322,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    print("  ".join(f"{k}={v}" for k, v in machine_header().items()), flush=True)
+    start(args.threads)
     for dtype_name in [] if args.ab or args.compile else args.dtype:
         print(f"matmul peak {dtype_name}: {matmul_gflops(DTYPES[dtype_name], 2048):.1f} GFLOP/s", flush=True)
     for name in args.model:
