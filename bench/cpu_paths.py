@@ -143,8 +143,7 @@ def forward_case(
     prompts = torch.randint(3, config.vocab_size, (canvases, prompt_len), generator=gen)
     noisy = torch.randint(0, config.vocab_size, (canvases, config.canvas_length), generator=gen)
     batch, caches, head = forward.prepare_ours(model, prompts, noisy, compiled=compiled)
-    unpacked = LMHead(head.weight, head.softcap, head.embed_scale)
-    plain_head = replace(head, table=None) if compiled else unpacked
+    off_head = _plain_head(head, compiled) if off_experts is LoopedExperts else head
 
     def on() -> list[Tensor]:
         return forward.our_forward(model, batch, caches, head)
@@ -153,14 +152,20 @@ def forward_case(
         with experts_in(model, off_experts):
             return forward.our_forward(model, batch, caches, off_head)
 
-    off_head = head if off_experts is DenseExperts else plain_head
     on_ms, off_ms = median_ms([on, off], reps)
     diff = max(float((a - b).abs().max()) for a, b in zip(on(), off(), strict=True))
     kind = "compiled forward" if compiled else "forward"
-    label = f"{name}'s {kind}, {canvases} canvases (head packed: {head.packed is not None})"
-    if off_experts is DenseExperts:
-        label = f"{name}'s {kind}, {canvases} canvases, grouped vs dense experts"
+    label = f"{name}'s {kind}, {canvases} canvases"
+    if off_experts is LoopedExperts:
+        label += f" (head packed: {head.packed is not None})"
+    else:
+        label += ", grouped vs dense experts"
     return row(label, on_ms, off_ms, f"max abs logit diff {diff:.2e}")
+
+
+def _plain_head(head: LMHead, compiled: bool) -> LMHead:
+    """The head without the engine's fast path: compiled, without the soft-cap table; eager, unpacked."""
+    return replace(head, table=None) if compiled else LMHead(head.weight, head.softcap, head.embed_scale)
 
 
 def cases(args: argparse.Namespace) -> Iterator[str]:

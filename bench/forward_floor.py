@@ -110,7 +110,8 @@ def floor_of(config: ModelConfig, canvases: int, reps: int) -> Floor:
         )
     raw = (torch.randn(canvas, vocab) * 20).to(BF16)
     out = torch.empty(canvas, vocab)
-    table = build_table(30.0)
+    assert config.final_logit_softcapping is not None, "the bench model soft-caps its logits"
+    table = build_table(config.final_logit_softcapping)
     return Floor(
         matmuls=sum(by_spec[spec][0] for spec in config.layers),
         attention=sum(by_spec[spec][1] for spec in config.layers),
